@@ -1,0 +1,71 @@
+"""Pure tensor math of `advantage`: KL estimators, baselines, normalisation scopes, returns and
+GAE, policy/value losses, aggregation, KL controllers and the algorithm presets.
+
+No models, no I/O: tensors and numbers in, tensors (and detached metric tensors) out.
+"""
+
+from .advantages import AdvantageInputs, AdvantageOutputs, compute_advantages
+from .algorithm import ALGORITHM_FIELDS, KL_PLACEMENTS, PRESETS, Algorithm, preset_table, resolve
+from .baselines import (
+    BASELINES,
+    EMABaseline,
+    MovingAverageBaseline,
+    group_mean_advantages,
+    leave_one_out_advantages,
+    make_baseline,
+)
+from .kl import KL_ESTIMATORS, kl_k1, kl_k2, kl_k3, kl_penalty
+from .kl_control import KL_CONTROLLERS, AdaptiveKLController, FixedKLController
+from .losses import (
+    AGGREGATIONS,
+    aggregate,
+    entropy_from_logits,
+    logprobs_from_logits,
+    policy_loss,
+    value_loss,
+)
+from .normalize import SCOPES, group_normalize, group_std, masked_mean, masked_whiten
+from .registry import Registry
+from .returns import discounted_returns, gae, last_token_mask, token_rewards
+
+__all__ = [
+    "AGGREGATIONS",
+    "ALGORITHM_FIELDS",
+    "BASELINES",
+    "KL_CONTROLLERS",
+    "KL_ESTIMATORS",
+    "KL_PLACEMENTS",
+    "PRESETS",
+    "SCOPES",
+    "AdaptiveKLController",
+    "AdvantageInputs",
+    "AdvantageOutputs",
+    "Algorithm",
+    "EMABaseline",
+    "FixedKLController",
+    "MovingAverageBaseline",
+    "Registry",
+    "aggregate",
+    "compute_advantages",
+    "discounted_returns",
+    "entropy_from_logits",
+    "gae",
+    "group_mean_advantages",
+    "group_normalize",
+    "group_std",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "kl_penalty",
+    "last_token_mask",
+    "leave_one_out_advantages",
+    "logprobs_from_logits",
+    "make_baseline",
+    "masked_mean",
+    "masked_whiten",
+    "policy_loss",
+    "preset_table",
+    "resolve",
+    "token_rewards",
+    "value_loss",
+]

@@ -1,0 +1,261 @@
+"""Algorithms as points on three axes (SPEC §3): presets are plain data, `resolve` turns a
+preset name plus overrides into an `Algorithm`, and `Algorithm.card()` prints the resolution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .baselines import BASELINES
+from .kl import KL_ESTIMATORS
+from .kl_control import KL_CONTROLLERS
+from .losses import AGGREGATIONS
+from .normalize import SCOPES
+
+KL_PLACEMENTS = ("reward", "loss", "none")
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One resolved point on the axes. Every default is written out in the README table."""
+
+    name: str = "custom"
+    """Preset this came from (or "custom")."""
+    baseline: str = "group_mean"
+    """none | moving_average | ema | group_mean | leave_one_out | critic."""
+    scope: str = "group"
+    """Normalisation scope: none | group | batch."""
+    kl_placement: str = "loss"
+    """Where β·KL goes: reward (per-token reward shaping) | loss (added to the loss) | none."""
+    kl_estimator: str = "k3"
+    """k1 | k2 | k3 (SPEC §2)."""
+    kl_coef: float = 0.04
+    """β, the initial KL coefficient. β = 0 means no reference model is loaded."""
+    kl_controller: str = "fixed"
+    """fixed | adaptive (Ziegler et al. 2019)."""
+    kl_target: float | None = None
+    """Target KL per sequence for the adaptive controller."""
+    kl_horizon: float = 10000.0
+    """Horizon (in samples) of the adaptive controller."""
+    gamma: float = 1.0
+    """Discount γ of return-to-go and GAE."""
+    lam: float = 0.95
+    """GAE λ (critic only)."""
+    group_std_eps: float = 1e-4
+    """ε in `(s - b) / (σ_g + ε)` of the group scope."""
+    group_std_unbiased: bool = True
+    """Bessel's correction (n-1) in σ_g."""
+    whiten_eps: float = 1e-8
+    """ε in `(A - μ) / sqrt(σ² + ε)` of the batch scope."""
+    whiten_unbiased: bool = True
+    """Bessel's correction (n-1) in the batch variance."""
+    aggregation: str = "seq_mean_token_mean"
+    """token_mean | seq_mean_token_mean | seq_mean_token_sum | seq_mean_token_sum_norm."""
+    clip_low: float = 0.2
+    """ε_low: the ratio is clipped below at 1 - ε_low."""
+    clip_high: float = 0.2
+    """ε_high: the ratio is clipped above at 1 + ε_high (> ε_low is DAPO's clip-higher)."""
+    dual_clip: float | None = None
+    """c > 1 bounds the loss of negative-advantage tokens at c·|A| (None = off)."""
+    value_clip: float | None = 0.2
+    """ε_v of the clipped value loss (None = unclipped)."""
+    value_coef: float = 0.1
+    """Weight of the critic loss."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (loss -= coef·entropy)."""
+    ema_alpha: float = 0.9
+    """α of the `ema` baseline."""
+
+    def __post_init__(self) -> None:
+        BASELINES.check(self.baseline, "algorithm.baseline")
+        KL_ESTIMATORS.check(self.kl_estimator, "algorithm.kl_estimator")
+        KL_CONTROLLERS.check(self.kl_controller, "algorithm.kl_controller")
+        AGGREGATIONS.check(self.aggregation, "algorithm.aggregation")
+        _one_of(self.scope, SCOPES, "algorithm.scope")
+        _one_of(self.kl_placement, KL_PLACEMENTS, "algorithm.kl_placement")
+        if self.kl_coef < 0:
+            raise ValueError(f"algorithm.kl_coef must be >= 0, got {self.kl_coef}")
+        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
+            raise ValueError(
+                f"algorithm.gamma and .lam must be in [0, 1], got {self.gamma}, {self.lam}"
+            )
+        if self.clip_low < 0 or self.clip_high < 0:
+            raise ValueError("algorithm.clip_low and .clip_high must be >= 0")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"algorithm.dual_clip must be > 1 (or null), got {self.dual_clip}")
+        if self.kl_controller == "adaptive" and not self.kl_target:
+            raise ValueError("algorithm.kl_target must be set (> 0) for kl_controller=adaptive")
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.baseline == "critic"
+
+    @property
+    def uses_reference(self) -> bool:
+        """A reference model is loaded and evaluated only when some KL term is active."""
+        return self.kl_placement != "none" and self.kl_coef > 0
+
+    def card(self) -> str:
+        """A printable resolution of this algorithm: the pipeline of SPEC §3–§4, step by step."""
+        bessel = lambda unbiased: "n-1" if unbiased else "n"  # noqa: E731
+        beta = f"β={self.kl_coef:g} {self.kl_controller}" + (
+            f" (target {self.kl_target:g}, horizon {self.kl_horizon:g})"
+            if self.kl_controller == "adaptive"
+            else ""
+        )
+        baseline = BASELINES[self.baseline].__doc__.strip().splitlines()[0]
+        if self.baseline == "ema":
+            baseline += f" (α={self.ema_alpha:g})"
+        scope_group = (
+            f"/ (σ_g(s) + {self.group_std_eps:g}), σ with {bessel(self.group_std_unbiased)}"
+            if self.scope == "group"
+            else "off"
+        )
+        kl_reward = (
+            f"-β·{self.kl_estimator}(old, ref) on every token, {beta}"
+            if self.kl_placement == "reward" and self.kl_coef > 0
+            else "none"
+        )
+        kl_loss = (
+            f"+β·{self.kl_estimator}(π, ref) per token, {beta}"
+            if self.kl_placement == "loss" and self.kl_coef > 0
+            else "none"
+        )
+        adv = (
+            f"GAE γ={self.gamma:g} λ={self.lam:g}; returns = A + V"
+            if self.uses_critic
+            else f"return-to-go γ={self.gamma:g}"
+        )
+        whiten = (
+            f"(A - μ) / sqrt(σ² + {self.whiten_eps:g}) over all valid tokens, σ² with "
+            f"{bessel(self.whiten_unbiased)}, all-reduced across ranks"
+            if self.scope == "batch"
+            else "off"
+        )
+        dual = f"dual-clip c={self.dual_clip:g}" if self.dual_clip else "no dual-clip"
+        rows = [
+            f"algorithm: {self.name}",
+            f"  1. baseline      {self.baseline}: {baseline}",
+            f"  2. group scope   {scope_group}",
+            f"  3. token reward  score on the last completion token; KL in reward: {kl_reward}",
+            f"  4. advantages    {adv}",
+            f"  5. batch scope   {whiten}",
+            f"  policy loss      clip(ρ, 1-{self.clip_low:g}, 1+{self.clip_high:g}), {dual}; "
+            f"KL in loss: {kl_loss}; entropy coef {self.entropy_coef:g}",
+            f"  aggregation      {self.aggregation}",
+            "  critic           "
+            + (
+                f"yes, clipped value loss ε_v={self.value_clip}, coef {self.value_coef:g}"
+                if self.uses_critic
+                else "no"
+            ),
+            f"  reference model  {'yes' if self.uses_reference else 'no (not loaded)'}",
+        ]
+        return "\n".join(rows)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _one_of(value: str, allowed: tuple[str, ...], field_name: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field_name}: {value!r} is not one of {', '.join(allowed)}")
+
+
+# The presets of SPEC §3 as plain data: each is a set of overrides of the Algorithm defaults.
+PRESETS: dict[str, dict] = {
+    "ppo": dict(
+        baseline="critic", scope="batch", kl_placement="reward", kl_estimator="k1",
+        kl_coef=0.05, aggregation="token_mean", gamma=1.0, lam=0.95,
+    ),
+    "grpo": dict(
+        baseline="group_mean", scope="group", kl_placement="loss", kl_estimator="k3",
+        kl_coef=0.04, aggregation="seq_mean_token_mean",
+    ),
+    "dr_grpo": dict(
+        baseline="group_mean", scope="none", kl_placement="none", kl_estimator="k3",
+        kl_coef=0.0, aggregation="seq_mean_token_sum_norm",
+    ),
+    "rloo": dict(
+        baseline="leave_one_out", scope="none", kl_placement="reward", kl_estimator="k1",
+        kl_coef=0.05, aggregation="token_mean",
+    ),
+    "reinforce": dict(
+        baseline="ema", scope="none", kl_placement="reward", kl_estimator="k1",
+        kl_coef=0.05, aggregation="token_mean", ema_alpha=0.9,
+    ),
+    "reinforce_pp": dict(
+        baseline="none", scope="batch", kl_placement="reward", kl_estimator="k1",
+        kl_coef=0.01, aggregation="token_mean",
+    ),
+    "reinforce_pp_baseline": dict(
+        baseline="group_mean", scope="batch", kl_placement="reward", kl_estimator="k1",
+        kl_coef=0.01, aggregation="token_mean",
+    ),
+}  # fmt: skip
+
+ALGORITHM_FIELDS = tuple(f.name for f in dataclasses.fields(Algorithm) if f.name != "name")
+
+
+def resolve(preset: str = "grpo", **overrides) -> Algorithm:
+    """The Algorithm of a named preset, with any axis overridden: `resolve("grpo", scope="batch")`."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown algorithm preset {preset!r}; valid: {', '.join(PRESETS)}")
+    unknown = set(overrides) - set(ALGORITHM_FIELDS)
+    if unknown:
+        raise ValueError(
+            f"unknown algorithm field(s) {sorted(unknown)}; valid: {', '.join(ALGORITHM_FIELDS)}"
+        )
+    return Algorithm(name=preset, **{**PRESETS[preset], **overrides})
+
+
+__all__ = ["ALGORITHM_FIELDS", "KL_PLACEMENTS", "PRESETS", "Algorithm", "preset_table", "resolve"]
+
+
+PRESET_TABLE_COLUMNS = (
+    ("baseline", "baseline"),
+    ("scope", "scope"),
+    ("KL", "kl_placement"),
+    ("estimator", "kl_estimator"),
+    ("KL control", "kl_controller"),
+    ("β", "kl_coef"),
+    ("aggregation", "aggregation"),
+    ("critic", "uses_critic"),
+    ("γ", "gamma"),
+    ("λ", "lam"),
+    ("group σ ε", "group_std_eps"),
+    ("group σ Bessel", "group_std_unbiased"),
+    ("whiten ε", "whiten_eps"),
+    ("whiten Bessel", "whiten_unbiased"),
+    ("ε_low / ε_high", ("clip_low", "clip_high")),
+    ("dual clip", "dual_clip"),
+    ("ε_v", "value_clip"),
+    ("EMA α", "ema_alpha"),
+)
+
+
+def _cell(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return f"`{value}`" if isinstance(value, str) else str(value)
+
+
+def preset_table() -> str:
+    """The README's preset table (markdown), generated from PRESETS so the two cannot drift."""
+    header = "| preset | " + " | ".join(title for title, _ in PRESET_TABLE_COLUMNS) + " |"
+    rows = [header, "|" + "---|" * (len(PRESET_TABLE_COLUMNS) + 1)]
+    for name in PRESETS:
+        algo = resolve(name)
+        cells = []
+        for _, attr in PRESET_TABLE_COLUMNS:
+            if isinstance(attr, tuple):
+                cells.append(" / ".join(_cell(getattr(algo, a)) for a in attr))
+            else:
+                cells.append(_cell(getattr(algo, attr)))
+        rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows)

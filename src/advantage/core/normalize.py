@@ -1,0 +1,102 @@
+"""Normalisation scopes of the advantages: `none`, `group`, `batch` (SPEC §3, seed 000).
+
+- `group` (GRPO, arXiv:2402.03300 §4.1.2): divide sequence advantages `[B]` by the std of the
+  scores of their group plus ε: `Â_i = (s_i - b_i) / (σ_g(s) + ε)`.
+- `batch` (REINFORCE++, arXiv:2501.03262): masked whitening of token advantages `[B, T]` over
+  every valid token of the global batch: `Â = (A - μ) / sqrt(σ² + ε)`. Under torch.distributed
+  the sums and counts are all-reduced (two passes: Σx and n, then Σ(x-μ)²), so N ranks holding
+  slices of a batch give exactly what one process gives on the whole batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .baselines import as_groups
+from .distributed import all_reduce_sum
+
+SCOPES = ("none", "group", "batch")
+
+
+def group_std(
+    scores: torch.Tensor,
+    group_size: int,
+    valid_mask: torch.Tensor | None = None,
+    unbiased: bool = True,
+) -> torch.Tensor:
+    """Std of each group's valid scores, broadcast back to `[B]`.
+
+    `unbiased=True` divides by n-1 (Bessel, as `torch.std`); a group with n ≤ 1 valid scores has
+    std 0 (its advantages are then 0 or unchanged, never NaN).
+    """
+    valid = as_groups(
+        torch.ones_like(scores, dtype=torch.bool) if valid_mask is None else valid_mask.bool(),
+        group_size,
+    )
+    s = torch.where(valid, as_groups(scores, group_size), 0.0)  # [P, G]
+    n = valid.sum(-1, keepdim=True)
+    mean = s.sum(-1, keepdim=True) / n.clamp(min=1)
+    sq_dev = torch.where(valid, (s - mean).square(), 0.0).sum(-1, keepdim=True)
+    dof = (n - 1) if unbiased else n
+    var = torch.where(dof > 0, sq_dev / dof.clamp(min=1), 0.0)
+    return var.sqrt().expand_as(s).reshape(-1)
+
+
+def group_normalize(
+    advantages: torch.Tensor,
+    scores: torch.Tensor,
+    group_size: int,
+    valid_mask: torch.Tensor | None = None,
+    eps: float = 1e-4,
+    unbiased: bool = True,
+) -> torch.Tensor:
+    """`advantages / (σ_g(scores) + ε)` — the `group` scope. All `[B]`.
+
+    A group whose scores are all equal has σ = 0: its (zero) advantages stay 0, with no NaN.
+    """
+    return advantages / (group_std(scores, group_size, valid_mask, unbiased) + eps)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, global_stats: bool = True) -> torch.Tensor:
+    """`Σ x·m / Σ m` over all valid elements (all-reduced across ranks when `global_stats`).
+
+    Returns 0 when nothing is valid. Accumulates in float64.
+    """
+    mask = mask.bool()
+    stats = torch.stack([torch.where(mask, x, 0.0).sum().double(), mask.sum().double()])
+    if global_stats:
+        stats = all_reduce_sum(stats)
+    return stats[0] / stats[1].clamp(min=1)
+
+
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    eps: float = 1e-8,
+    unbiased: bool = True,
+    shift_mean: bool = True,
+    global_stats: bool = True,
+) -> torch.Tensor:
+    """Masked whitening — the `batch` scope.
+
+        μ = Σ x·m / n,   σ² = Σ (x-μ)²·m / (n-1 if unbiased else n),   x̂ = (x - μ)/sqrt(σ² + ε)
+
+    x `[B, T]` (or any shape), mask bool of the same shape → same shape, 0 where masked.
+    With `shift_mean=False` the mean is added back (`x̂ + μ`). With `global_stats` and an
+    initialised process group, n, Σx and Σ(x-μ)² are all-reduced (two sync points).
+    """
+    mask = mask.bool()
+    stats = torch.stack([torch.where(mask, x, 0.0).sum().double(), mask.sum().double()])
+    if global_stats:
+        stats = all_reduce_sum(stats)
+    total, n = stats[0], stats[1]
+    mean = total / n.clamp(min=1)
+    sq_dev = torch.where(mask, (x.double() - mean).square(), 0.0).sum()
+    if global_stats:
+        sq_dev = all_reduce_sum(sq_dev)
+    dof = n - 1 if unbiased else n
+    var = torch.where(dof > 0, sq_dev / dof.clamp(min=1), torch.zeros_like(sq_dev))
+    whitened = (x.double() - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, 0.0).to(x.dtype)
