@@ -147,9 +147,9 @@ def test_resolve_overrides_and_errors():
         resolve("gpro")
     with pytest.raises(ValueError, match="unknown algorithm field"):
         resolve("grpo", clip=0.1)
-    with pytest.raises(ValueError, match=r"algorithm\.scope"):
+    with pytest.raises(ValueError, match=r"algo\.scope"):
         Algorithm(scope="global")
-    with pytest.raises(ValueError, match=r"algorithm\.kl_estimator"):
+    with pytest.raises(ValueError, match=r"algo\.kl_estimator"):
         Algorithm(kl_estimator="k9")
     with pytest.raises(ValueError, match="kl_target"):
         Algorithm(kl_controller="adaptive")

@@ -22,12 +22,43 @@ def _card(args: argparse.Namespace) -> int:
 
 
 def _parse_override(text: str) -> tuple[str, object]:
-    import yaml
+    from .configlib import parse_overrides
 
-    if "=" not in text:
-        raise SystemExit(f"override {text!r} is not of the form key=value")
-    key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    return parse_overrides([text])[0]
+
+
+def _split_config_arg(items: list[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG.yaml] key=value ...` → (config path or None, overrides)."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .trainer import train
+
+    path, overrides = _split_config_arg(args.args)
+    train(path, overrides=overrides)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import time
+    from importlib.resources import files
+
+    from .trainer import train
+
+    start = time.perf_counter()
+    recipe = files("advantage") / "recipes" / "demo.yaml"
+    result = train(str(recipe), overrides=args.overrides)
+    before = result.eval_before["eval/accuracy"]
+    after = result.eval_after["eval/accuracy"]
+    print(
+        f"wall time {time.perf_counter() - start:.0f}s (warm start included when it was built); "
+        f"run folder {result.run_dir}"
+    )
+    print(f"held-out accuracy: {100 * before:.1f}% -> {100 * after:.1f}%")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,9 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preset")
     p.add_argument("overrides", nargs="*", help="axis=value, e.g. scope=batch clip_high=0.28")
     p.set_defaults(func=_card)
+    p = sub.add_parser("train", help="train: advantage train [CONFIG.yaml] [key=value ...]")
+    p.add_argument("args", nargs="*", metavar="CONFIG.yaml key=value")
+    p.set_defaults(func=_train)
+    p = sub.add_parser("demo", help="warm-start the tiny model and train it on the built-in task")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the demo recipe")
+    p.set_defaults(func=_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .configlib import ConfigError
+    from .rewards import RewardError
+
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ConfigError, RewardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

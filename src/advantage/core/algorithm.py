@@ -68,24 +68,24 @@ class Algorithm:
     """α of the `ema` baseline."""
 
     def __post_init__(self) -> None:
-        BASELINES.check(self.baseline, "algorithm.baseline")
-        KL_ESTIMATORS.check(self.kl_estimator, "algorithm.kl_estimator")
-        KL_CONTROLLERS.check(self.kl_controller, "algorithm.kl_controller")
-        AGGREGATIONS.check(self.aggregation, "algorithm.aggregation")
-        _one_of(self.scope, SCOPES, "algorithm.scope")
-        _one_of(self.kl_placement, KL_PLACEMENTS, "algorithm.kl_placement")
+        BASELINES.check(self.baseline, "algo.baseline")
+        KL_ESTIMATORS.check(self.kl_estimator, "algo.kl_estimator")
+        KL_CONTROLLERS.check(self.kl_controller, "algo.kl_controller")
+        AGGREGATIONS.check(self.aggregation, "algo.aggregation")
+        _one_of(self.scope, SCOPES, "algo.scope")
+        _one_of(self.kl_placement, KL_PLACEMENTS, "algo.kl_placement")
         if self.kl_coef < 0:
-            raise ValueError(f"algorithm.kl_coef must be >= 0, got {self.kl_coef}")
+            raise ValueError(f"algo.kl_coef must be >= 0, got {self.kl_coef}")
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
             raise ValueError(
-                f"algorithm.gamma and .lam must be in [0, 1], got {self.gamma}, {self.lam}"
+                f"algo.gamma and algo.lam must be in [0, 1], got {self.gamma}, {self.lam}"
             )
         if self.clip_low < 0 or self.clip_high < 0:
-            raise ValueError("algorithm.clip_low and .clip_high must be >= 0")
+            raise ValueError("algo.clip_low and algo.clip_high must be >= 0")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
-            raise ValueError(f"algorithm.dual_clip must be > 1 (or null), got {self.dual_clip}")
+            raise ValueError(f"algo.dual_clip must be > 1 (or null), got {self.dual_clip}")
         if self.kl_controller == "adaptive" and not self.kl_target:
-            raise ValueError("algorithm.kl_target must be set (> 0) for kl_controller=adaptive")
+            raise ValueError("algo.kl_target must be set (> 0) for kl_controller=adaptive")
 
     @property
     def uses_critic(self) -> bool:

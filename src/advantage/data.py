@@ -1,0 +1,151 @@
+"""Prompt datasets: JSONL, anything `datasets` reads from local files, or a built-in task.
+
+Rows are dicts. The prompt column is a string or a list of chat messages `{role, content}`
+(rendered with the tokenizer's chat template); every other column reaches the reward functions.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from .configlib import ConfigError
+
+
+def load_rows(spec: str, field: str = "data.train") -> list[dict]:
+    """Rows of `spec`: `builtin:TASK[:eval]`, a .jsonl file, or a local dataset for `datasets`."""
+    if spec.startswith("builtin:"):
+        from .tasks import get_task
+
+        name, _, split = spec.removeprefix("builtin:").partition(":")
+        try:
+            task = get_task(name)
+        except ValueError as e:
+            raise ConfigError(f"{field}: {e}") from None
+        return task.eval_rows() if split == "eval" else task.train_rows()
+    path = Path(spec).expanduser()
+    if path.suffix == ".jsonl":
+        if not path.is_file():
+            raise ConfigError(f"{field}: file {spec!r} does not exist")
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{field}: {spec} line {n} is not valid JSON: {e}") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{field}: {spec} line {n} is not a JSON object")
+            rows.append(row)
+        return rows
+    return _load_with_datasets(spec, path, field)
+
+
+def _load_with_datasets(spec: str, path: Path, field: str) -> list[dict]:
+    import datasets
+
+    if path.is_dir() and (path / "dataset_info.json").exists():
+        ds = datasets.load_from_disk(str(path))
+    elif path.is_dir() and (path / "dataset_dict.json").exists():
+        ds = datasets.load_from_disk(str(path))["train"]
+    elif path.exists():
+        kind = {".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
+        if path.is_file() and kind is None:
+            raise ConfigError(
+                f"{field}: cannot read {spec!r} (use .jsonl, .json, .csv or .parquet)"
+            )
+        ds = (
+            datasets.load_dataset(kind, data_files=str(path), split="train")
+            if path.is_file()
+            else datasets.load_dataset(str(path), split="train")
+        )
+    elif spec.startswith((".", "/", "~")):
+        raise ConfigError(f"{field}: {spec!r} does not exist")
+    else:
+        ds = datasets.load_dataset(spec, split="train")  # a hub dataset id
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"]
+    return [dict(row) for row in ds]
+
+
+def check_rows(rows: list[dict], prompt_field: str, field: str = "data.train") -> None:
+    """Every row has a non-empty prompt; errors name the row."""
+    if not rows:
+        raise ConfigError(f"{field}: the dataset is empty")
+    for i, row in enumerate(rows):
+        if prompt_field not in row:
+            raise ConfigError(
+                f"{field}: row {i} has no prompt field {prompt_field!r} (columns: "
+                f"{', '.join(row)}); set data.prompt_field"
+            )
+        prompt = row[prompt_field]
+        if prompt is None or (isinstance(prompt, (str, list)) and len(prompt) == 0):
+            raise ConfigError(f"{field}: row {i} has an empty prompt ({prompt_field!r})")
+        if not isinstance(prompt, (str, list)):
+            raise ConfigError(
+                f"{field}: row {i}: the prompt must be a string or a list of messages, "
+                f"got {type(prompt).__name__}"
+            )
+
+
+def is_conversational(prompt) -> bool:
+    return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt)
+
+
+def encode_prompt(tokenizer, prompt, system_prompt: str | None = None,
+                  max_tokens: int | None = None) -> list[int]:  # fmt: skip
+    """Token ids of a prompt: strings with the tokenizer's special tokens, conversations through
+    the chat template with the generation prompt. Truncated from the left to `max_tokens`."""
+    if is_conversational(prompt):
+        messages = list(prompt)
+        if system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(
+                "conversational prompts need a tokenizer with a chat template (model.tokenizer)"
+            )
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if max_tokens is not None and len(ids) > max_tokens:
+        ids = ids[-max_tokens:]
+    return ids
+
+
+class PromptStream:
+    """Endless, seeded, shuffled passes over the rows; its position is saved in checkpoints."""
+
+    def __init__(self, rows: list[dict], seed: int, shuffle: bool = True) -> None:
+        self.rows = rows
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.position = 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> list[int]:
+        order = list(range(len(self.rows)))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[dict]:
+        out = []
+        while len(out) < n:
+            if self.position >= len(self._order):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._make_order()
+            out.append(self.rows[self._order[self.position]])
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._make_order()

@@ -1,0 +1,63 @@
+"""Held-out evaluation: greedy accuracy and pass@k, judged by the run's reward functions."""
+
+from __future__ import annotations
+
+import torch
+
+from .data import encode_prompt
+from .rollout import SamplingParams
+
+
+def _scores(backend, tokenizer, rows, rewards, prompt_field, params, n, system_prompt):
+    prompts = [encode_prompt(tokenizer, r[prompt_field], system_prompt) for r in rows]
+    rollout = backend.generate(prompts, n, params)
+    texts = tokenizer.batch_decode(
+        [
+            ids[m].tolist()
+            for ids, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)
+        ],
+        skip_special_tokens=True,
+    )
+    columns = {k: [r[k] for r in rows for _ in range(n)] for k in rows[0] if k != prompt_field}
+    prompt_objs = [r[prompt_field] for r in rows for _ in range(n)]
+    completion_ids = [
+        ids[m].tolist()
+        for ids, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)
+    ]
+    completions = [
+        [{"role": "assistant", "content": t}] if isinstance(p, list) else t
+        for p, t in zip(prompt_objs, texts, strict=True)
+    ]
+    scored = rewards(prompt_objs, completions, completion_ids, columns, group_size=n)
+    return scored.scores.view(len(rows), n), texts
+
+
+@torch.no_grad()
+def evaluate(backend, tokenizer, rows: list[dict], rewards, *, prompt_field: str = "prompt",
+             max_new_tokens: int = 64, pass_k: int = 0, threshold: float = 1.0,
+             temperature: float = 1.0, system_prompt: str | None = None,
+             batch_size: int = 256, seed: int = 0) -> dict[str, float]:  # fmt: skip
+    """{"eval/accuracy": greedy accuracy, "eval/pass@k": fraction of prompts with a correct
+    sample among k, "eval/reward": mean greedy score}."""
+    greedy = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
+    correct, total_score = 0, 0.0
+    passed = 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        scores, _ = _scores(
+            backend, tokenizer, chunk, rewards, prompt_field, greedy, 1, system_prompt
+        )
+        correct += int((scores[:, 0] >= threshold).sum())
+        total_score += float(scores.sum())
+        if pass_k:
+            sampled = SamplingParams(
+                max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + start
+            )
+            k_scores, _ = _scores(
+                backend, tokenizer, chunk, rewards, prompt_field, sampled, pass_k, system_prompt
+            )
+            passed += int((k_scores >= threshold).any(-1).sum())
+    out = {"eval/accuracy": correct / len(rows), "eval/reward": total_score / len(rows)}
+    if pass_k:
+        out[f"eval/pass@{pass_k}"] = passed / len(rows)
+    return out

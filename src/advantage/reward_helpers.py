@@ -1,0 +1,62 @@
+"""Built-in reward functions (TRL signature), usable by name in `reward.functions`.
+
+Extra parameters come from `reward.kwargs` (passed to every function as keyword arguments).
+"""
+
+from __future__ import annotations
+
+import re
+
+
+def completion_text(completion) -> str:
+    """The text of a completion: a string, or the last message of a conversation."""
+    if isinstance(completion, str):
+        return completion
+    return completion[-1]["content"] if completion else ""
+
+
+def exact_match(prompts, completions, answer=None, **kwargs) -> list[float | None]:
+    """1.0 when the stripped completion equals the `answer` column, else 0.0 (None without one)."""
+    if answer is None:
+        raise ValueError("exact_match needs a dataset column named 'answer'")
+    return [
+        None if a is None else float(completion_text(c).strip() == str(a).strip())
+        for c, a in zip(completions, answer, strict=True)
+    ]
+
+
+def format_regex(prompts, completions, format_pattern: str = r"(?s).*", **kwargs) -> list[float]:
+    """1.0 when the completion fully matches `format_pattern` (from reward.kwargs), else 0.0."""
+    pattern = re.compile(format_pattern)
+    return [float(bool(pattern.fullmatch(completion_text(c)))) for c in completions]
+
+
+def length_penalty(prompts, completions, completion_ids, target_length: int = 0,
+                   length_penalty_coef: float = 0.01, **kwargs) -> list[float]:  # fmt: skip
+    """`-coef · max(0, len - target)` in tokens: a linear penalty beyond `target_length`."""
+    return [-length_penalty_coef * max(0, len(ids) - target_length) for ids in completion_ids]
+
+
+def overlong_penalty(prompts, completions, completion_ids, max_completion_length: int = 64,
+                     overlong_buffer: int = 16, **kwargs) -> list[float]:  # fmt: skip
+    """DAPO's soft overlong punishment (arXiv:2503.14476 eq. 13): 0 up to L_max - L_buffer,
+    then linearly down to -1 at L_max, and -1 beyond."""
+    start = max_completion_length - overlong_buffer
+    out = []
+    for ids in completion_ids:
+        n = len(ids)
+        if n <= start:
+            out.append(0.0)
+        elif n <= max_completion_length:
+            out.append((start - n) / overlong_buffer)
+        else:
+            out.append(-1.0)
+    return out
+
+
+HELPERS = {
+    "exact_match": exact_match,
+    "format_regex": format_regex,
+    "length_penalty": length_penalty,
+    "overlong_penalty": overlong_penalty,
+}

@@ -1,0 +1,266 @@
+"""Scores (SPEC §1, seed 004): TRL-compatible reward functions, a reward model, their weighted
+combination, `None` for "not applicable", and errors that name the function and the sample.
+
+A reward function is `f(prompts, completions, completion_ids, **columns) -> list[float | None]`
+(sync or `async def`), exactly as for TRL's `GRPOTrainer`; `columns` are the dataset's other
+fields, one value per completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib
+import importlib.util
+import inspect
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .configlib import ConfigError
+from .core import group_mean_advantages, group_normalize
+
+
+class RewardError(RuntimeError):
+    """A reward function failed; the message names the function and the sample."""
+
+
+@dataclass
+class RewardSource:
+    name: str
+    fn: Callable
+    weight: float = 1.0
+
+
+def load_function(spec: str, task_reward: Callable | None = None) -> RewardSource:
+    """A reward function from `builtin` (the task's), a helper name, `module:fn`, `module.fn`
+    or `path/to/file.py:fn`."""
+    from . import reward_helpers
+
+    if spec == "builtin":
+        if task_reward is None:
+            raise ConfigError("reward.functions: 'builtin' needs a built-in task in data.train")
+        return RewardSource(task_reward.__name__, task_reward)
+    if spec in reward_helpers.HELPERS:
+        return RewardSource(spec, reward_helpers.HELPERS[spec])
+    if ":" in spec:
+        module_name, fn_name = spec.rsplit(":", 1)
+    elif "." in spec:
+        module_name, fn_name = spec.rsplit(".", 1)
+    else:
+        raise ConfigError(
+            f"reward.functions: {spec!r} is neither a helper ({', '.join(reward_helpers.HELPERS)}) "
+            "nor a dotted path like my_module:my_reward"
+        )
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise ConfigError(f"reward.functions: file {module_name!r} does not exist")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+        fn = getattr(module, fn_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"reward.functions: cannot load {spec!r}: {e}") from None
+    return RewardSource(fn_name, fn)
+
+
+def _call(source: RewardSource, timeout: float | None, kwargs: dict) -> list:
+    """Call one reward function (sync or async), with an optional timeout in seconds."""
+    fn = source.fn
+    if inspect.iscoroutinefunction(fn):
+
+        async def run():
+            return await asyncio.wait_for(fn(**kwargs), timeout)
+
+        return asyncio.run(run())
+    if timeout is None:
+        return fn(**kwargs)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(fn, **kwargs).result(timeout=timeout)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _locate_failure(source: RewardSource, kwargs: dict, n: int) -> int | None:
+    """Index of the first sample on which `source` raises alone (None if none does)."""
+    for i in range(n):
+        one = {
+            k: (v[i : i + 1] if isinstance(v, list) and len(v) == n else v)
+            for k, v in kwargs.items()
+        }
+        try:
+            _call(source, None, one)
+        except Exception:
+            return i
+    return None
+
+
+def call_reward_function(
+    source: RewardSource, prompts: list, completions: list, completion_ids: list, columns: dict,
+    timeout: float | None = None, extra: dict | None = None,
+) -> list[float | None]:  # fmt: skip
+    """Run `source` on a batch and validate what it returns (length, numbers, finiteness)."""
+    n = len(completions)
+    kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids)
+    kwargs.update(columns)
+    kwargs.update(extra or {})
+    try:
+        values = _call(source, timeout, kwargs)
+    except (TimeoutError, concurrent.futures.TimeoutError):
+        raise RewardError(
+            f"reward function '{source.name}' took longer than reward.timeout={timeout}s on a "
+            f"batch of {n} completions"
+        ) from None
+    except Exception as e:
+        index = _locate_failure(source, kwargs, n)
+        where = f" on sample {index} (prompt {_short(prompts[index])})" if index is not None else ""
+        raise RewardError(
+            f"reward function '{source.name}' raised {type(e).__name__}{where}: {e}"
+        ) from e
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise RewardError(
+            f"reward function '{source.name}' returned {type(values).__name__}; "
+            f"expected a list of {n} floats (or None)"
+        )
+    if len(values) != n:
+        raise RewardError(
+            f"reward function '{source.name}' returned {len(values)} values for {n} completions"
+        )
+    out: list[float | None] = []
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(None)
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise RewardError(
+                f"reward function '{source.name}' returned {v!r} ({type(v).__name__}) for sample "
+                f"{i}; expected a float or None"
+            )
+        if not math.isfinite(float(v)):
+            raise RewardError(
+                f"reward function '{source.name}' returned {v} for sample {i} "
+                f"(prompt {_short(prompts[i])}); rewards must be finite (use None to skip a sample)"
+            )
+        out.append(float(v))
+    return out
+
+
+def _short(x, limit: int = 60) -> str:
+    text = repr(x)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class RewardModel:
+    """An `AutoModelForSequenceClassification` with one label, used as a reward function."""
+
+    def __init__(self, path: str, batch_size: int = 32, trust_remote_code: bool = False) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.eval().requires_grad_(False)
+        self.batch_size = batch_size
+        self.__name__ = f"reward_model({Path(path).name})"
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        texts = [
+            _as_text(p, self.tokenizer) + _as_text(c, self.tokenizer)
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+        scores: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(
+                texts[start : start + self.batch_size], return_tensors="pt", padding=True
+            )
+            scores += self.model(**enc).logits[:, 0].float().tolist()
+        return scores
+
+
+def _as_text(x, tokenizer) -> str:
+    """Plain text of a prompt/completion (conversational ones through the chat template)."""
+    if isinstance(x, str):
+        return x
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(x, tokenize=False)
+    return "".join(m["content"] for m in x)
+
+
+@dataclass
+class Scores:
+    scores: torch.Tensor
+    """`[B]` combined score s_i (0 where no source scored the sample)."""
+    score_mask: torch.Tensor
+    """`[B]` bool: at least one source scored the sample."""
+    per_source: torch.Tensor
+    """`[F, B]` raw rewards per source, NaN where a source returned None."""
+    names: list[str]
+
+
+def combine(
+    per_source: torch.Tensor, weights: torch.Tensor, group_size: int, mode: str,
+    clip: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`s_i = Σ_f w_f·r_f(i)` over the sources that scored i (NaN = not applicable).
+
+    `normalize_then_sum` first normalises each source within its group, `(r - mean_g)/(std_g + ε)`
+    over the group's scored samples (seed 004's tip). Optional clip to [-c, c].
+    per_source `[F, B]`, weights `[F]` → (scores `[B]`, score_mask `[B]`).
+    """
+    present = ~torch.isnan(per_source)  # [F, B]
+    values = torch.where(present, per_source, 0.0)
+    if mode == "normalize_then_sum":
+        values = torch.stack([
+            group_normalize(group_mean_advantages(v, group_size, m), v, group_size, m)
+            for v, m in zip(values, present, strict=True)
+        ])  # fmt: skip
+    scores = (weights.unsqueeze(-1) * torch.where(present, values, 0.0)).sum(0)
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    return scores, present.any(0)
+
+
+class RewardComputer:
+    """All reward sources of a run, called in order, combined into one score per sample."""
+
+    def __init__(self, sources: list[RewardSource], mode: str, clip: float | None,
+                 timeout: float | None, extra: dict | None = None) -> None:  # fmt: skip
+        self.sources = sources
+        self.mode = mode
+        self.clip = clip
+        self.timeout = timeout
+        self.extra = extra or {}
+
+    def __call__(self, prompts: list, completions: list, completion_ids: list, columns: dict,
+                 group_size: int) -> Scores:  # fmt: skip
+        raw = [
+            call_reward_function(
+                s, prompts, completions, completion_ids, columns, self.timeout, self.extra
+            )
+            for s in self.sources
+        ]
+        per_source = torch.tensor(
+            [[float("nan") if v is None else v for v in values] for values in raw],
+            dtype=torch.float32,
+        )
+        weights = torch.tensor([s.weight for s in self.sources], dtype=torch.float32)
+        scores, score_mask = combine(per_source, weights, group_size, self.mode, self.clip)
+        return Scores(scores, score_mask, per_source, [s.name for s in self.sources])

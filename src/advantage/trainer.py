@@ -1,0 +1,689 @@
+"""The one training loop every preset runs (SPEC §1–§5).
+
+    for each step:
+      1. rollout    P prompts × G completions (dynamic sampling refills zero-variance groups)
+      2. score      reward functions / reward model → s_i
+      3. log-probs  old policy (only when μ > 1 or several minibatches), reference (β > 0), critic
+      4. advantages baseline × scope × KL placement (advantage.core.compute_advantages)
+      5. update     μ epochs × minibatches × micro-batches: clipped policy loss (+ KL, entropy),
+                    aggregated with global counts; critic loss
+      6. log        metrics, KL controller, reference sync, evaluation, checkpoint
+
+Setup lives in small functions below the loop; the math lives in `advantage.core`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config, config_from
+from .configlib import ConfigError
+from .core import (
+    KL_CONTROLLERS,
+    AdvantageInputs,
+    aggregate,
+    compute_advantages,
+    kl_penalty,
+    make_baseline,
+    masked_mean,
+    policy_loss,
+    value_loss,
+)
+from .data import PromptStream, check_rows, encode_prompt, load_rows
+from .evaluation import evaluate
+from .logger import MetricsLogger
+from .models import (
+    completion_logprobs,
+    completion_values,
+    count_parameters,
+    frozen_copy,
+    load_causal_lm,
+    load_critic,
+    load_tokenizer,
+    resolve_model_path,
+    sync_reference,
+)
+from .parallel import DistInfo, all_reduce_sum, init_distributed
+from .rewards import RewardComputer, RewardModel, RewardSource, Scores, load_function
+from .rollout import Rollout, SamplingParams, TransformersBackend
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive updates had a non-finite loss or gradient."""
+
+
+@dataclass
+class RolloutBatch:
+    """One scored rollout batch: B = P·G sequences, prompt-major."""
+
+    rollout: Rollout
+    rows: list[dict]
+    """The P dataset rows, one per group."""
+    scores: Scores
+    completions: list[str]
+    rollout_seconds: float = 0.0
+    tries: int = 1
+    dropped_groups: int = 0
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: list[dict] = field(default_factory=list)
+    eval_before: dict = field(default_factory=dict)
+    eval_after: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, config: Config, reward_funcs: list[Callable] | None = None) -> None:
+        self.config = cfg = config
+        self.algo = cfg.algorithm_spec()
+        self.dist: DistInfo = init_distributed(cfg.distributed.backend)
+        set_seed(cfg.train.seed + self.dist.rank)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.run_dir = Path(cfg.log.run_dir)
+        # data first: a bad dataset fails before any model is loaded
+        self.train_rows = load_rows(cfg.data.train, "data.train")
+        check_rows(self.train_rows, cfg.data.prompt_field, "data.train")
+        self.eval_rows = _eval_rows(cfg)
+        self.prompts = PromptStream(self.train_rows, cfg.train.seed, cfg.data.shuffle)
+        # models
+        policy_path = resolve_model_path(cfg.model.name_or_path)
+        self.tokenizer = load_tokenizer(
+            cfg.model.tokenizer or policy_path, cfg.model.trust_remote_code
+        )
+        self.policy = load_causal_lm(policy_path, cfg.model.trust_remote_code)
+        if cfg.model.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+        self.ref = frozen_copy(self.policy) if self.algo.uses_reference else None
+        self.critic = None
+        if self.algo.uses_critic:
+            critic_path = (
+                resolve_model_path(cfg.model.critic, "model.critic")
+                if cfg.model.critic
+                else policy_path
+            )
+            self.critic = load_critic(critic_path, cfg.model.trust_remote_code)
+        self.optimizer, self.scheduler = _optimizer(self.policy, cfg, cfg.train.lr)
+        self.critic_optimizer = self.critic_scheduler = None
+        if self.critic is not None:
+            self.critic_optimizer, self.critic_scheduler = _optimizer(
+                self.critic, cfg, cfg.train.critic_lr
+            )
+        self.backend = _backend(cfg, self.policy, self.tokenizer)
+        # rewards and the stateful parts of the algorithm
+        self.rewards = _reward_computer(cfg, reward_funcs)
+        self.baseline = make_baseline(self.algo.baseline, ema_alpha=self.algo.ema_alpha)
+        self.kl_ctl = KL_CONTROLLERS[self.algo.kl_controller](
+            self.algo.kl_coef, self.algo.kl_target, self.algo.kl_horizon
+        )
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.logger = MetricsLogger(
+            self.run_dir, cfg.train.steps, cfg.log.tensorboard, cfg.log.wandb,
+            cfg.log.progress, config=_plain(cfg), enabled=self.dist.is_main,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------
+    # the loop
+
+    def fit(self) -> RunResult:
+        cfg = self.config
+        result = RunResult(run_dir=self.run_dir)
+        start = time.perf_counter()
+        self.logger.print(self.algo.card())
+        self.logger.print(
+            f"policy {count_parameters(self.policy) / 1e6:.2f}M params; "
+            f"reference {'yes' if self.ref is not None else 'no'}; "
+            f"critic {'yes' if self.critic is not None else 'no'}; "
+            f"B = {cfg.rollout.prompts_per_step} prompts × {cfg.rollout.num_generations} completions"
+        )
+        if self.eval_rows and self.step == 0:
+            result.eval_before = self.evaluate()
+            self.logger.print(_eval_line("before RL", result.eval_before))
+            self.logger.log(0, result.eval_before)
+        self.logger.start(self.step)
+        try:
+            while self.step < cfg.train.steps:
+                metrics = self.train_step()
+                self.step += 1
+                if (
+                    cfg.eval.every
+                    and self.step % cfg.eval.every == 0
+                    and self.step < cfg.train.steps
+                    and self.eval_rows
+                ):
+                    metrics.update(self.evaluate())
+                if self.step % cfg.log.every == 0 or self.step == cfg.train.steps:
+                    self.logger.log(self.step, metrics)
+                result.metrics.append(metrics)
+        finally:
+            self.logger.close()
+        if self.eval_rows:
+            result.eval_after = self.evaluate()
+            self.logger.log(self.step, result.eval_after)
+            self.logger.print(_eval_line("after RL", result.eval_after))
+        if cfg.checkpoint.save_final and self.dist.is_main:
+            final = self.run_dir / "final"
+            self.policy.save_pretrained(final)
+            self.tokenizer.save_pretrained(final)
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def train_step(self) -> dict:
+        cfg, algo = self.config, self.algo
+        t_step = time.perf_counter()
+        metrics: dict[str, float] = {}
+
+        # 1–2. rollout and score (dynamic sampling drops groups whose rewards are all equal)
+        batch = self.rollout_and_score()
+        rollout = batch.rollout
+        B, G = rollout.completion_ids.shape[0], cfg.rollout.num_generations
+        mask = rollout.completion_mask.clone()
+        if cfg.rollout.mask_truncated:
+            mask &= ~rollout.truncated.unsqueeze(-1)
+
+        # 3. log-probs under the old policy, the reference and the critic (no gradient)
+        t_train = time.perf_counter()
+        needs_old = cfg.train.epochs > 1 or cfg.train.minibatches > 1
+        kl_in_reward = algo.kl_placement == "reward" and self.kl_ctl.value > 0
+        old_logprobs = None
+        if needs_old or (kl_in_reward and rollout.logprobs is None) or cfg.rollout.tis_cap:
+            old_logprobs = self._no_grad_forward(self.policy, rollout, "logprobs")
+        ref_logprobs = (
+            self._no_grad_forward(self.ref, rollout, "logprobs") if self.ref is not None else None
+        )
+        old_values = (
+            self._no_grad_forward(self.critic, rollout, "values")
+            if self.critic is not None
+            else None
+        )
+        # KL in the reward uses the generating policy: the engine's log-probs when μ = 1
+        reward_kl_logprobs = old_logprobs if old_logprobs is not None else rollout.logprobs
+
+        # 4. advantages
+        adv = compute_advantages(
+            AdvantageInputs(
+                scores=batch.scores.scores,
+                mask=mask,
+                group_size=G,
+                score_mask=batch.scores.score_mask,
+                old_logprobs=reward_kl_logprobs,
+                ref_logprobs=ref_logprobs,
+                values=old_values,
+            ),
+            algo,
+            self.baseline,
+            kl_coef=self.kl_ctl.value,
+        )
+        tokens = {
+            "mask": adv.mask,
+            "advantages": adv.advantages,
+            "returns": adv.returns,
+            "old_logprobs": old_logprobs,
+            "ref_logprobs": ref_logprobs,
+            "old_values": old_values,
+            "engine_logprobs": rollout.logprobs if cfg.rollout.tis_cap else None,
+        }
+
+        # 5. update: μ epochs × minibatches × micro-batches
+        update = self.update(rollout, tokens)
+        train_seconds = time.perf_counter() - t_train
+
+        # 6. bookkeeping: KL controller, reference sync, schedulers, metrics
+        kl_metrics = {}
+        if ref_logprobs is not None and reward_kl_logprobs is not None:
+            kl_tokens = torch.where(
+                rollout.completion_mask,
+                kl_penalty(reward_kl_logprobs, ref_logprobs, algo.kl_estimator),
+                0.0,
+            )
+            kl_sum, n_tok = all_reduce_sum(
+                [float(kl_tokens.sum()), float(rollout.completion_mask.sum())]
+            )
+            kl_metrics["kl"] = kl_sum / max(n_tok, 1.0)  # per token
+            n_seq = B * self.dist.world_size
+            self.kl_ctl.update(kl_sum / n_seq, n_seq)  # Ziegler et al.: KL per sequence
+        if (
+            self.ref is not None
+            and cfg.model.ref_sync_steps
+            and (self.step + 1) % cfg.model.ref_sync_steps == 0
+        ):
+            sync_reference(self.ref, self.policy, cfg.model.ref_sync_alpha)
+        self.backend.sync_weights(self.policy)
+        self.scheduler.step()
+        if self.critic_scheduler is not None:
+            self.critic_scheduler.step()
+
+        lengths = rollout.completion_lengths.float()
+        n_tokens = float(rollout.completion_mask.sum())
+        scored = batch.scores.scores[batch.scores.score_mask]
+        metrics.update({
+            "reward/mean": float(scored.mean()) if scored.numel() else float("nan"),
+            "reward/std": float(scored.std()) if scored.numel() > 1 else 0.0,
+            "reward/unscored_frac": float((~batch.scores.score_mask).float().mean()),
+            "completion/length": float(lengths.mean()),
+            "completion/clipped_ratio": float(rollout.truncated.float().mean()),
+            "kl_coef": self.kl_ctl.value,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "time/rollout": batch.rollout_seconds,
+            "time/train": train_seconds,
+            "time/step": time.perf_counter() - t_step,
+            "tokens_per_s/rollout": n_tokens / max(batch.rollout_seconds, 1e-9),
+            "tokens_per_s/train": float(rollout.attention_mask.sum()) / max(train_seconds, 1e-9),
+        })  # fmt: skip
+        for name, values in zip(batch.scores.names, batch.scores.per_source, strict=True):
+            present = values[~torch.isnan(values)]
+            metrics[f"reward/{name}"] = float(present.mean()) if present.numel() else float("nan")
+        metrics.update({k: float(v) for k, v in adv.metrics.items()})
+        metrics.update(kl_metrics)
+        if cfg.rollout.dynamic_sampling:
+            metrics["dynamic_sampling/tries"] = batch.tries
+            metrics["dynamic_sampling/dropped_groups"] = batch.dropped_groups
+        metrics.update(update)
+        if self.dist.is_main and cfg.log.samples:
+            self.logger.log_samples(self.step + 1, [
+                {"prompt": str(batch.rows[i // G][cfg.data.prompt_field]), "completion": batch.completions[i],
+                 "reward": float(batch.scores.scores[i])}
+                for i in range(0, B, max(1, B // cfg.log.samples))
+            ][: cfg.log.samples])  # fmt: skip
+        return metrics
+
+    # ------------------------------------------------------------------------------------------
+    # steps 1–2: rollout and score
+
+    def rollout_and_score(self) -> RolloutBatch:
+        cfg = self.config
+        P, G = cfg.rollout.prompts_per_step, cfg.rollout.num_generations
+        params = SamplingParams(
+            max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, stop=list(cfg.rollout.stop),
+        )  # fmt: skip
+        kept: list[RolloutBatch] = []
+        n_groups, tries, dropped, seconds = 0, 0, 0, 0.0
+        while n_groups < P and tries < (
+            cfg.rollout.max_sampling_tries if cfg.rollout.dynamic_sampling else 1
+        ):
+            tries += 1
+            rows = self.prompts.take(P)
+            t0 = time.perf_counter()
+            prompt_ids = [
+                encode_prompt(
+                    self.tokenizer,
+                    r[cfg.data.prompt_field],
+                    cfg.data.system_prompt,
+                    cfg.data.max_prompt_tokens,
+                )
+                for r in rows
+            ]
+            rollout = self.backend.generate(prompt_ids, G, params)
+            seconds += time.perf_counter() - t0
+            part = self._score(rollout, rows)
+            if cfg.rollout.dynamic_sampling:
+                part, n_dropped = _drop_constant_groups(part, G)
+                dropped += n_dropped
+            if part is not None:
+                kept.append(part)
+                n_groups += len(part.rows)
+        if not kept:  # every group was constant in every try: train on nothing useful, say so
+            rows = self.prompts.take(P)
+            prompt_ids = [
+                encode_prompt(self.tokenizer, r[cfg.data.prompt_field], cfg.data.system_prompt)
+                for r in rows
+            ]
+            kept = [self._score(self.backend.generate(prompt_ids, G, params), rows)]
+        batch = _concat_batches(kept, self.tokenizer.pad_token_id, keep_groups=P, group_size=G)
+        batch.rollout_seconds, batch.tries, batch.dropped_groups = seconds, tries, dropped
+        return batch
+
+    def _score(self, rollout: Rollout, rows: list[dict]) -> RolloutBatch:
+        cfg = self.config
+        G = cfg.rollout.num_generations
+        field_name = cfg.data.prompt_field
+        completion_ids = [
+            ids[m].tolist()
+            for ids, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)
+        ]
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        prompts = [r[field_name] for r in rows for _ in range(G)]
+        completions = [
+            [{"role": "assistant", "content": t}] if isinstance(p, list) else t
+            for p, t in zip(prompts, texts, strict=True)
+        ]
+        columns = {
+            k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != field_name
+        }
+        scores = self.rewards(prompts, completions, completion_ids, columns, group_size=G)
+        return RolloutBatch(rollout=rollout, rows=rows, scores=scores, completions=texts)
+
+    # ------------------------------------------------------------------------------------------
+    # step 3: forward passes without gradient
+
+    @torch.no_grad()
+    def _no_grad_forward(self, model: torch.nn.Module, rollout: Rollout, what: str) -> torch.Tensor:
+        """Log-probs or values `[B, Tc]` of the whole rollout, in micro-batches."""
+        cfg = self.config
+        B = rollout.completion_ids.shape[0]
+        size = cfg.train.micro_batch_size or B
+        parts = []
+        for start in range(0, B, size):
+            part = rollout.select(slice(start, start + size))
+            if what == "logprobs":
+                out, _ = completion_logprobs(
+                    model, part, cfg.rollout.temperature, precision=cfg.model.precision
+                )
+            else:
+                out = completion_values(model, part, cfg.model.precision)
+            parts.append(
+                torch.nn.functional.pad(
+                    out.float().cpu(), (0, rollout.completion_ids.shape[1] - out.shape[1])
+                )
+            )
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------------------------------
+    # step 5: the update
+
+    def update(self, rollout: Rollout, tokens: dict[str, torch.Tensor | None]) -> dict[str, float]:
+        cfg = self.config
+        B = rollout.completion_ids.shape[0]
+        mb_size = max(1, B // cfg.train.minibatches)
+        micro = cfg.train.micro_batch_size or mb_size
+        sums: dict[str, float] = defaultdict(float)
+        weight, grad_norms, skipped = 0.0, [], 0
+        generator = torch.Generator().manual_seed(cfg.train.seed * 7919 + self.step)
+        for _epoch in range(cfg.train.epochs):
+            order = (
+                torch.randperm(B, generator=generator)
+                if cfg.train.minibatches > 1
+                else torch.arange(B)
+            )
+            for mb_start in range(0, B, mb_size):
+                mb_rows = order[mb_start : mb_start + mb_size]
+                # global denominators of the aggregation: this minibatch on every rank
+                num_tokens, num_seqs = all_reduce_sum(
+                    [float(tokens["mask"][mb_rows].sum()), float(len(mb_rows))]
+                )
+                self._zero_grad()
+                all_finite = True
+                for micro_start in range(0, len(mb_rows), micro):
+                    rows = mb_rows[micro_start : micro_start + micro]
+                    part = rollout.select(rows)
+                    Tc = part.completion_ids.shape[1]
+                    t = {k: (None if v is None else v[rows, :Tc]) for k, v in tokens.items()}
+                    stats, finite = self._micro_step(part, t, num_tokens, num_seqs)
+                    all_finite &= finite
+                    n = float(t["mask"].sum())
+                    for k, v in stats.items():
+                        sums[k] += v * n
+                    weight += n
+                grad_norm = self._optimizer_step(all_finite)
+                if grad_norm is None:
+                    skipped += 1
+                else:
+                    grad_norms.append(grad_norm)
+        out = {k: v / max(weight, 1.0) for k, v in sums.items()}
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+        out["skipped_updates"] = skipped
+        return out
+
+    def _micro_step(
+        self, part: Rollout, t: dict, num_tokens: float, num_seqs: float
+    ) -> tuple[dict, bool]:
+        """Forward, per-token losses, aggregation with the global counts, backward."""
+        cfg, algo = self.config, self.algo
+        world = self.dist.world_size
+        mask = t["mask"]
+        logprobs, entropy = completion_logprobs(
+            self.policy,
+            part,
+            cfg.rollout.temperature,
+            with_entropy=True,
+            precision=cfg.model.precision,
+        )
+        # with μ = 1 and one minibatch the weights have not moved since the rollout: ρ = 1
+        old = t["old_logprobs"] if t["old_logprobs"] is not None else logprobs.detach()
+        pg, stats = policy_loss(
+            logprobs, old, t["advantages"], mask, algo.clip_low, algo.clip_high, algo.dual_clip
+        )
+        per_token = pg
+        if t["engine_logprobs"] is not None:  # truncated importance sampling (engine ≠ trainer)
+            tis = torch.exp(old - t["engine_logprobs"]).clamp(max=cfg.rollout.tis_cap)
+            per_token = per_token * tis
+            stats["tis_weight"] = masked_mean(tis, mask, global_stats=False)
+        kl = None
+        if algo.kl_placement == "loss" and self.kl_ctl.value > 0:
+            kl = kl_penalty(logprobs, t["ref_logprobs"], algo.kl_estimator)
+            per_token = per_token + self.kl_ctl.value * kl
+        if algo.entropy_coef:
+            per_token = per_token - algo.entropy_coef * entropy
+        agg = dict(num_tokens=num_tokens, num_seqs=num_seqs, max_len=cfg.rollout.max_new_tokens)
+        # DDP averages gradients over ranks; the global denominators already account for them
+        loss = aggregate(per_token, mask, algo.aggregation, **agg) * world
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+        out = {
+            "loss/policy": float(aggregate(pg.detach(), mask, "token_mean")),
+            "entropy": float(masked_mean(entropy.detach(), mask, global_stats=False)),
+            **{k: float(v) for k, v in stats.items()},
+        }
+        if kl is not None:
+            out["kl_loss"] = float(masked_mean(kl.detach(), mask, global_stats=False))
+        if self.critic is not None:
+            values = completion_values(self.critic, part, cfg.model.precision)
+            v_loss, v_stats = value_loss(
+                values, t["old_values"], t["returns"], mask, algo.value_clip
+            )
+            v_total = aggregate(v_loss, mask, algo.aggregation, **agg) * algo.value_coef * world
+            if torch.isfinite(v_total):
+                v_total.backward()
+            else:
+                finite = False
+            out["loss/value"] = float(aggregate(v_loss.detach(), mask, "token_mean"))
+            out.update({k: float(v) for k, v in v_stats.items()})
+        return out, finite
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.critic_optimizer is not None:
+            self.critic_optimizer.zero_grad(set_to_none=True)
+
+    def _optimizer_step(self, losses_finite: bool) -> float | None:
+        """Clip and step; or, with a non-finite loss or gradient, skip, count, and stop after
+        `train.max_nonfinite_steps` in a row. Returns the policy's gradient norm (None if skipped)."""
+        cfg = self.config
+        max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
+        finite = losses_finite and bool(torch.isfinite(grad_norm))
+        if self.critic is not None:
+            finite &= bool(
+                torch.isfinite(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), max_norm))
+            )
+        if not finite:
+            self.nonfinite_in_a_row += 1
+            self.logger.print(
+                f"step {self.step + 1}: non-finite loss or gradient (grad norm {float(grad_norm)}); "
+                f"update skipped ({self.nonfinite_in_a_row} in a row)"
+            )
+            self._zero_grad()
+            if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"{self.nonfinite_in_a_row} consecutive updates had a non-finite loss or "
+                    "gradient; stopping. Lower train.lr, check the rewards, or raise "
+                    "train.max_nonfinite_steps"
+                )
+            return None
+        self.nonfinite_in_a_row = 0
+        self.optimizer.step()
+        if self.critic_optimizer is not None:
+            self.critic_optimizer.step()
+        return float(grad_norm)
+
+    # ------------------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        cfg = self.config
+        rows = self.eval_rows[: cfg.eval.size]
+        return evaluate(
+            self.backend, self.tokenizer, rows, self.rewards, prompt_field=cfg.data.prompt_field,
+            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+            pass_k=cfg.eval.pass_k, threshold=cfg.eval.correct_threshold,
+            temperature=cfg.rollout.temperature, system_prompt=cfg.data.system_prompt,
+            seed=cfg.train.seed,
+        )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# setup helpers
+
+
+def _eval_rows(cfg: Config) -> list[dict]:
+    spec = cfg.data.eval
+    if spec is None and cfg.data.train.startswith("builtin:"):
+        spec = cfg.data.train.split(":")[0] + ":" + cfg.data.train.split(":")[1] + ":eval"
+    if spec is None:
+        return []
+    rows = load_rows(spec, "data.eval")
+    check_rows(rows, cfg.data.prompt_field, "data.eval")
+    return rows
+
+
+def _optimizer(model: torch.nn.Module, cfg: Config, lr: float):
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        return (
+            1.0 - progress
+            if t.lr_schedule == "linear"
+            else 0.5 * (1 + math.cos(math.pi * progress))
+        )
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _backend(cfg: Config, policy, tokenizer):
+    if cfg.rollout.backend == "vllm":
+        from .rollout.vllm import VLLMBackend
+
+        return VLLMBackend(policy, tokenizer, cfg)
+    return TransformersBackend(policy, tokenizer, cfg.model.precision)
+
+
+def _reward_computer(cfg: Config, reward_funcs: list[Callable] | None) -> RewardComputer:
+    r = cfg.reward
+    task_reward = None
+    if cfg.data.train.startswith("builtin:"):
+        from .tasks import get_task
+
+        task_reward = get_task(cfg.data.train.split(":")[1]).reward_fn
+    if reward_funcs:
+        sources = [
+            RewardSource(getattr(f, "__name__", f"reward_{i}"), f)
+            for i, f in enumerate(reward_funcs)
+        ]
+    else:
+        sources = [load_function(spec, task_reward) for spec in r.functions]
+    if r.model:
+        path = resolve_model_path(r.model, "reward.model")
+        rm = RewardModel(path, r.model_batch_size, cfg.model.trust_remote_code)
+        sources.append(RewardSource(rm.__name__, rm))
+    if r.weights is not None:
+        if len(r.weights) != len(sources):
+            raise ConfigError(
+                f"reward.weights has {len(r.weights)} entries for {len(sources)} reward sources"
+            )
+        for s, w in zip(sources, r.weights, strict=True):
+            s.weight = w
+    return RewardComputer(sources, r.multi_reward, r.clip, r.timeout, r.kwargs)
+
+
+def _drop_constant_groups(batch: RolloutBatch, G: int) -> tuple[RolloutBatch | None, int]:
+    """Dynamic sampling (DAPO): keep the groups with at least two different scores."""
+    present = batch.scores.score_mask.view(-1, G)
+    s = batch.scores.scores.view(-1, G)
+    hi = torch.where(present, s, -math.inf).amax(-1)
+    lo = torch.where(present, s, math.inf).amin(-1)
+    keep = ((present.sum(-1) >= 2) & (hi > lo)).nonzero().flatten().tolist()
+    dropped = s.shape[0] - len(keep)
+    if not keep:
+        return None, dropped
+    rows_idx = torch.tensor([g * G + j for g in keep for j in range(G)])
+    return _select_batch(batch, keep, rows_idx), dropped
+
+
+def _select_batch(batch: RolloutBatch, groups: list[int], rows_idx: torch.Tensor) -> RolloutBatch:
+    s = batch.scores
+    return RolloutBatch(
+        rollout=batch.rollout.select(rows_idx),
+        rows=[batch.rows[g] for g in groups],
+        scores=Scores(
+            s.scores[rows_idx], s.score_mask[rows_idx], s.per_source[:, rows_idx], s.names
+        ),
+        completions=[batch.completions[i] for i in rows_idx.tolist()],
+    )
+
+
+def _concat_batches(
+    parts: list[RolloutBatch], pad_id: int, keep_groups: int, group_size: int
+) -> RolloutBatch:
+    if len(parts) == 1 and len(parts[0].rows) <= keep_groups:
+        return parts[0]
+    rollout = Rollout.concat([p.rollout for p in parts], pad_id)
+    rows = [r for p in parts for r in p.rows]
+    scores = Scores(
+        torch.cat([p.scores.scores for p in parts]),
+        torch.cat([p.scores.score_mask for p in parts]),
+        torch.cat([p.scores.per_source for p in parts], dim=1),
+        parts[0].scores.names,
+    )
+    merged = RolloutBatch(rollout, rows, scores, [c for p in parts for c in p.completions])
+    if len(rows) > keep_groups:
+        keep = list(range(keep_groups))
+        merged = _select_batch(merged, keep, torch.arange(keep_groups * group_size))
+    return merged
+
+
+def _plain(cfg: Config) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+def _eval_line(label: str, metrics: dict) -> str:
+    return f"{label}: " + "  ".join(
+        f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items()
+    )
+
+
+def train(config: Config | dict | str | Path | None = None, reward_funcs: list[Callable] | None = None,
+          overrides: list[str] | None = None) -> RunResult:  # fmt: skip
+    """Train with `config` (a Config, a dict, or a YAML path) and optional `key=value` overrides.
+
+    `reward_funcs`: TRL-style reward functions to use instead of `reward.functions`.
+    """
+    return Trainer(config_from(config, overrides), reward_funcs).fit()
