@@ -8,4 +8,15 @@ from .core import PRESETS, Algorithm, resolve
 
 __version__ = "0.1.0"
 
-__all__ = ["PRESETS", "Algorithm", "__version__", "resolve"]
+
+def train(config=None, reward_funcs=None, overrides=None):
+    """Train with a Config, a dict or a YAML path; `reward_funcs` are TRL-style callables.
+
+    See `advantage.trainer.train`.
+    """
+    from .trainer import train as _train
+
+    return _train(config, reward_funcs=reward_funcs, overrides=overrides)
+
+
+__all__ = ["PRESETS", "Algorithm", "__version__", "resolve", "train"]

@@ -20,6 +20,13 @@ from .rollout import Rollout
 log = logging.getLogger("advantage")
 
 
+def quiet_transformers() -> None:
+    """No per-load progress bars from transformers (the run has its own progress)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def resolve_model_path(name_or_path: str, field: str = "model.name_or_path") -> str:
     """`builtin:NAME` → its cached folder (built on first use); local paths must exist."""
     if name_or_path.startswith("builtin:"):
@@ -61,13 +68,19 @@ def load_causal_lm(path: str, trust_remote_code: bool = False) -> torch.nn.Modul
 def load_critic(path: str, trust_remote_code: bool = False) -> torch.nn.Module:
     """A value model: the backbone of `path` with a 1-output token head (zero-initialised)."""
     from transformers import AutoConfig, AutoModelForTokenClassification
+    from transformers.utils import logging as hf_logging
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     config.num_labels = 1
     config.classifier_dropout = 0.0  # values must not be noisy
-    critic = AutoModelForTokenClassification.from_pretrained(
-        path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code
-    )
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the new value head is "missing from the checkpoint" by design
+    try:
+        critic = AutoModelForTokenClassification.from_pretrained(
+            path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
     head = critic.score if hasattr(critic, "score") else critic.classifier
     torch.nn.init.zeros_(head.weight)
     if head.bias is not None:

@@ -49,6 +49,7 @@ from .models import (
     load_causal_lm,
     load_critic,
     load_tokenizer,
+    quiet_transformers,
     resolve_model_path,
     sync_reference,
 )
@@ -94,6 +95,7 @@ class Trainer:
     def __init__(self, config: Config, reward_funcs: list[Callable] | None = None) -> None:
         self.config = cfg = config
         self.algo = cfg.algorithm_spec()
+        quiet_transformers()
         self.dist: DistInfo = init_distributed(cfg.distributed.backend)
         set_seed(cfg.train.seed + self.dist.rank)
         if cfg.train.deterministic:
@@ -102,8 +104,9 @@ class Trainer:
         # data first: a bad dataset fails before any model is loaded
         self.train_rows = load_rows(cfg.data.train, "data.train")
         check_rows(self.train_rows, cfg.data.prompt_field, "data.train")
-        self.eval_rows = _eval_rows(cfg)
+        self.eval_rows = _eval_rows(cfg)[: cfg.eval.size]
         self.prompts = PromptStream(self.train_rows, cfg.train.seed, cfg.data.shuffle)
+        self.rewards = _reward_computer(cfg, reward_funcs)
         # models
         policy_path = resolve_model_path(cfg.model.name_or_path)
         self.tokenizer = load_tokenizer(
@@ -128,8 +131,7 @@ class Trainer:
                 self.critic, cfg, cfg.train.critic_lr
             )
         self.backend = _backend(cfg, self.policy, self.tokenizer)
-        # rewards and the stateful parts of the algorithm
-        self.rewards = _reward_computer(cfg, reward_funcs)
+        # the stateful parts of the algorithm
         self.baseline = make_baseline(self.algo.baseline, ema_alpha=self.algo.ema_alpha)
         self.kl_ctl = KL_CONTROLLERS[self.algo.kl_controller](
             self.algo.kl_coef, self.algo.kl_target, self.algo.kl_horizon
