@@ -14,7 +14,9 @@ Setup lives in small functions below the loop; the math lives in `advantage.core
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import time
 from collections import defaultdict
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import checkpoint as ckpt
 from .config import Config, config_from
 from .configlib import ConfigError
 from .core import (
@@ -138,6 +141,7 @@ class Trainer:
         )
         self.step = 0
         self.nonfinite_in_a_row = 0
+        self.resumed_from = self._maybe_resume()
         self.logger = MetricsLogger(
             self.run_dir, cfg.train.steps, cfg.log.tensorboard, cfg.log.wandb,
             cfg.log.progress, config=_plain(cfg), enabled=self.dist.is_main,
@@ -151,6 +155,8 @@ class Trainer:
         result = RunResult(run_dir=self.run_dir)
         start = time.perf_counter()
         self.logger.print(self.algo.card())
+        if self.resumed_from is not None:
+            self.logger.print(f"resumed from {self.resumed_from} (step {self.step})")
         self.logger.print(
             f"policy {count_parameters(self.policy) / 1e6:.2f}M params; "
             f"reference {'yes' if self.ref is not None else 'no'}; "
@@ -176,8 +182,12 @@ class Trainer:
                 if self.step % cfg.log.every == 0 or self.step == cfg.train.steps:
                     self.logger.log(self.step, metrics)
                 result.metrics.append(metrics)
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save_checkpoint()
         finally:
             self.logger.close()
+        if not cfg.checkpoint.every or self.step % cfg.checkpoint.every:
+            self.save_checkpoint()
         if self.eval_rows:
             result.eval_after = self.evaluate()
             self.logger.log(self.step, result.eval_after)
@@ -540,10 +550,85 @@ class Trainer:
         return float(grad_norm)
 
     # ------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def _checkpoint_modules(self) -> dict[str, torch.nn.Module]:
+        modules = {"policy": self.policy}
+        if self.critic is not None:
+            modules["critic"] = self.critic
+        if self.ref is not None and self.config.model.ref_sync_steps:
+            modules["reference"] = self.ref  # a frozen reference is rebuilt from the policy path
+        return modules
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        optim = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.critic_optimizer is not None:
+            optim["critic_optimizer"] = self.critic_optimizer.state_dict()
+            optim["critic_scheduler"] = self.critic_scheduler.state_dict()
+        state = {
+            "step": self.step,
+            "data": self.prompts.state_dict(),
+            "baseline": self.baseline.state_dict(),
+            "kl_controller": self.kl_ctl.state_dict(),
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "config": _plain(self.config),
+        }
+        return ckpt.save_checkpoint(
+            self.run_dir,
+            self.step,
+            self._checkpoint_modules(),
+            optim,
+            state,
+            self.config.checkpoint.keep,
+        )
+
+    def _maybe_resume(self) -> Path | None:
+        """Find the checkpoint to resume from (`checkpoint.resume`) and load it."""
+        resume = self.config.checkpoint.resume
+        existing = ckpt.latest_checkpoint(self.run_dir)
+        if resume == "none":
+            if existing is not None:
+                raise ConfigError(
+                    f"log.run_dir {str(self.run_dir)!r} already holds checkpoints ({existing.name}); "
+                    "set checkpoint.resume=auto to continue that run, or choose a new log.run_dir "
+                    "(nothing is overwritten)"
+                )
+            return None
+        path = existing if resume == "auto" else Path(resume)
+        if path is None:
+            return None
+        try:
+            optim, state = ckpt.load_checkpoint(path, self._checkpoint_modules())
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+        self.optimizer.load_state_dict(optim["optimizer"])
+        self.scheduler.load_state_dict(optim["scheduler"])
+        if self.critic_optimizer is not None:
+            self.critic_optimizer.load_state_dict(optim["critic_optimizer"])
+            self.critic_scheduler.load_state_dict(optim["critic_scheduler"])
+        self.step = int(state["step"])
+        self.prompts.load_state_dict(state["data"])
+        self.baseline.load_state_dict(state["baseline"])
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        if self.dist.is_main:
+            _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
+            _truncate_jsonl(self.run_dir / "samples.jsonl", self.step)
+        return path
+
+    # ------------------------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
+        """Held-out metrics; runs on a forked RNG so evaluating never changes training."""
         cfg = self.config
         rows = self.eval_rows[: cfg.eval.size]
+        with torch.random.fork_rng(devices=[]):
+            return self._evaluate(rows)
+
+    def _evaluate(self, rows: list[dict]) -> dict[str, float]:
+        cfg = self.config
         return evaluate(
             self.backend, self.tokenizer, rows, self.rewards, prompt_field=cfg.data.prompt_field,
             max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
@@ -668,6 +753,20 @@ def _concat_batches(
         keep = list(range(keep_groups))
         merged = _select_batch(merged, keep, torch.arange(keep_groups * group_size))
     return merged
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop records logged after `last_step` (steps that the resumed run will redo); atomic."""
+    if not path.is_file():
+        return
+    keep = [
+        line
+        for line in path.read_text().splitlines()
+        if line and json.loads(line)["step"] <= last_step
+    ]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def _plain(cfg: Config) -> dict:
