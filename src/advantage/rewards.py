@@ -72,6 +72,16 @@ def load_function(spec: str, task_reward: Callable | None = None) -> RewardSourc
     return RewardSource(fn_name, fn)
 
 
+def required_arguments(fn: Callable) -> list[str]:
+    """Names a function cannot be called without (no default, not *args / **kwargs)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
+
+
 def _call(source: RewardSource, timeout: float | None, kwargs: dict) -> list:
     """Call one reward function (sync or async), with an optional timeout in seconds."""
     fn = source.fn
@@ -248,6 +258,17 @@ class RewardComputer:
         self.clip = clip
         self.timeout = timeout
         self.extra = extra or {}
+
+    def check_columns(self, columns: set[str]) -> None:
+        """Fail before training when a function asks for a column the dataset lacks."""
+        given = set(columns) | set(self.extra) | {"prompts", "completions", "completion_ids"}
+        for source in self.sources:
+            missing = [name for name in required_arguments(source.fn) if name not in given]
+            if missing:
+                raise ConfigError(
+                    f"reward function '{source.name}' needs the dataset column(s) {missing}, "
+                    f"which the dataset does not have (columns: {', '.join(sorted(columns)) or 'none'})"
+                )
 
     def __call__(self, prompts: list, completions: list, completion_ids: list, columns: dict,
                  group_size: int) -> Scores:  # fmt: skip

@@ -110,6 +110,7 @@ class Trainer:
         self.eval_rows = _eval_rows(cfg)[: cfg.eval.size]
         self.prompts = PromptStream(self.train_rows, cfg.train.seed, cfg.data.shuffle)
         self.rewards = _reward_computer(cfg, reward_funcs)
+        self.rewards.check_columns(set(self.train_rows[0]) - {cfg.data.prompt_field})
         # models
         policy_path = resolve_model_path(cfg.model.name_or_path)
         self.tokenizer = load_tokenizer(

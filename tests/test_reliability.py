@@ -1,0 +1,158 @@
+"""Bad input gets a clear error that names what to fix, and loses nothing already saved.
+
+Each case here is a row of the README's reliability table.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from advantage.config import load_config
+from advantage.configlib import ConfigError
+from advantage.rewards import RewardError
+from advantage.rollout import TransformersBackend
+from advantage.trainer import NonFiniteError, Trainer
+from helpers import length_reward, small_config
+
+pytestmark = pytest.mark.slow
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _trainer(run_dir, *overrides, reward_funcs=(length_reward,)):
+    return Trainer(
+        load_config(None, small_config(run_dir, *overrides)), reward_funcs=list(reward_funcs)
+    )
+
+
+def test_missing_prompt_field(tmp_path, run_dir):
+    data = _jsonl(tmp_path / "d.jsonl", [{"question": "ab>"}])
+    with pytest.raises(
+        ConfigError,
+        match=r"data.train: row 0 has no prompt field 'prompt' \(columns: question\); set data.prompt_field",
+    ):
+        _trainer(run_dir, f"data.train={data}")
+
+
+def test_empty_prompt_names_the_row(tmp_path, run_dir):
+    data = _jsonl(tmp_path / "d.jsonl", [{"prompt": "ab>"}, {"prompt": "cd>"}, {"prompt": ""}])
+    with pytest.raises(ConfigError, match=r"data.train: row 2 has an empty prompt"):
+        _trainer(run_dir, f"data.train={data}")
+
+
+def test_reward_function_needs_a_missing_column(tmp_path, run_dir):
+    def needs_answer(prompts, completions, answer, **kwargs):
+        return [0.0] * len(completions)
+
+    data = _jsonl(tmp_path / "d.jsonl", [{"prompt": "ab>", "solution": "ba"}])
+    with pytest.raises(
+        ConfigError,
+        match=r"reward function 'needs_answer' needs the dataset column\(s\) \['answer'\].*columns: solution",
+    ):
+        _trainer(run_dir, f"data.train={data}", reward_funcs=[needs_answer])
+
+
+def test_reward_function_that_raises_mid_run_keeps_saved_checkpoints(run_dir):
+    state = {"calls": 0, "bad": None}
+
+    def flaky(prompts, completions, answer, **kwargs):
+        state["calls"] += 1
+        if state["calls"] == 3:  # step 3: the 2nd prompt's answer (samples 4..7) breaks it
+            state["bad"] = answer[5]
+        return [
+            1.0 / (a != state["bad"]) + len(c) for c, a in zip(completions, answer, strict=True)
+        ]
+
+    trainer = _trainer(run_dir, "checkpoint.every=1", "train.steps=4", reward_funcs=[flaky])
+    with pytest.raises(
+        RewardError,
+        match=r"reward function 'flaky' raised ZeroDivisionError on sample 4 \(prompt '\w+>'\)",
+    ):
+        trainer.fit()
+    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert saved == ["step-000001", "step-000002"]
+    # a new run in the same folder refuses to overwrite them unless asked to resume
+    with pytest.raises(ConfigError, match="already holds checkpoints.*checkpoint.resume=auto"):
+        _trainer(run_dir, "checkpoint.resume=none")
+    resumed = _trainer(run_dir, "checkpoint.every=1", "train.steps=4")
+    assert resumed.step == 2
+
+
+def test_empty_completions_and_equal_rewards_train_on_nothing_without_error(run_dir, monkeypatch):
+    original = TransformersBackend.generate
+
+    def only_eos(self, prompts, n, params):
+        out = original(self, prompts, n, params)
+        out.completion_ids[:] = self.tokenizer.pad_token_id
+        out.completion_ids[:, 0] = self.tokenizer.eos_token_id
+        out.completion_mask[:] = False
+        out.completion_mask[:, 0] = True
+        out.truncated[:] = False
+        return out
+
+    monkeypatch.setattr(TransformersBackend, "generate", only_eos)
+    seen = []
+
+    def records(prompts, completions, completion_ids, **kwargs):
+        seen.extend(completions)
+        return [0.5] * len(completions)  # all equal
+
+    result = _trainer(run_dir, "train.steps=2", reward_funcs=[records]).fit()
+    assert set(seen) == {""}
+    for m in result.metrics:
+        assert m["frac_zero_std_groups"] == 1.0
+        assert m["advantages/mean"] == 0.0 and m["advantages/std"] == 0.0
+        assert m["completion/length"] == 1.0 and math.isfinite(m["loss/policy"])
+
+
+def test_model_path_that_does_not_exist(run_dir):
+    with pytest.raises(
+        ConfigError, match=r"model.name_or_path: the folder './no/such/model' does not exist"
+    ):
+        Trainer(load_config(None, small_config(run_dir, model="./no/such/model")), [length_reward])
+
+
+def test_tokenizer_without_pad_token_uses_eos(tmp_path, run_dir, caplog):
+    from advantage.tasks import builtin_model_path
+    from advantage.tasks.tiny import char_tokenizer
+
+    src = builtin_model_path("tiny-random")
+    folder = tmp_path / "nopad"
+    model = __import__("transformers").AutoModelForCausalLM.from_pretrained(src)
+    model.save_pretrained(folder)
+    tok = char_tokenizer()
+    tok.pad_token = None
+    tok.save_pretrained(folder)
+    with caplog.at_level("WARNING", logger="advantage"):
+        trainer = Trainer(
+            load_config(None, small_config(run_dir, "train.steps=1", model=str(folder))),
+            [length_reward],
+        )
+    assert trainer.tokenizer.pad_token == "<eos>"
+    assert "no pad token: using the EOS token" in caplog.text
+    trainer.fit()
+
+
+def test_nonfinite_loss_skips_updates_then_stops(run_dir):
+    def huge(prompts, completions, **kwargs):  # finite rewards whose loss overflows float32
+        return [3e38 * (1 if i % 2 else -1) for i in range(len(completions))]
+
+    trainer = _trainer(run_dir, "algorithm=dr_grpo", "train.steps=5", "train.max_nonfinite_steps=2",
+                       reward_funcs=[huge])  # fmt: skip
+    before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    with pytest.raises(
+        NonFiniteError, match="2 consecutive updates had a non-finite loss or gradient"
+    ):
+        trainer.fit()
+    assert all(torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())
+
+
+def test_safe_defaults():
+    cfg = load_config(None, [])
+    assert cfg.model.trust_remote_code is False
+    assert cfg.reward.timeout is None  # optional; see test_rewards.test_timeout
