@@ -77,7 +77,7 @@ def test_reward_function_that_raises_mid_run_keeps_saved_checkpoints(run_dir):
     saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert saved == ["step-000001", "step-000002"]
     # a new run in the same folder refuses to overwrite them unless asked to resume
-    with pytest.raises(ConfigError, match="already holds checkpoints.*checkpoint.resume=auto"):
+    with pytest.raises(ConfigError, match=r"already holds checkpoints.*checkpoint.resume=auto"):
         _trainer(run_dir, "checkpoint.resume=none")
     resumed = _trainer(run_dir, "checkpoint.every=1", "train.steps=4")
     assert resumed.step == 2
