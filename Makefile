@@ -4,15 +4,29 @@ VENV := .venv
 BIN := $(VENV)/bin
 # the stamp changes when the requirements change, so a stale environment is refreshed
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-dev.txt | md5sum | cut -c1-10)
+# The vLLM (+ TRL, for the benchmark) environment is big and slow to install: it is cached
+# outside the clone, keyed on its requirements. The clone's source is used through PYTHONPATH.
+CACHE ?= $(HOME)/.cache/advantage
+VLLM_VENV := $(CACHE)/venvs/vllm-$(shell cat pyproject.toml requirements-dev.txt requirements-vllm.txt | md5sum | cut -c1-10)
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test lint bench env clean
+.PHONY: demo test lint bench env vllm-env clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
+$(VLLM_STAMP): pyproject.toml requirements-dev.txt requirements-vllm.txt
+	rm -rf $(VLLM_VENV) && $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt -r requirements-vllm.txt '.[dev]'
+	# their PyPI builds break `import transformers` beside the CPU torch
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
 env: $(STAMP)
+
+vllm-env: $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m advantage demo
@@ -21,8 +35,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+test: lint $(VLLM_STAMP)
 	$(BIN)/python -m pytest
+	PYTHONPATH=src $(VLLM_VENV)/bin/python -m pytest -m vllm tests/test_vllm.py
+
+bench: $(VLLM_STAMP)
+	PYTHONPATH=src $(VLLM_VENV)/bin/python benchmarks/bench_grpo.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -86,6 +86,8 @@ class RolloutConfig:
     """Top-k sampling (0 = off)."""
     stop: list[str] = field(default_factory=list)
     """Stop strings (generation also stops at EOS)."""
+    ignore_eos: bool = False
+    """Generate exactly max_new_tokens, ignoring EOS (for benchmarks: equal work everywhere)."""
     mask_truncated: bool = False
     """Leave completions that hit max_new_tokens without EOS out of the loss (DAPO)."""
     dynamic_sampling: bool = False

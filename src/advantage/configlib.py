@@ -58,7 +58,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             # a single value where a list is expected: accept `functions: my.fn`
             value = [value]
         return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
         return dict(value)

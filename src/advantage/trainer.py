@@ -75,6 +75,7 @@ class RolloutBatch:
     scores: Scores
     completions: list[str]
     rollout_seconds: float = 0.0
+    reward_seconds: float = 0.0
     tries: int = 1
     dropped_groups: int = 0
 
@@ -134,7 +135,7 @@ class Trainer:
             self.critic_optimizer, self.critic_scheduler = _optimizer(
                 self.critic, cfg, cfg.train.critic_lr
             )
-        self.backend = _backend(cfg, self.policy, self.tokenizer)
+        self.backend = _backend(cfg, self.policy, self.tokenizer, policy_path)
         # the stateful parts of the algorithm
         self.baseline = make_baseline(self.algo.baseline, ema_alpha=self.algo.ema_alpha)
         self.kl_ctl = KL_CONTROLLERS[self.algo.kl_controller](
@@ -218,7 +219,8 @@ class Trainer:
         needs_old = cfg.train.epochs > 1 or cfg.train.minibatches > 1
         kl_in_reward = algo.kl_placement == "reward" and self.kl_ctl.value > 0
         old_logprobs = None
-        if needs_old or (kl_in_reward and rollout.logprobs is None) or cfg.rollout.tis_cap:
+        exact_engine = getattr(self.backend, "exact_logprobs", False) and rollout.logprobs is not None
+        if needs_old or (kl_in_reward and not exact_engine):
             old_logprobs = self._no_grad_forward(self.policy, rollout, "logprobs")
         ref_logprobs = (
             self._no_grad_forward(self.ref, rollout, "logprobs") if self.ref is not None else None
@@ -228,7 +230,8 @@ class Trainer:
             if self.critic is not None
             else None
         )
-        # KL in the reward uses the generating policy: the engine's log-probs when μ = 1
+        # KL in the reward uses the generating policy: with μ = 1 and the transformers engine in
+        # fp32, its log-probs (same weights, same arithmetic) instead of another forward pass
         reward_kl_logprobs = old_logprobs if old_logprobs is not None else rollout.logprobs
 
         # 4. advantages
@@ -253,10 +256,11 @@ class Trainer:
             "old_logprobs": old_logprobs,
             "ref_logprobs": ref_logprobs,
             "old_values": old_values,
-            "engine_logprobs": rollout.logprobs if cfg.rollout.tis_cap else None,
+            "engine_logprobs": rollout.logprobs,
         }
 
         # 5. update: μ epochs × minibatches × micro-batches
+        t_update = time.perf_counter()
         update = self.update(rollout, tokens)
         train_seconds = time.perf_counter() - t_train
 
@@ -297,6 +301,9 @@ class Trainer:
             "kl_coef": self.kl_ctl.value,
             "lr": self.optimizer.param_groups[0]["lr"],
             "time/rollout": batch.rollout_seconds,
+            "time/reward": batch.reward_seconds,
+            "time/logprobs": t_update - t_train,
+            "time/update": train_seconds - (t_update - t_train),
             "time/train": train_seconds,
             "time/step": time.perf_counter() - t_step,
             "tokens_per_s/rollout": n_tokens / max(batch.rollout_seconds, 1e-9),
@@ -328,9 +335,10 @@ class Trainer:
         params = SamplingParams(
             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, stop=list(cfg.rollout.stop),
+            ignore_eos=cfg.rollout.ignore_eos,
         )  # fmt: skip
         kept: list[RolloutBatch] = []
-        n_groups, tries, dropped, seconds = 0, 0, 0, 0.0
+        n_groups, tries, dropped, seconds, reward_seconds = 0, 0, 0, 0.0, 0.0
         while n_groups < P and tries < (
             cfg.rollout.max_sampling_tries if cfg.rollout.dynamic_sampling else 1
         ):
@@ -348,7 +356,9 @@ class Trainer:
             ]
             rollout = self.backend.generate(prompt_ids, G, params)
             seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
             part = self._score(rollout, rows)
+            reward_seconds += time.perf_counter() - t0
             if cfg.rollout.dynamic_sampling:
                 part, n_dropped = _drop_constant_groups(part, G)
                 dropped += n_dropped
@@ -363,7 +373,8 @@ class Trainer:
             ]
             kept = [self._score(self.backend.generate(prompt_ids, G, params), rows)]
         batch = _concat_batches(kept, self.tokenizer.pad_token_id, keep_groups=P, group_size=G)
-        batch.rollout_seconds, batch.tries, batch.dropped_groups = seconds, tries, dropped
+        batch.rollout_seconds, batch.reward_seconds = seconds, reward_seconds
+        batch.tries, batch.dropped_groups = tries, dropped
         return batch
 
     def _score(self, rollout: Rollout, rows: list[dict]) -> RolloutBatch:
@@ -477,10 +488,14 @@ class Trainer:
             logprobs, old, t["advantages"], mask, algo.clip_low, algo.clip_high, algo.dual_clip
         )
         per_token = pg
-        if t["engine_logprobs"] is not None:  # truncated importance sampling (engine ≠ trainer)
-            tis = torch.exp(old - t["engine_logprobs"]).clamp(max=cfg.rollout.tis_cap)
-            per_token = per_token * tis
-            stats["tis_weight"] = masked_mean(tis, mask, global_stats=False)
+        engine = t["engine_logprobs"]
+        if engine is not None:
+            # the engine's sampling log-probs against the trainer's for the same weights
+            stats["rollout/logprob_gap"] = masked_mean((old - engine).abs(), mask, global_stats=False)
+            if cfg.rollout.tis_cap:  # truncated importance sampling: min(π_train/π_engine, cap)
+                tis = torch.exp(old - engine).clamp(max=cfg.rollout.tis_cap)
+                per_token = per_token * tis
+                stats["tis_weight"] = masked_mean(tis, mask, global_stats=False)
         kl = None
         if algo.kl_placement == "loss" and self.kl_ctl.value > 0:
             kl = kl_penalty(logprobs, t["ref_logprobs"], algo.kl_estimator)
@@ -674,11 +689,17 @@ def _optimizer(model: torch.nn.Module, cfg: Config, lr: float):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _backend(cfg: Config, policy, tokenizer):
+def _backend(cfg: Config, policy, tokenizer, policy_path: str):
     if cfg.rollout.backend == "vllm":
         from .rollout.vllm import VLLMBackend
 
-        return VLLMBackend(policy, tokenizer, cfg)
+        limit = getattr(policy.config, "max_position_embeddings", 2048)
+        backend = VLLMBackend(
+            policy_path, tokenizer, precision=cfg.model.precision, seed=cfg.train.seed,
+            max_model_len=min(2048, limit), engine_kwargs=cfg.rollout.vllm,
+        )  # fmt: skip
+        backend.sync_weights(policy)  # the policy may differ from the folder (resume, LoRA)
+        return backend
     return TransformersBackend(policy, tokenizer, cfg.model.precision)
 
 

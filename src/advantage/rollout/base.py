@@ -21,6 +21,8 @@ class SamplingParams:
     top_k: int = 0
     stop: list[str] = field(default_factory=list)
     greedy: bool = False
+    ignore_eos: bool = False
+    """Always generate max_new_tokens (benchmarks: equal work in every engine)."""
     seed: int | None = None
     """Seed for this call's sampling (engines that support it)."""
 

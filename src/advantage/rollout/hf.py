@@ -15,6 +15,8 @@ class TransformersBackend:
         self.model = model
         self.tokenizer = tokenizer
         self.precision = precision
+        # the sampling log-probs come from the training weights in the training arithmetic
+        self.exact_logprobs = precision == "fp32"
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.model = model  # generation runs on the training weights themselves
@@ -40,6 +42,8 @@ class TransformersBackend:
                 top_p=params.top_p,
                 top_k=params.top_k or None,
             )
+        if params.ignore_eos:
+            kwargs.update(min_new_tokens=params.max_new_tokens)
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         autocast = (
@@ -94,7 +98,7 @@ class TransformersBackend:
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         completions, finished = [], []
         for row in generated.tolist():
-            if eos in row:
+            if eos in row and not params.ignore_eos:
                 completions.append(row[: row.index(eos) + 1])
                 finished.append(True)
                 continue

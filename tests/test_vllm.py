@@ -1,0 +1,60 @@
+"""The vLLM rollout backend (runs in the vLLM environment: `make test` calls it there)."""
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")  # the main environment has no vLLM; see the Makefile
+
+from helpers import length_reward, small_config  # noqa: E402
+
+from advantage.config import load_config  # noqa: E402
+from advantage.models import completion_logprobs, load_causal_lm  # noqa: E402
+from advantage.rollout import SamplingParams  # noqa: E402
+from advantage.rollout.vllm import VLLMBackend  # noqa: E402
+from advantage.tasks import builtin_model_path  # noqa: E402
+from advantage.tasks.tiny import char_tokenizer  # noqa: E402
+from advantage.trainer import Trainer  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    path = str(builtin_model_path("tiny-random"))
+    tokenizer = char_tokenizer()
+    return path, tokenizer, VLLMBackend(path, tokenizer, max_model_len=128)
+
+
+def test_engine_logprobs_follow_pushed_weights(engine):
+    path, tokenizer, backend = engine
+    policy = load_causal_lm(path)
+    prompts = [tokenizer("abc>")["input_ids"], tokenizer("fed>")["input_ids"]]
+    params = SamplingParams(max_new_tokens=8, temperature=0.8, seed=0, ignore_eos=True)
+
+    def gap(model):
+        out = backend.generate(prompts, 4, params)
+        with torch.no_grad():
+            trainer_lp, _ = completion_logprobs(model, out, temperature=0.8)
+        return (trainer_lp - out.logprobs)[out.completion_mask].abs().max().item()
+
+    backend.sync_weights(policy)
+    assert gap(policy) < 1e-4  # engine and trainer agree on the same weights
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    stale = gap(policy)  # the engine still has the old weights
+    backend.sync_weights(policy)
+    fresh = gap(policy)
+    print(f"max |logprob gap|: stale weights {stale:.3f}, after reload_weights {fresh:.2e}")
+    assert stale > 1e-2 and fresh < 1e-4
+
+
+def test_training_with_vllm_backend_and_tis(run_dir):
+    cfg = load_config(None, small_config(
+        run_dir, "rollout.backend=vllm", "rollout.tis_cap=2.0", "rollout.vllm={max_model_len: 128}",
+    ))  # fmt: skip
+    trainer = Trainer(cfg, reward_funcs=[length_reward])
+    result = trainer.fit()
+    for m in result.metrics:
+        assert m["rollout/logprob_gap"] < 1e-3, m  # weights were pushed after every update
+        assert 0 < m["tis_weight"] <= 2.0
