@@ -108,48 +108,109 @@ def autocast(precision: str, device: torch.device | str = "cpu"):
     return contextlib.nullcontext()
 
 
+def _shared_prompts(batch: Rollout) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(first row of each run of identical consecutive prompts `[U]`, row → run `[B]`), or None
+    when no two neighbouring rows share a prompt."""
+    _, inverse, counts = torch.unique_consecutive(
+        batch.prompt_ids, dim=0, return_inverse=True, return_counts=True
+    )
+    if len(counts) == batch.prompt_ids.shape[0]:
+        return None
+    first = torch.cumsum(counts, 0) - counts
+    return first, inverse
+
+
+def completion_outputs(
+    model: torch.nn.Module, batch: Rollout, precision: str = "fp32", share_prompts: bool = True
+) -> torch.Tensor:
+    """Per-position outputs `[B, Tc, ...]` (LM logits, or critic scores) at the positions that
+    predict / value each completion token: position Tp + j - 1 for completion token j.
+
+    **Shared prompts.** The G completions of a prompt repeat the same prompt G times. When rows
+    share a prompt, the prompt goes through the model once, its KV cache is indexed out to the
+    G rows, and only the completion tokens are run on top of it: the same logits (up to float
+    rounding) and, in training, the same gradient (the prompt's activations receive the sum of
+    their G rows' gradients), for (Tp + Tc)/(Tp/G + Tc) less work.
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    Tc = batch.completion_ids.shape[1]
+    shared = _shared_prompts(batch) if share_prompts and not _checkpointing(model) else None
+    with autocast(precision, device):
+        if shared is None:
+            out = model(
+                input_ids=batch.input_ids.to(device),
+                attention_mask=batch.attention_mask.to(device),
+                position_ids=batch.position_ids.to(device),
+                logits_to_keep=Tc + 1,
+                use_cache=False,
+            )
+            return out.logits[:, -Tc - 1 : -1]
+        first, inverse = (t.to(device) for t in shared)
+        prompt_ids, prompt_mask = batch.prompt_ids.to(device), batch.prompt_mask.to(device)
+        # 1. each distinct prompt once, filling a KV cache
+        cache = DynamicCache(config=_unwrap(model).config)
+        u_mask = prompt_mask[first]
+        out = model(
+            input_ids=prompt_ids[first],
+            attention_mask=u_mask.long(),
+            position_ids=(u_mask.long().cumsum(-1) - 1).clamp(min=0),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        first_token = out.logits[:, -1:][inverse]  # [B, 1, ...] predicts completion token 0
+        if Tc == 1:
+            return first_token
+        # 2. the completions (all but the last token) on top of their prompt's cache
+        cache.batch_select_indices(inverse)
+        completion_ids = batch.completion_ids[:, :-1].to(device)
+        prompt_len = prompt_mask.sum(-1, keepdim=True)
+        out = model(
+            input_ids=completion_ids,
+            attention_mask=torch.cat([prompt_mask, batch.completion_mask[:, :-1].to(device)], 1).long(),
+            position_ids=prompt_len + torch.arange(Tc - 1, device=device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return torch.cat([first_token, out.logits], dim=1)
+
+
 def completion_logprobs(
     model: torch.nn.Module,
     batch: Rollout,
     temperature: float = 1.0,
-    with_entropy: bool = False,
+    with_entropy: bool | str = False,
     precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs `[B, Tc]` of the completion tokens under `model` (and their entropy `[B, Tc]`).
-
-    The logit predicting completion token j sits at position Tp + j - 1, so only the last
-    Tc + 1 positions go through the LM head.
-    """
-    device = next(model.parameters()).device
-    Tc = batch.completion_ids.shape[1]
-    with autocast(precision, device):
-        out = model(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device),
-            position_ids=batch.position_ids.to(device),
-            logits_to_keep=Tc + 1,
-            use_cache=False,
-        )
-    logits = out.logits[:, :-1].float() / temperature  # [B, Tc, V]
-    logprobs = logprobs_from_logits(logits, batch.completion_ids.to(device))
-    entropy = entropy_from_logits(logits) if with_entropy else None
+    """Log-probs `[B, Tc]` of the completion tokens under `model` (and their entropy `[B, Tc]`:
+    `with_entropy=True` detached, as a metric; `"grad"` with its graph, for an entropy bonus),
+    on logits / temperature."""
+    logits = completion_outputs(model, batch, precision).float() / temperature  # [B, Tc, V]
+    logprobs = logprobs_from_logits(logits, batch.completion_ids.to(logits.device))
+    entropy = None
+    if with_entropy == "grad":
+        entropy = entropy_from_logits(logits)
+    elif with_entropy:  # a metric only: no graph
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits)
     return logprobs, entropy
 
 
-def completion_values(
-    critic: torch.nn.Module, batch: Rollout, precision: str = "fp32"
-) -> torch.Tensor:
+def completion_values(critic: torch.nn.Module, batch: Rollout, precision: str = "fp32") -> torch.Tensor:
     """Critic values `[B, Tc]`: V at the state before each completion token (position Tp + j - 1)."""
-    device = next(critic.parameters()).device
-    Tc = batch.completion_ids.shape[1]
-    with autocast(precision, device):
-        out = critic(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device),
-            position_ids=batch.position_ids.to(device),
-            use_cache=False,
-        )
-    return out.logits[:, -Tc - 1 : -1, 0].float()
+    return completion_outputs(critic, batch, precision)[..., 0].float()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Gradient checkpointing in training mode turns the KV cache off."""
+    inner = _unwrap(model)
+    return bool(getattr(inner, "is_gradient_checkpointing", False)) and inner.training
 
 
 def count_parameters(model: torch.nn.Module) -> int:

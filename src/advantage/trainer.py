@@ -100,6 +100,7 @@ class Trainer:
         self.config = cfg = config
         self.algo = cfg.algorithm_spec()
         quiet_transformers()
+        _warn_slow_bf16(cfg)
         self.dist: DistInfo = init_distributed(cfg.distributed.backend)
         set_seed(cfg.train.seed + self.dist.rank)
         if cfg.train.deterministic:
@@ -658,6 +659,19 @@ class Trainer:
 # setup helpers
 
 
+def _warn_slow_bf16(cfg: Config) -> None:
+    if cfg.model.precision != "bf16" or torch.cuda.is_available():
+        return
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        import logging
+
+        logging.getLogger("advantage").warning(
+            "model.precision=bf16 on a CPU without native bf16 matrix units (AVX512-BF16/AMX): "
+            "bf16 matrix products fall back to slow kernels here and run many times slower than "
+            "fp32 (see benchmarks/results); consider model.precision=fp32"
+        )
+
+
 def _eval_rows(cfg: Config) -> list[dict]:
     spec = cfg.data.eval
     if spec is None and cfg.data.train.startswith("builtin:"):
@@ -672,7 +686,9 @@ def _eval_rows(cfg: Config) -> list[dict]:
 def _optimizer(model: torch.nn.Module, cfg: Config, lr: float):
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+    opt = torch.optim.AdamW(
+        params, lr=lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay, fused=True
+    )
 
     def factor(step: int) -> float:
         if step < t.warmup_steps:

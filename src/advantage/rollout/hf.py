@@ -1,5 +1,12 @@
-"""The default rollout backend: `transformers`' `generate` with a KV cache, on the policy itself
-(so there is nothing to sync after an update)."""
+"""The default rollout backend: sampling on the `transformers` policy itself with a KV cache
+(so nothing needs syncing after an update).
+
+Each distinct prompt is prefilled **once** and its KV cache indexed out to its G completions
+(`generate` would prefill every copy). Sampling uses transformers' own logits warpers
+(temperature, top-k, top-p) and stop-string criterion; EOS ends a row; the loop stops when every
+row has ended. The log-prob of each sampled token is taken on logits / temperature (before
+top-k/top-p), the quantity the trainer computes.
+"""
 
 from __future__ import annotations
 
@@ -21,95 +28,128 @@ class TransformersBackend:
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.model = model  # generation runs on the training weights themselves
 
-    @torch.inference_mode()
-    def _generate(self, ids, mask, params: SamplingParams):
-        model = _unwrap(self.model)
-        was_training = model.training
-        model.eval()
-        kwargs = dict(
-            max_new_tokens=params.max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            return_dict_in_generate=True,
-            output_logits=not params.greedy,
-        )
-        if params.greedy:
-            kwargs.update(do_sample=False)
-        else:
-            kwargs.update(
-                do_sample=True,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                top_k=params.top_k or None,
-            )
-        if params.ignore_eos:
-            kwargs.update(min_new_tokens=params.max_new_tokens)
-        if params.stop:
-            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
-        autocast = (
-            torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16)
-            if self.precision == "bf16"
-            else contextlib.nullcontext()
-        )
-        try:
-            with autocast:
-                out = model.generate(input_ids=ids, attention_mask=mask.long(), **kwargs)
-        finally:
-            model.train(was_training)
-        return out
-
     def generate(
         self, prompts: list[list[int]], num_generations: int, params: SamplingParams
     ) -> Rollout:
-        device = next(self.model.parameters()).device
-        ids, mask = pad_prompts(prompts, self.tokenizer.pad_token_id)
-        ids = ids.repeat_interleave(num_generations, dim=0).to(device)  # [B, Tp], prompt-major
-        mask = mask.repeat_interleave(num_generations, dim=0).to(device)
+        model = _unwrap(self.model)
+        device = next(model.parameters()).device
+        ids, mask = pad_prompts(prompts, self.tokenizer.pad_token_id)  # [P, Tp]
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        out = self._generate(ids, mask, params)
-        generated = out.sequences[
-            :, ids.shape[1] :
-        ].clone()  # [B, Tn] (clone: leave inference mode)
-        logprobs = None
-        if out.logits is not None:
-            logits = torch.stack(out.logits, dim=1).float() / params.temperature  # [B, Tn, V]
-            logprobs = torch.log_softmax(logits, -1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)
-        completions, finished = self._cut(generated, params)
-        lp_lists = (
-            None
-            if logprobs is None
-            else [logprobs[i, : len(c)].tolist() for i, c in enumerate(completions)]
-        )
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode(), _autocast(self.precision, device):
+                tokens, logprobs = self._sample(model, ids.to(device), mask.to(device), num_generations, params)
+        finally:
+            model.train(was_training)
+        completions, finished = self._cut(tokens.tolist(), params)
+        lp_lists = [row[: len(c)] for row, c in zip(logprobs.tolist(), completions, strict=True)]
         c_ids, c_mask, lp = pad_completions(completions, self.tokenizer.pad_token_id, lp_lists)
         return Rollout(
-            prompt_ids=ids.cpu(),
-            prompt_mask=mask.cpu(),
+            prompt_ids=ids.repeat_interleave(num_generations, dim=0),  # [B, Tp], prompt-major
+            prompt_mask=mask.repeat_interleave(num_generations, dim=0),
             completion_ids=c_ids,
             completion_mask=c_mask,
             truncated=~torch.tensor(finished, dtype=torch.bool),
-            logprobs=lp,
+            logprobs=None if params.greedy else lp,
         )
 
-    def _cut(
-        self, generated: torch.Tensor, params: SamplingParams
-    ) -> tuple[list[list[int]], list[bool]]:
-        """Each row up to and including its first EOS; else up to a stop string; else all."""
+    def _sample(self, model, ids, mask, G: int, params: SamplingParams):
+        """Token ids `[B, Tn]` and their log-probs `[B, Tn]` (B = P·G), `Tn <= max_new_tokens`."""
+        from transformers import DynamicCache
+
+        warpers = _warpers(params)
+        stop = _stop_criterion(self.tokenizer, params)
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        # 1. prefill each distinct prompt once, then give every completion its prompt's cache
+        cache = DynamicCache(config=model.config)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        rows = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(G)
+        cache.batch_select_indices(rows)
+        logits = out.logits[:, -1].float()[rows]  # [B, V]
+        attention = mask[rows].long()  # [B, Tp], grows by one column per step
+        position = positions[rows, -1:] + 1  # [B, 1]
+        B = rows.shape[0]
+        done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+        tokens, logprobs = [], []
+        for step in range(params.max_new_tokens):
+            # 2. sample from the warped distribution; record log p(token) under logits / T
+            scaled = logits if params.greedy else logits / params.temperature
+            sampling = scaled.clone() if (warpers or params.ignore_eos) else scaled
+            if params.ignore_eos and eos is not None:
+                sampling[:, eos] = -float("inf")
+            if params.greedy:
+                token = sampling.argmax(-1)
+            else:
+                warped = warpers(None, sampling) if warpers else sampling
+                token = torch.multinomial(torch.softmax(warped, -1), 1).squeeze(-1)
+                logprobs.append(torch.log_softmax(scaled, -1).gather(-1, token[:, None]).squeeze(-1))
+            token = torch.where(done, pad, token)
+            tokens.append(token)
+            # 3. rows end at EOS or a stop string; stop when every row has ended
+            if eos is not None and not params.ignore_eos:
+                done |= token == eos
+            if stop is not None:
+                done |= stop(torch.stack(tokens, 1), None)
+            if bool(done.all()) or step == params.max_new_tokens - 1:
+                break
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
+            out = model(input_ids=token[:, None], attention_mask=attention, position_ids=position,
+                        past_key_values=cache, use_cache=True)  # fmt: skip
+            logits = out.logits[:, -1].float()
+            position = position + 1
+        lp = torch.stack(logprobs, 1) if logprobs else torch.zeros(B, len(tokens))
+        return torch.stack(tokens, 1).cpu(), lp.float().cpu()
+
+    def _cut(self, rows: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], list[bool]]:
+        """Each row up to and including its first EOS; else up to its stop string; else all."""
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         completions, finished = [], []
-        for row in generated.tolist():
+        for row in rows:
             if eos in row and not params.ignore_eos:
                 completions.append(row[: row.index(eos) + 1])
                 finished.append(True)
                 continue
-            # generate pads a row after it stopped on a stop string
-            while row and row[-1] == pad and pad != eos:
+            while row and row[-1] == pad and pad != eos:  # rows that ended on a stop string
                 row = row[:-1]
-            text = self.tokenizer.decode(row, skip_special_tokens=True)
-            stopped = any(s in text for s in params.stop)
             completions.append(row)
-            finished.append(stopped or len(row) < params.max_new_tokens)
+            stopped = bool(params.stop) and any(
+                s in self.tokenizer.decode(row, skip_special_tokens=True) for s in params.stop
+            )
+            finished.append(stopped)
         return completions, finished
+
+
+def _warpers(params: SamplingParams):
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    warpers = LogitsProcessorList()
+    if params.top_k:
+        warpers.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(params.top_p))
+    return warpers
+
+
+def _stop_criterion(tokenizer, params: SamplingParams):
+    if not params.stop:
+        return None
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    return StopStringCriteria(tokenizer, list(params.stop))
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
