@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -176,9 +177,11 @@ def worker_trl(size: str, precision: str, steps: int, warmup: int) -> dict:
 
     trainer._generate_single_turn = timed("rollout", trainer._generate_single_turn)
     trainer._calculate_rewards = timed("reward", trainer._calculate_rewards)
-    trainer._get_per_token_logps_and_entropies = timed("ref_logprobs", trainer._get_per_token_logps_and_entropies)
+    trainer._get_per_token_logps_and_entropies = timed(
+        "ref_logprobs", trainer._get_per_token_logps_and_entropies
+    )
     trainer.train()
-    step_s = [b - a for a, b in zip(ends, ends[1:], strict=False)][warmup:]
+    step_s = [b - a for a, b in itertools.pairwise(ends)][warmup:]
     phases = {k: statistics.median(v[warmup:]) for k, v in phase_log.items() if len(v) > warmup}
     phases["update"] = statistics.median(step_s) - sum(phases.values())
     # one more step under the profiler
@@ -186,7 +189,13 @@ def worker_trl(size: str, precision: str, steps: int, warmup: int) -> dict:
     prof_trainer = GRPOTrainer(model=folder, reward_funcs=distinct_letters, args=args,
                                train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
     top = profile_top_ops(prof_trainer.train)
-    return {"step_s": step_s, "phases_s": phases, "setup_s": setup, "top_ops": top, "peak_rss": peak_rss_bytes()}
+    return {
+        "step_s": step_s,
+        "phases_s": phases,
+        "setup_s": setup,
+        "top_ops": top,
+        "peak_rss": peak_rss_bytes(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,20 +211,36 @@ def matmul_peak() -> dict[str, float]:
         best = 0.0
         for m, k, n in [(1024, 1024, 1024), (2048, 512, 1408), (2048, 1408, 512)]:
             a, b = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
-            for layout in (lambda: a @ b.T, lambda: a @ b.T.contiguous()):
-                layout()
+            for rhs in (b.T, b.T.contiguous()):  # x @ W^T as in a linear layer, and plain
+                a @ rhs
                 reps = 3
                 t0 = time.perf_counter()
                 for _ in range(reps):
-                    layout()
+                    a @ rhs
                 best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
         out[name] = best
     return out
 
 
 def run_worker(system: str, size: str, precision: str, steps: int, warmup: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, str(Path(__file__)), "--worker", system, size, precision, "--steps", str(steps), "--warmup", str(warmup)]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [str(HERE), str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
+    cmd = [
+        sys.executable,
+        str(Path(__file__)),
+        "--worker",
+        system,
+        size,
+        precision,
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
@@ -252,7 +277,9 @@ def summarise(results: dict, peaks: dict) -> tuple[list[dict], str]:
         row["achieved_gflops"] = f / 1e9 / row["step_s"] if f else None
         row["floor_s"] = f / 1e9 / peaks[row["precision"]] if f else None
         p = row["phases_s"]
-        row["rollout_tok_s"] = PROMPTS * GENERATIONS * NEW_TOKENS / p["rollout"] if p.get("rollout") else None
+        row["rollout_tok_s"] = (
+            PROMPTS * GENERATIONS * NEW_TOKENS / p["rollout"] if p.get("rollout") else None
+        )
         train_time = p.get("ref_logprobs", 0) + p.get("update", 0)
         row["train_tok_s"] = PROMPTS * GENERATIONS * NEW_TOKENS / train_time if train_time else None
     return rows, markdown(rows, peaks)
@@ -270,7 +297,9 @@ def markdown(rows: list[dict], peaks: dict) -> str:
     ]
     for r in sorted(rows, key=lambda r: (r["size"] != "tiny", r["precision"], r["system"])):
         p = r["phases_s"]
-        phases = " / ".join(fmt(p.get(k), "{:.3f}") for k in ("rollout", "reward", "ref_logprobs", "update"))
+        phases = " / ".join(
+            fmt(p.get(k), "{:.3f}") for k in ("rollout", "reward", "ref_logprobs", "update")
+        )
         lines.append(
             f"| {r['size']} | {r['precision']} | {r['system']} | {fmt(r['step_s'], '{:.3f}')} | "
             f"{fmt(r['speedup_vs_trl'])} | {fmt(r['rollout_tok_s'], '{:.0f}')} | {fmt(r['train_tok_s'], '{:.0f}')} | "
@@ -285,7 +314,9 @@ def markdown(rows: list[dict], peaks: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--worker", nargs=3, metavar=("SYSTEM", "SIZE", "PRECISION"))
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
@@ -293,7 +324,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--bf16-rounds", type=int, default=1, help="bf16 is slow on CPUs without native bf16")
+    parser.add_argument(
+        "--bf16-rounds", type=int, default=1, help="bf16 is slow on CPUs without native bf16"
+    )
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
     if args.worker:
@@ -301,16 +334,23 @@ def main() -> None:
         if system == "trl":
             result = worker_trl(size, precision, args.steps, args.warmup)
         else:
-            result = worker_advantage(size, precision, args.steps, args.warmup, vllm=system == "advantage-vllm")
+            result = worker_advantage(
+                size, precision, args.steps, args.warmup, vllm=system == "advantage-vllm"
+            )
         print(json.dumps(result))
         return
     peaks = matmul_peak()
-    print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s", flush=True)
+    print(
+        f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s",
+        flush=True,
+    )
     results: dict = {}
     for size in args.sizes:
         for precision in args.precisions:
             for r in range(args.rounds if precision == "fp32" else args.bf16_rounds):
-                order = args.systems[r % len(args.systems):] + args.systems[: r % len(args.systems)]
+                order = (
+                    args.systems[r % len(args.systems) :] + args.systems[: r % len(args.systems)]
+                )
                 for system in order:
                     steps = args.steps if precision == "fp32" else max(2, args.steps // 2)
                     res = run_worker(system, size, precision, steps, args.warmup)

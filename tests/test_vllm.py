@@ -5,8 +5,6 @@ import torch
 
 vllm = pytest.importorskip("vllm")  # the main environment has no vLLM; see the Makefile
 
-from helpers import length_reward, small_config  # noqa: E402
-
 from advantage.config import load_config  # noqa: E402
 from advantage.models import completion_logprobs, load_causal_lm  # noqa: E402
 from advantage.rollout import SamplingParams  # noqa: E402
@@ -14,6 +12,7 @@ from advantage.rollout.vllm import VLLMBackend  # noqa: E402
 from advantage.tasks import builtin_model_path  # noqa: E402
 from advantage.tasks.tiny import char_tokenizer  # noqa: E402
 from advantage.trainer import Trainer  # noqa: E402
+from helpers import length_reward, small_config  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -4,9 +4,11 @@ are safetensors, the rest is JSON or `torch.load(weights_only=True)`.
 
     RUN_DIR/checkpoints/step-000012/
         policy.safetensors        weights of the policy (and critic.safetensors, reference.safetensors)
+          or dcp/                 FSDP2: every rank's shards (torch.distributed.checkpoint)
         optimizer.pt              optimizer and scheduler states (tensors and numbers only)
-        rng.pt                    Python, NumPy and torch RNG states
-        trainer_state.json        step, data position, baseline and KL-controller state, config
+        rng-rank{r}.pt            Python, NumPy and torch RNG states of each rank
+        trainer_state.json        step, data position, baseline and KL-controller state, config;
+                                  written last: its presence marks a complete checkpoint
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -86,42 +87,130 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, modules: dict[str, torch.nn.Module],
-                    optim_state: dict, trainer_state: dict, keep: int = 2) -> Path:  # fmt: skip
-    """Write checkpoint `step` atomically and keep the newest `keep` complete ones."""
+                    optimizers: dict, trainer_state: dict, keep: int = 2, *,
+                    rank: int = 0, sharded: bool = False) -> Path:  # fmt: skip
+    """Write checkpoint `step` atomically and keep the newest `keep` complete ones.
+
+    Every rank calls this. `optimizers` maps names to optimizers / schedulers. Unsharded
+    (one process or DDP): rank 0 writes the weights (safetensors) and optimizer states.
+    Sharded (FSDP2): every rank writes its shards with torch.distributed.checkpoint. Every rank
+    writes its own RNG state. `trainer_state.json` is written last and marks completion.
+    """
+    from .parallel import barrier
+
     root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{PREFIX}{step:06d}-"))
-    try:
-        for name, module in modules.items():
-            save_file(state_tensors(module), str(tmp / f"{name}.safetensors"))
-        torch.save(optim_state, tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        _fsync_tree(tmp)
-        if final.exists():  # the same step saved again (a resumed run): replace it
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _fsync_dir(root)
-    except BaseException:
+    tmp = root / f".tmp-{PREFIX}{step:06d}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    try:
+        if sharded:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(_sharded_state(modules, optimizers), checkpoint_id=str(tmp / "dcp"))
+            if rank == 0:
+                schedulers = {
+                    k: v.state_dict() for k, v in optimizers.items() if not _is_optimizer(v)
+                }
+                torch.save(schedulers, tmp / "optimizer.pt")
+        elif rank == 0:
+            for name, module in modules.items():
+                save_file(state_tensors(module), str(tmp / f"{name}.safetensors"))
+            torch.save({k: v.state_dict() for k, v in optimizers.items()}, tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+        barrier()
+        if rank == 0:
+            trainer_state = {**trainer_state, "format": "sharded" if sharded else "safetensors"}
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+            _fsync_tree(tmp)
+            if final.exists():  # the same step saved again (a resumed run): replace it
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _fsync_dir(root)
+            for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return final
 
 
-def load_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module]) -> tuple[dict, dict]:
-    """Load weights into `modules` (strict); return (optimizer state, trainer state).
-    The RNG states are restored too."""
+def load_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict,
+                    *, rank: int = 0) -> dict:  # fmt: skip
+    """Load weights and optimizer/scheduler states in place (every rank) and this rank's RNG
+    state; return the trainer state. Nothing is unpickled."""
     path = Path(path)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(
             f"checkpoint.resume: {str(path)!r} is not a complete checkpoint folder"
         )
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    small = torch.load(path / "optimizer.pt", weights_only=True)
+    if trainer_state.get("format") == "sharded":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = _sharded_state(modules, optimizers)
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        for name, module in modules.items():
+            opt = optimizers.get(f"{name}_optimizer")
+            set_state_dict(module, opt if opt is not None else [],
+                           model_state_dict=state[f"model/{name}"],
+                           optim_state_dict=state.get(f"optim/{name}", {}))  # fmt: skip
+    else:
+        for name, module in modules.items():
+            module.load_state_dict(load_file(str(path / f"{name}.safetensors")), strict=True)
+    for name, obj in optimizers.items():
+        if name in small:
+            obj.load_state_dict(small[name])
+    rng = path / f"rng-rank{rank}.pt"
+    set_rng_state(torch.load(rng if rng.exists() else path / "rng-rank0.pt", weights_only=True))
+    return trainer_state
+
+
+def _is_optimizer(obj) -> bool:
+    return isinstance(obj, torch.optim.Optimizer)
+
+
+def _sharded_state(modules: dict[str, torch.nn.Module], optimizers: dict) -> dict:
+    """{"model/NAME": sharded model state, "optim/NAME": its optimizer's state} for DCP."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    state = {}
     for name, module in modules.items():
-        state = load_file(str(path / f"{name}.safetensors"))
-        module.load_state_dict(state, strict=True)
-    optim_state = torch.load(path / "optimizer.pt", weights_only=True)
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return optim_state, json.loads((path / "trainer_state.json").read_text())
+        opt = optimizers.get(f"{name}_optimizer")
+        msd, osd = get_state_dict(module, opt if opt is not None else [])
+        state[f"model/{name}"] = msd
+        if opt is not None:
+            state[f"optim/{name}"] = osd
+    return state
+
+
+def consolidate(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """A checkpoint (sharded or not) → a plain Hugging Face model folder (`from_pretrained`)."""
+    from .models import load_causal_lm, load_tokenizer, resolve_model_path
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    state_path = checkpoint / "trainer_state.json"
+    if not state_path.is_file():
+        raise FileNotFoundError(f"{str(checkpoint)!r} is not a complete checkpoint folder")
+    trainer_state = json.loads(state_path.read_text())
+    model_cfg = trainer_state["config"]["model"]
+    base = resolve_model_path(model_cfg["name_or_path"])
+    model = load_causal_lm(base, model_cfg.get("trust_remote_code", False))
+    if trainer_state.get("format") == "sharded":
+        import torch.distributed.checkpoint as dcp
+
+        state = {"model/policy": model.state_dict()}
+        dcp.load(state, checkpoint_id=str(checkpoint / "dcp"))  # no process group: full tensors
+        model.load_state_dict(state["model/policy"])
+    else:
+        model.load_state_dict(load_file(str(checkpoint / "policy.safetensors")))
+    model.save_pretrained(out_dir)
+    load_tokenizer(model_cfg.get("tokenizer") or base).save_pretrained(out_dir)
+    return out_dir

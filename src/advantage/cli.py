@@ -61,6 +61,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _consolidate(args: argparse.Namespace) -> int:
+    from .checkpoint import consolidate
+
+    out = consolidate(args.checkpoint, args.out)
+    print(f"wrote a Hugging Face model folder: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advantage", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="warm-start the tiny model and train it on the built-in task")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the demo recipe")
     p.set_defaults(func=_demo)
+    p = sub.add_parser("consolidate", help="a checkpoint (sharded or not) → a Hugging Face folder")
+    p.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-NNNNNN")
+    p.add_argument("out", help="output folder (loads with from_pretrained)")
+    p.set_defaults(func=_consolidate)
     return parser
 
 

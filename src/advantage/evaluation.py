@@ -36,19 +36,28 @@ def _scores(backend, tokenizer, rows, rewards, prompt_field, params, n, system_p
 def evaluate(backend, tokenizer, rows: list[dict], rewards, *, prompt_field: str = "prompt",
              max_new_tokens: int = 64, pass_k: int = 0, threshold: float = 1.0,
              temperature: float = 1.0, system_prompt: str | None = None,
-             batch_size: int = 256, seed: int = 0) -> dict[str, float]:  # fmt: skip
+             batch_size: int = 256, seed: int = 0, rank: int = 0, world_size: int = 1,
+             reduce=None) -> dict[str, float]:  # fmt: skip
     """{"eval/accuracy": greedy accuracy, "eval/pass@k": fraction of prompts with a correct
-    sample among k, "eval/reward": mean greedy score}."""
+    sample among k, "eval/reward": mean greedy score}.
+
+    With several ranks each evaluates every world_size-th row and `reduce` (a sum over ranks)
+    combines the counts; shards are padded to equal length so every rank runs the same passes.
+    """
+    shard = rows[rank::world_size]
+    per_rank = -(-len(rows) // world_size)
+    n_real = len(shard)
+    shard = shard + [rows[0]] * (per_rank - n_real)  # padding rows are not counted
     greedy = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
-    correct, total_score = 0, 0.0
-    passed = 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
+    correct = total_score = passed = 0.0
+    for start in range(0, len(shard), batch_size):
+        chunk = shard[start : start + batch_size]
+        real = max(0, min(len(chunk), n_real - start))
         scores, _ = _scores(
             backend, tokenizer, chunk, rewards, prompt_field, greedy, 1, system_prompt
         )
-        correct += int((scores[:, 0] >= threshold).sum())
-        total_score += float(scores.sum())
+        correct += float((scores[:real, 0] >= threshold).sum())
+        total_score += float(scores[:real].sum())
         if pass_k:
             sampled = SamplingParams(
                 max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + start
@@ -56,8 +65,11 @@ def evaluate(backend, tokenizer, rows: list[dict], rewards, *, prompt_field: str
             k_scores, _ = _scores(
                 backend, tokenizer, chunk, rewards, prompt_field, sampled, pass_k, system_prompt
             )
-            passed += int((k_scores >= threshold).any(-1).sum())
-    out = {"eval/accuracy": correct / len(rows), "eval/reward": total_score / len(rows)}
+            passed += float((k_scores[:real] >= threshold).any(-1).sum())
+    if reduce is not None:
+        correct, total_score, passed = reduce([correct, total_score, passed])
+    n = max(len(rows), 1)
+    out = {"eval/accuracy": correct / n, "eval/reward": total_score / n}
     if pass_k:
-        out[f"eval/pass@{pass_k}"] = passed / len(rows)
+        out[f"eval/pass@{pass_k}"] = passed / n
     return out

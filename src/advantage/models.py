@@ -169,7 +169,9 @@ def completion_outputs(
         prompt_len = prompt_mask.sum(-1, keepdim=True)
         out = model(
             input_ids=completion_ids,
-            attention_mask=torch.cat([prompt_mask, batch.completion_mask[:, :-1].to(device)], 1).long(),
+            attention_mask=torch.cat(
+                [prompt_mask, batch.completion_mask[:, :-1].to(device)], 1
+            ).long(),
             position_ids=prompt_len + torch.arange(Tc - 1, device=device),
             past_key_values=cache,
             use_cache=True,
@@ -198,7 +200,9 @@ def completion_logprobs(
     return logprobs, entropy
 
 
-def completion_values(critic: torch.nn.Module, batch: Rollout, precision: str = "fp32") -> torch.Tensor:
+def completion_values(
+    critic: torch.nn.Module, batch: Rollout, precision: str = "fp32"
+) -> torch.Tensor:
     """Critic values `[B, Tc]`: V at the state before each completion token (position Tp + j - 1)."""
     return completion_outputs(critic, batch, precision)[..., 0].float()
 

@@ -52,3 +52,53 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks (HF's `_no_split_modules` classes), the FSDP2 units."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    return layers
+
+
+def wrap_model(model: torch.nn.Module, strategy: str, info: DistInfo, trainable: bool = True):
+    """DDP (trainable models only; a frozen reference stays a plain replica) or FSDP2
+    (`fully_shard` on every decoder layer, then the root: parameters become sharded DTensors)."""
+    if not info.enabled:
+        return model
+    if strategy == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    if not trainable:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [info.local_rank] if torch.cuda.is_available() else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF model under a DDP wrapper (FSDP2 modules are the model itself)."""
+    return getattr(model, "module", model)
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def average_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Each metric averaged over ranks (one all-reduce); identity in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return metrics
+    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
+    values = all_reduce_sum([float(metrics[k]) for k in keys])
+    world = dist.get_world_size()
+    return {**metrics, **{k: v / world for k, v in zip(keys, values, strict=True)}}

@@ -14,6 +14,7 @@ Setup lives in small functions below the loop; the math lives in `advantage.core
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -56,7 +57,16 @@ from .models import (
     resolve_model_path,
     sync_reference,
 )
-from .parallel import DistInfo, all_reduce_sum, init_distributed
+from .parallel import (
+    DistInfo,
+    all_reduce_sum,
+    average_metrics,
+    barrier,
+    init_distributed,
+    is_fsdp,
+    unwrap,
+    wrap_model,
+)
 from .rewards import RewardComputer, RewardModel, RewardSource, Scores, load_function
 from .rollout import Rollout, SamplingParams, TransformersBackend
 
@@ -102,6 +112,11 @@ class Trainer:
         quiet_transformers()
         _warn_slow_bf16(cfg)
         self.dist: DistInfo = init_distributed(cfg.distributed.backend)
+        if cfg.rollout.prompts_per_step % self.dist.world_size:
+            raise ConfigError(
+                f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple of "
+                f"the number of processes ({self.dist.world_size}): each rank takes whole groups"
+            )
         set_seed(cfg.train.seed + self.dist.rank)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -130,6 +145,13 @@ class Trainer:
                 else policy_path
             )
             self.critic = load_critic(critic_path, cfg.model.trust_remote_code)
+        # data parallel (DDP) or sharded (FSDP2) before the optimizers see the parameters
+        strategy = cfg.distributed.strategy
+        self.policy = wrap_model(self.policy, strategy, self.dist)
+        if self.ref is not None:
+            self.ref = wrap_model(self.ref, strategy, self.dist, trainable=False)
+        if self.critic is not None:
+            self.critic = wrap_model(self.critic, strategy, self.dist)
         self.optimizer, self.scheduler = _optimizer(self.policy, cfg, cfg.train.lr)
         self.critic_optimizer = self.critic_scheduler = None
         if self.critic is not None:
@@ -195,10 +217,8 @@ class Trainer:
             result.eval_after = self.evaluate()
             self.logger.log(self.step, result.eval_after)
             self.logger.print(_eval_line("after RL", result.eval_after))
-        if cfg.checkpoint.save_final and self.dist.is_main:
-            final = self.run_dir / "final"
-            self.policy.save_pretrained(final)
-            self.tokenizer.save_pretrained(final)
+        if cfg.checkpoint.save_final:
+            self.save_final()
         result.seconds = time.perf_counter() - start
         return result
 
@@ -220,7 +240,9 @@ class Trainer:
         needs_old = cfg.train.epochs > 1 or cfg.train.minibatches > 1
         kl_in_reward = algo.kl_placement == "reward" and self.kl_ctl.value > 0
         old_logprobs = None
-        exact_engine = getattr(self.backend, "exact_logprobs", False) and rollout.logprobs is not None
+        exact_engine = (
+            getattr(self.backend, "exact_logprobs", False) and rollout.logprobs is not None
+        )
         if needs_old or (kl_in_reward and not exact_engine):
             old_logprobs = self._no_grad_forward(self.policy, rollout, "logprobs")
         ref_logprobs = (
@@ -325,55 +347,58 @@ class Trainer:
                  "reward": float(batch.scores.scores[i])}
                 for i in range(0, B, max(1, B // cfg.log.samples))
             ][: cfg.log.samples])  # fmt: skip
-        return metrics
+        return average_metrics(metrics)
 
     # ------------------------------------------------------------------------------------------
     # steps 1–2: rollout and score
 
     def rollout_and_score(self) -> RolloutBatch:
+        """This rank's P/world prompts × G completions, scored. Under dynamic sampling, groups
+        whose scores are all equal are set aside and new prompts drawn (every rank keeps drawing
+        while any rank is short, so ranks stay in lockstep); a batch still short after
+        `max_sampling_tries` is filled up with set-aside groups, so its size never changes."""
         cfg = self.config
-        P, G = cfg.rollout.prompts_per_step, cfg.rollout.num_generations
+        G = cfg.rollout.num_generations
+        P = cfg.rollout.prompts_per_step
+        P_local, rank = P // self.dist.world_size, self.dist.rank
         params = SamplingParams(
             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, stop=list(cfg.rollout.stop),
             ignore_eos=cfg.rollout.ignore_eos,
         )  # fmt: skip
         kept: list[RolloutBatch] = []
+        reserve: list[RolloutBatch] = []
         n_groups, tries, dropped, seconds, reward_seconds = 0, 0, 0, 0.0, 0.0
-        while n_groups < P and tries < (
-            cfg.rollout.max_sampling_tries if cfg.rollout.dynamic_sampling else 1
-        ):
+        max_tries = cfg.rollout.max_sampling_tries if cfg.rollout.dynamic_sampling else 1
+        while tries < max_tries:
+            short = all_reduce_sum([float(n_groups < P_local)])[0]
+            if not short:
+                break
             tries += 1
-            rows = self.prompts.take(P)
+            rows = self.prompts.take(P)[rank * P_local : (rank + 1) * P_local]
             t0 = time.perf_counter()
             prompt_ids = [
-                encode_prompt(
-                    self.tokenizer,
-                    r[cfg.data.prompt_field],
-                    cfg.data.system_prompt,
-                    cfg.data.max_prompt_tokens,
-                )
+                encode_prompt(self.tokenizer, r[cfg.data.prompt_field], cfg.data.system_prompt,
+                              cfg.data.max_prompt_tokens)
                 for r in rows
-            ]
+            ]  # fmt: skip
             rollout = self.backend.generate(prompt_ids, G, params)
             seconds += time.perf_counter() - t0
             t0 = time.perf_counter()
             part = self._score(rollout, rows)
             reward_seconds += time.perf_counter() - t0
             if cfg.rollout.dynamic_sampling:
-                part, n_dropped = _drop_constant_groups(part, G)
-                dropped += n_dropped
+                part, constant = _split_constant_groups(part, G)
+                if constant is not None:
+                    dropped += len(constant.rows)
+                    reserve.append(constant)
             if part is not None:
                 kept.append(part)
                 n_groups += len(part.rows)
-        if not kept:  # every group was constant in every try: train on nothing useful, say so
-            rows = self.prompts.take(P)
-            prompt_ids = [
-                encode_prompt(self.tokenizer, r[cfg.data.prompt_field], cfg.data.system_prompt)
-                for r in rows
-            ]
-            kept = [self._score(self.backend.generate(prompt_ids, G, params), rows)]
-        batch = _concat_batches(kept, self.tokenizer.pad_token_id, keep_groups=P, group_size=G)
+        parts = kept + reserve  # set-aside groups only fill what is missing
+        batch = _concat_batches(
+            parts, self.tokenizer.pad_token_id, keep_groups=P_local, group_size=G
+        )
         batch.rollout_seconds, batch.reward_seconds = seconds, reward_seconds
         batch.tries, batch.dropped_groups = tries, dropped
         return batch
@@ -432,14 +457,17 @@ class Trainer:
         mb_size = max(1, B // cfg.train.minibatches)
         micro = cfg.train.micro_batch_size or mb_size
         sums: dict[str, float] = defaultdict(float)
-        weight, grad_norms, skipped = 0.0, [], 0
+        weight, grad_norms, skipped, objective = 0.0, [], 0, 0.0
+        G = cfg.rollout.num_generations
         generator = torch.Generator().manual_seed(cfg.train.seed * 7919 + self.step)
         for _epoch in range(cfg.train.epochs):
-            order = (
-                torch.randperm(B, generator=generator)
+            # shuffle whole groups (a group's rows stay together: they share a prompt)
+            groups = (
+                torch.randperm(B // G, generator=generator)
                 if cfg.train.minibatches > 1
-                else torch.arange(B)
+                else torch.arange(B // G)
             )
+            order = (groups.unsqueeze(-1) * G + torch.arange(G)).flatten()
             for mb_start in range(0, B, mb_size):
                 mb_rows = order[mb_start : mb_start + mb_size]
                 # global denominators of the aggregation: this minibatch on every rank
@@ -453,18 +481,26 @@ class Trainer:
                     part = rollout.select(rows)
                     Tc = part.completion_ids.shape[1]
                     t = {k: (None if v is None else v[rows, :Tc]) for k, v in tokens.items()}
-                    stats, finite = self._micro_step(part, t, num_tokens, num_seqs)
+                    last = micro_start + micro >= len(mb_rows)
+                    with self._gradient_sync(last):
+                        stats, finite = self._micro_step(part, t, num_tokens, num_seqs)
                     all_finite &= finite
+                    objective += stats.pop("_objective")
                     n = float(t["mask"].sum())
                     for k, v in stats.items():
                         sums[k] += v * n
                     weight += n
+                # every rank skips together when any rank saw a non-finite loss
+                all_finite = all_reduce_sum([float(not all_finite)])[0] == 0
                 grad_norm = self._optimizer_step(all_finite)
                 if grad_norm is None:
                     skipped += 1
                 else:
                     grad_norms.append(grad_norm)
         out = {k: v / max(weight, 1.0) for k, v in sums.items()}
+        # the aggregated loss (all micro-batches and ranks), averaged over optimizer steps
+        n_updates = cfg.train.epochs * -(-B // mb_size)
+        out["loss"] = all_reduce_sum([objective])[0] / n_updates
         out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
         out["skipped_updates"] = skipped
         return out
@@ -476,13 +512,11 @@ class Trainer:
         cfg, algo = self.config, self.algo
         world = self.dist.world_size
         mask = t["mask"]
+        # the entropy is a metric, or a loss term with its graph when there is an entropy bonus
         logprobs, entropy = completion_logprobs(
-            self.policy,
-            part,
-            cfg.rollout.temperature,
-            with_entropy=True,
-            precision=cfg.model.precision,
-        )
+            self.policy, part, cfg.rollout.temperature, precision=cfg.model.precision,
+            with_entropy="grad" if algo.entropy_coef else True,
+        )  # fmt: skip
         # with μ = 1 and one minibatch the weights have not moved since the rollout: ρ = 1
         old = t["old_logprobs"] if t["old_logprobs"] is not None else logprobs.detach()
         pg, stats = policy_loss(
@@ -492,7 +526,9 @@ class Trainer:
         engine = t["engine_logprobs"]
         if engine is not None:
             # the engine's sampling log-probs against the trainer's for the same weights
-            stats["rollout/logprob_gap"] = masked_mean((old - engine).abs(), mask, global_stats=False)
+            stats["rollout/logprob_gap"] = masked_mean(
+                (old - engine).abs(), mask, global_stats=False
+            )
             if cfg.rollout.tis_cap:  # truncated importance sampling: min(π_train/π_engine, cap)
                 tis = torch.exp(old - engine).clamp(max=cfg.rollout.tis_cap)
                 per_token = per_token * tis
@@ -504,12 +540,12 @@ class Trainer:
         if algo.entropy_coef:
             per_token = per_token - algo.entropy_coef * entropy
         agg = dict(num_tokens=num_tokens, num_seqs=num_seqs, max_len=cfg.rollout.max_new_tokens)
-        # DDP averages gradients over ranks; the global denominators already account for them
-        loss = aggregate(per_token, mask, algo.aggregation, **agg) * world
+        loss = aggregate(per_token, mask, algo.aggregation, **agg)
         finite = bool(torch.isfinite(loss))
-        if finite:
-            loss.backward()
+        # DDP averages gradients over ranks; the global denominators already account for them
+        (loss * world if finite else _zero_loss(self.policy)).backward()
         out = {
+            "_objective": float(loss.detach()) if finite else 0.0,  # this rank's part of the step's loss
             "loss/policy": float(aggregate(pg.detach(), mask, "token_mean")),
             "entropy": float(masked_mean(entropy.detach(), mask, global_stats=False)),
             **{k: float(v) for k, v in stats.items()},
@@ -522,13 +558,21 @@ class Trainer:
                 values, t["old_values"], t["returns"], mask, algo.value_clip
             )
             v_total = aggregate(v_loss, mask, algo.aggregation, **agg) * algo.value_coef * world
-            if torch.isfinite(v_total):
-                v_total.backward()
-            else:
-                finite = False
+            v_finite = bool(torch.isfinite(v_total))
+            (v_total if v_finite else _zero_loss(self.critic)).backward()
+            finite &= v_finite
             out["loss/value"] = float(aggregate(v_loss.detach(), mask, "token_mean"))
             out.update({k: float(v) for k, v in v_stats.items()})
         return out, finite
+
+    def _gradient_sync(self, last_micro_batch: bool):
+        """DDP: all-reduce gradients only after the last micro-batch of a minibatch."""
+        stack = contextlib.ExitStack()
+        if not last_micro_batch:
+            for model in (self.policy, self.critic):
+                if model is not None and hasattr(model, "no_sync"):
+                    stack.enter_context(model.no_sync())
+        return stack
 
     def _zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -570,22 +614,28 @@ class Trainer:
     # checkpoints
 
     def _checkpoint_modules(self) -> dict[str, torch.nn.Module]:
-        modules = {"policy": self.policy}
+        modules = {"policy": unwrap(self.policy)}
         if self.critic is not None:
-            modules["critic"] = self.critic
+            modules["critic"] = unwrap(self.critic)
         if self.ref is not None and self.config.model.ref_sync_steps:
-            modules["reference"] = self.ref  # a frozen reference is rebuilt from the policy path
+            modules["reference"] = unwrap(
+                self.ref
+            )  # a frozen reference is rebuilt from the policy path
         return modules
 
-    def save_checkpoint(self) -> Path | None:
-        if not self.dist.is_main:
-            return None
-        optim = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+    def _optimizers(self) -> dict:
+        out = {"policy_optimizer": self.optimizer, "policy_scheduler": self.scheduler}
         if self.critic_optimizer is not None:
-            optim["critic_optimizer"] = self.critic_optimizer.state_dict()
-            optim["critic_scheduler"] = self.critic_scheduler.state_dict()
+            out.update(
+                critic_optimizer=self.critic_optimizer, critic_scheduler=self.critic_scheduler
+            )
+        return out
+
+    def save_checkpoint(self) -> Path:
+        """Every rank calls this (FSDP2 writes shards from every rank)."""
         state = {
             "step": self.step,
+            "world_size": self.dist.world_size,
             "data": self.prompts.state_dict(),
             "baseline": self.baseline.state_dict(),
             "kl_controller": self.kl_ctl.state_dict(),
@@ -593,13 +643,9 @@ class Trainer:
             "config": _plain(self.config),
         }
         return ckpt.save_checkpoint(
-            self.run_dir,
-            self.step,
-            self._checkpoint_modules(),
-            optim,
-            state,
-            self.config.checkpoint.keep,
-        )
+            self.run_dir, self.step, self._checkpoint_modules(), self._optimizers(), state,
+            self.config.checkpoint.keep, rank=self.dist.rank, sharded=is_fsdp(self.policy),
+        )  # fmt: skip
 
     def _maybe_resume(self) -> Path | None:
         """Find the checkpoint to resume from (`checkpoint.resume`) and load it."""
@@ -617,14 +663,11 @@ class Trainer:
         if path is None:
             return None
         try:
-            optim, state = ckpt.load_checkpoint(path, self._checkpoint_modules())
+            state = ckpt.load_checkpoint(
+                path, self._checkpoint_modules(), self._optimizers(), rank=self.dist.rank
+            )
         except FileNotFoundError as e:
             raise ConfigError(str(e)) from None
-        self.optimizer.load_state_dict(optim["optimizer"])
-        self.scheduler.load_state_dict(optim["scheduler"])
-        if self.critic_optimizer is not None:
-            self.critic_optimizer.load_state_dict(optim["critic_optimizer"])
-            self.critic_scheduler.load_state_dict(optim["critic_scheduler"])
         self.step = int(state["step"])
         self.prompts.load_state_dict(state["data"])
         self.baseline.load_state_dict(state["baseline"])
@@ -634,6 +677,28 @@ class Trainer:
             _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
             _truncate_jsonl(self.run_dir / "samples.jsonl", self.step)
         return path
+
+    def save_final(self) -> Path:
+        """The policy as a plain Hugging Face folder (`RUN_DIR/final`); every rank calls this."""
+        final = self.run_dir / "final"
+        model = unwrap(self.policy)
+        if is_fsdp(self.policy):
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
+
+            full = get_model_state_dict(
+                self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+            if self.dist.is_main:
+                model.save_pretrained(final, state_dict=full)
+        elif self.dist.is_main:
+            model.save_pretrained(final)
+        if self.dist.is_main:
+            self.tokenizer.save_pretrained(final)
+        barrier()
+        return final
 
     # ------------------------------------------------------------------------------------------
 
@@ -651,7 +716,8 @@ class Trainer:
             max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
             pass_k=cfg.eval.pass_k, threshold=cfg.eval.correct_threshold,
             temperature=cfg.rollout.temperature, system_prompt=cfg.data.system_prompt,
-            seed=cfg.train.seed,
+            seed=cfg.train.seed, rank=self.dist.rank, world_size=self.dist.world_size,
+            reduce=all_reduce_sum,
         )  # fmt: skip
 
 
@@ -716,7 +782,8 @@ def _backend(cfg: Config, policy, tokenizer, policy_path: str):
         )  # fmt: skip
         backend.sync_weights(policy)  # the policy may differ from the folder (resume, LoRA)
         return backend
-    return TransformersBackend(policy, tokenizer, cfg.model.precision)
+    # FSDP2: every forward is collective, so every rank must run the same decode steps
+    return TransformersBackend(policy, tokenizer, cfg.model.precision, lockstep=is_fsdp(policy))
 
 
 def _reward_computer(cfg: Config, reward_funcs: list[Callable] | None) -> RewardComputer:
@@ -747,18 +814,30 @@ def _reward_computer(cfg: Config, reward_funcs: list[Callable] | None) -> Reward
     return RewardComputer(sources, r.multi_reward, r.clip, r.timeout, r.kwargs)
 
 
-def _drop_constant_groups(batch: RolloutBatch, G: int) -> tuple[RolloutBatch | None, int]:
-    """Dynamic sampling (DAPO): keep the groups with at least two different scores."""
+def _zero_loss(model: torch.nn.Module) -> torch.Tensor:
+    """0 with a gradient path to every trainable parameter: a rank with a non-finite loss still
+    takes part in DDP's gradient all-reduce (its update is then skipped everywhere)."""
+    return 0.0 * sum(p.float().sum() for p in model.parameters() if p.requires_grad)
+
+
+def _split_constant_groups(
+    batch: RolloutBatch, G: int
+) -> tuple[RolloutBatch | None, RolloutBatch | None]:
+    """Dynamic sampling (DAPO): (groups with at least two different scores, the other groups)."""
     present = batch.scores.score_mask.view(-1, G)
     s = batch.scores.scores.view(-1, G)
     hi = torch.where(present, s, -math.inf).amax(-1)
     lo = torch.where(present, s, math.inf).amin(-1)
-    keep = ((present.sum(-1) >= 2) & (hi > lo)).nonzero().flatten().tolist()
-    dropped = s.shape[0] - len(keep)
-    if not keep:
-        return None, dropped
-    rows_idx = torch.tensor([g * G + j for g in keep for j in range(G)])
-    return _select_batch(batch, keep, rows_idx), dropped
+    varied = (present.sum(-1) >= 2) & (hi > lo)
+
+    def pick(groups: list[int]) -> RolloutBatch | None:
+        if not groups:
+            return None
+        return _select_batch(
+            batch, groups, torch.tensor([g * G + j for g in groups for j in range(G)])
+        )
+
+    return pick(varied.nonzero().flatten().tolist()), pick((~varied).nonzero().flatten().tolist())
 
 
 def _select_batch(batch: RolloutBatch, groups: list[int], rows_idx: torch.Tensor) -> RolloutBatch:

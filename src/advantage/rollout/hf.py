@@ -18,10 +18,13 @@ from .base import Rollout, SamplingParams, pad_completions, pad_prompts
 
 
 class TransformersBackend:
-    def __init__(self, model: torch.nn.Module, tokenizer, precision: str = "fp32") -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer, precision: str = "fp32",
+                 lockstep: bool = False) -> None:  # fmt: skip
         self.model = model
         self.tokenizer = tokenizer
         self.precision = precision
+        # sharded models (FSDP2) need every rank in every forward: stop when all ranks are done
+        self.lockstep = lockstep
         # the sampling log-probs come from the training weights in the training arithmetic
         self.exact_logprobs = precision == "fp32"
 
@@ -39,8 +42,11 @@ class TransformersBackend:
         was_training = model.training
         model.eval()
         try:
-            with torch.inference_mode(), _autocast(self.precision, device):
-                tokens, logprobs = self._sample(model, ids.to(device), mask.to(device), num_generations, params)
+            grad_off = torch.no_grad() if self.lockstep else torch.inference_mode()  # FSDP2 hooks
+            with grad_off, _autocast(self.precision, device):
+                tokens, logprobs = self._sample(
+                    model, ids.to(device), mask.to(device), num_generations, params
+                )
         finally:
             model.train(was_training)
         completions, finished = self._cut(tokens.tolist(), params)
@@ -86,7 +92,9 @@ class TransformersBackend:
             else:
                 warped = warpers(None, sampling) if warpers else sampling
                 token = torch.multinomial(torch.softmax(warped, -1), 1).squeeze(-1)
-                logprobs.append(torch.log_softmax(scaled, -1).gather(-1, token[:, None]).squeeze(-1))
+                logprobs.append(
+                    torch.log_softmax(scaled, -1).gather(-1, token[:, None]).squeeze(-1)
+                )
             token = torch.where(done, pad, token)
             tokens.append(token)
             # 3. rows end at EOS or a stop string; stop when every row has ended
@@ -94,7 +102,7 @@ class TransformersBackend:
                 done |= token == eos
             if stop is not None:
                 done |= stop(torch.stack(tokens, 1), None)
-            if bool(done.all()) or step == params.max_new_tokens - 1:
+            if _all(done, self.lockstep) or step == params.max_new_tokens - 1:
                 break
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
             out = model(input_ids=token[:, None], attention_mask=attention, position_ids=position,
@@ -104,7 +112,9 @@ class TransformersBackend:
         lp = torch.stack(logprobs, 1) if logprobs else torch.zeros(B, len(tokens))
         return torch.stack(tokens, 1).cpu(), lp.float().cpu()
 
-    def _cut(self, rows: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], list[bool]]:
+    def _cut(
+        self, rows: list[list[int]], params: SamplingParams
+    ) -> tuple[list[list[int]], list[bool]]:
         """Each row up to and including its first EOS; else up to its stop string; else all."""
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         completions, finished = [], []
@@ -121,6 +131,16 @@ class TransformersBackend:
             )
             finished.append(stopped)
         return completions, finished
+
+
+def _all(done: torch.Tensor, across_ranks: bool) -> bool:
+    if not across_ranks:
+        return bool(done.all())
+    import torch.distributed as dist
+
+    pending = (~done).sum().float()
+    dist.all_reduce(pending)
+    return pending.item() == 0
 
 
 def _warpers(params: SamplingParams):

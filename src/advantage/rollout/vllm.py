@@ -82,14 +82,18 @@ class VLLMBackend:
             seed=params.seed,
             ignore_eos=params.ignore_eos,
         )
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=False)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=False
+        )
         completions, logprobs, truncated = [], [], []
         for out in outputs:  # prompt-major: the n completions of each prompt, in order
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 completions.append(ids)
                 logprobs.append(
-                    [entry[t].logprob for t, entry in zip(ids, c.logprobs, strict=True)] if c.logprobs else [0.0] * len(ids)
+                    [entry[t].logprob for t, entry in zip(ids, c.logprobs, strict=True)]
+                    if c.logprobs
+                    else [0.0] * len(ids)
                 )
                 truncated.append(c.finish_reason == "length")
         p_ids, p_mask = pad_prompts(prompts, self.tokenizer.pad_token_id)
