@@ -137,6 +137,8 @@ class TrainConfig:
     """AdamW weight decay."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW betas."""
+    adam_eps: float = 1e-8
+    """AdamW ε."""
     max_grad_norm: float | None = 1.0
     """Gradient clipping by global norm (null = off)."""
     epochs: int = 1

@@ -545,7 +545,9 @@ class Trainer:
         # DDP averages gradients over ranks; the global denominators already account for them
         (loss * world if finite else _zero_loss(self.policy)).backward()
         out = {
-            "_objective": float(loss.detach()) if finite else 0.0,  # this rank's part of the step's loss
+            "_objective": float(loss.detach())
+            if finite
+            else 0.0,  # this rank's part of the step's loss
             "loss/policy": float(aggregate(pg.detach(), mask, "token_mean")),
             "entropy": float(masked_mean(entropy.detach(), mask, global_stats=False)),
             **{k: float(v) for k, v in stats.items()},
@@ -753,7 +755,12 @@ def _optimizer(model: torch.nn.Module, cfg: Config, lr: float):
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
-        params, lr=lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay, fused=True
+        params,
+        lr=lr,
+        betas=tuple(t.adam_betas),
+        eps=t.adam_eps,
+        weight_decay=t.weight_decay,
+        fused=True,
     )
 
     def factor(step: int) -> float:
