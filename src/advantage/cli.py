@@ -61,11 +61,87 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sft(args: argparse.Namespace) -> int:
+    from .sft import SFTConfig, load_stage_config, run_sft
+
+    path, overrides = _split_config_arg(args.args)
+    stats = run_sft(load_stage_config(SFTConfig, path, overrides))
+    print(f"SFT done in {stats['seconds']:.0f}s: final loss {stats['loss']:.4f}"
+          + (f", held-out loss {stats['eval_loss']:.4f}" if "eval_loss" in stats else "")
+          + f"; model in {stats['final']}")  # fmt: skip
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    from .rm import RMConfig, run_rm
+    from .sft import load_stage_config
+
+    path, overrides = _split_config_arg(args.args)
+    stats = run_rm(load_stage_config(RMConfig, path, overrides))
+    print(f"reward model trained in {stats['seconds']:.0f}s: held-out pairwise accuracy "
+          f"{100 * stats['eval_pairwise_accuracy_before']:.1f}% -> {100 * stats['eval_pairwise_accuracy']:.1f}% "
+          f"on {stats['eval_pairs']} pairs; model in {stats['final']}")  # fmt: skip
+    return 0
+
+
+def _chain(args: argparse.Namespace) -> int:
+    from .chain import run_chain
+
+    run_chain(args.run_dir, args.overrides)
+    return 0
+
+
 def _consolidate(args: argparse.Namespace) -> int:
     from .checkpoint import consolidate
 
     out = consolidate(args.checkpoint, args.out)
     print(f"wrote a Hugging Face model folder: {out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import make_report
+
+    print(f"wrote {make_report(args.run_dir)}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluation import evaluate_model
+
+    result = evaluate_model(
+        args.model, args.dataset, reward_functions=args.reward or None, prompt_field=args.prompt_field,
+        max_new_tokens=args.max_new_tokens, pass_k=args.pass_k, size=args.size,
+        threshold=args.threshold, temperature=args.temperature,
+    )  # fmt: skip
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from peft import AutoPeftModelForCausalLM
+
+    from .models import load_tokenizer
+
+    model = AutoPeftModelForCausalLM.from_pretrained(args.adapter)
+    model.merge_and_unload().save_pretrained(args.out)
+    load_tokenizer(args.adapter).save_pretrained(args.out)
+    print(f"wrote a merged model folder: {args.out}")
+    return 0
+
+
+def _docs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .docs import GENERATED
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, make in GENERATED.items():
+        (out / name).write_text(make())
+        print(f"wrote {out / name}")
     return 0
 
 
@@ -84,10 +160,46 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="warm-start the tiny model and train it on the built-in task")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the demo recipe")
     p.set_defaults(func=_demo)
+    p = sub.add_parser(
+        "sft", help="supervised fine-tuning: advantage sft [CONFIG.yaml] [key=value ...]"
+    )
+    p.add_argument("args", nargs="*", metavar="CONFIG.yaml key=value")
+    p.set_defaults(func=_sft)
+    p = sub.add_parser("rm", help="reward-model training on preference pairs (Bradley–Terry)")
+    p.add_argument("args", nargs="*", metavar="CONFIG.yaml key=value")
+    p.set_defaults(func=_rm)
+    p = sub.add_parser(
+        "chain", help="built-in SFT → reward model → PPO with the learned reward model"
+    )
+    p.add_argument("--run-dir", default="runs/chain")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the PPO stage")
+    p.set_defaults(func=_chain)
     p = sub.add_parser("consolidate", help="a checkpoint (sharded or not) → a Hugging Face folder")
     p.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-NNNNNN")
     p.add_argument("out", help="output folder (loads with from_pretrained)")
     p.set_defaults(func=_consolidate)
+    p = sub.add_parser("report", help="PNG plots and an HTML page of a run (RUN_DIR/report)")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_report)
+    p = sub.add_parser("eval", help="greedy accuracy and pass@k of MODEL on DATASET")
+    p.add_argument("model", help="model folder, hub id, or builtin:NAME")
+    p.add_argument("dataset", help=".jsonl, a local datasets folder/file, or builtin:TASK[:eval]")
+    p.add_argument("--reward", action="append", help="reward function (repeatable); default: "
+                   "the task's verifier for builtin data, else exact_match on an 'answer' column")  # fmt: skip
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--pass-k", type=int, default=0)
+    p.add_argument("--size", type=int, default=None, help="evaluate the first N rows")
+    p.add_argument("--threshold", type=float, default=1.0, help="correct when score >= this")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for pass@k")
+    p.set_defaults(func=_eval)
+    p = sub.add_parser("merge", help="merge a LoRA adapter folder into a full model folder")
+    p.add_argument("adapter")
+    p.add_argument("out")
+    p.set_defaults(func=_merge)
+    p = sub.add_parser("docs", help="write the generated docs (config reference, algorithm cards)")
+    p.add_argument("--out", default="docs")
+    p.set_defaults(func=_docs)
     return parser
 
 

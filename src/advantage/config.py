@@ -49,7 +49,9 @@ class ModelConfig:
     ref_sync_alpha: float = 1.0
     """θ_ref ← α·θ + (1-α)·θ_ref at each sync (1 = copy)."""
     lora: dict | None = None
-    """LoRA adapters with peft (e.g. {r: 8, alpha: 16, target_modules: all-linear}); null = off."""
+    """LoRA adapters with peft: keyword arguments of `peft.LoraConfig` (e.g. {r: 8, lora_alpha: 16,
+    target_modules: all-linear}); null = full fine-tuning. The reference is then the base model
+    with the adapters disabled (no second copy in memory)."""
 
 
 @dataclass
@@ -115,6 +117,10 @@ class RewardConfig:
     """Reward model folder (AutoModelForSequenceClassification, one label)."""
     model_batch_size: int = 32
     """Sequences per reward-model forward."""
+    model_normalize: bool = False
+    """Normalise reward-model scores with running statistics ((r - mean)/std of all scores seen)."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of completions that hit max_new_tokens without EOS."""
     timeout: float | None = None
     """Seconds allowed for one call of a reward function (null = no limit)."""
     kwargs: dict = field(default_factory=dict)
@@ -169,6 +175,8 @@ class LogConfig:
     """A rich progress bar (off: one plain line per step)."""
     samples: int = 4
     """Sample completions kept per logged step (for the report)."""
+    report: bool = True
+    """Write RUN_DIR/report (PNG plots and an HTML page) at the end of training."""
 
 
 @dataclass
@@ -181,6 +189,9 @@ class EvalConfig:
     """Also estimate pass@k with k samples per prompt (0 = off)."""
     correct_threshold: float = 1.0
     """A completion is correct when its score is >= this."""
+    functions: list[str] | None = None
+    """Reward functions that judge evaluation (default: the training reward sources), e.g. the
+    task's verifier when training on a learned reward model."""
     max_new_tokens: int | None = None
     """Generation budget for evaluation (default: rollout.max_new_tokens)."""
 
@@ -292,6 +303,15 @@ class Config:
         if self.model.ref_sync_steps < 0 or not 0 < self.model.ref_sync_alpha <= 1:
             raise ConfigError(
                 "model.ref_sync_steps must be >= 0 and model.ref_sync_alpha in (0, 1]"
+            )
+        if self.model.lora is not None and self.model.ref_sync_steps:
+            raise ConfigError(
+                "model.ref_sync_steps needs a separate reference; with model.lora the reference is "
+                "the base model with the adapters disabled"
+            )
+        if self.model.lora is not None and r.backend == "vllm":
+            raise ConfigError(
+                "rollout.backend=vllm does not take LoRA adapters yet; use transformers"
             )
         if r.tis_cap is not None and r.tis_cap <= 0:
             raise ConfigError(f"rollout.tis_cap must be > 0 (or null), got {r.tis_cap}")

@@ -88,6 +88,43 @@ def load_critic(path: str, trust_remote_code: bool = False) -> torch.nn.Module:
     return critic
 
 
+def add_lora(model: torch.nn.Module, options: dict) -> torch.nn.Module:
+    """Wrap `model` with trainable LoRA adapters (peft); the base weights are frozen."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ConfigError("model.lora needs peft: pip install 'advantage[peft]'") from e
+    options = {
+        "task_type": "CAUSAL_LM",
+        "r": 8,
+        "lora_alpha": 16,
+        "target_modules": "all-linear",
+        **options,
+    }
+    try:
+        config = LoraConfig(**options)
+    except TypeError as e:
+        raise ConfigError(f"model.lora: {e}") from None
+    return get_peft_model(model, config)
+
+
+class AdapterDisabled(torch.nn.Module):
+    """The reference of a LoRA run: the policy's base model, called with its adapters disabled.
+    It shares every weight with the policy (no second copy)."""
+
+    def __init__(self, peft_model: torch.nn.Module) -> None:
+        super().__init__()
+        self.peft_model = peft_model
+
+    @property
+    def config(self):
+        return self.peft_model.config
+
+    def forward(self, *args, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(*args, **kwargs)
+
+
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     ref = copy.deepcopy(model)
     ref.eval()

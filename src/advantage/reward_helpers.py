@@ -54,9 +54,29 @@ def overlong_penalty(prompts, completions, completion_ids, max_completion_length
     return out
 
 
+def math_answer(prompts, completions, answer=None, **kwargs) -> list[float | None]:
+    """1.0 when the completion's final answer equals the `answer` column mathematically
+    (`math-verify`: LaTeX, fractions, sets...), else 0.0. Needs `pip install 'advantage[math]'`."""
+    try:
+        from math_verify import parse, verify
+    except ImportError as e:
+        raise ImportError("math_answer needs math-verify: pip install 'advantage[math]'") from e
+    if answer is None:
+        raise ValueError("math_answer needs a dataset column named 'answer'")
+    out: list[float | None] = []
+    for c, a in zip(completions, answer, strict=True):
+        if a is None:
+            out.append(None)
+            continue
+        gold, pred = parse(str(a)), parse(completion_text(c))
+        out.append(float(bool(gold) and bool(pred) and verify(gold, pred)))
+    return out
+
+
 HELPERS = {
     "exact_match": exact_match,
     "format_regex": format_regex,
     "length_penalty": length_penalty,
     "overlong_penalty": overlong_penalty,
+    "math_answer": math_answer,
 }

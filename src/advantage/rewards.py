@@ -171,38 +171,53 @@ def _short(x, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def reward_model_texts(tokenizer, prompts: list, completions: list) -> list[str]:
+    """`prompt + completion` texts (conversations through the chat template): the one encoding
+    used both when a reward model is trained (`advantage rm`) and when it scores rollouts."""
+    return [
+        _as_text(p, tokenizer) + _as_text(c, tokenizer)
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+
+
 class RewardModel:
-    """An `AutoModelForSequenceClassification` with one label, used as a reward function."""
+    """An `AutoModelForSequenceClassification` with one label, used as a reward function.
 
-    def __init__(self, path: str, batch_size: int = 32, trust_remote_code: bool = False) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    `normalize=True` maps its scores through running statistics of every score seen so far
+    (`(r - mean)/std`, global across ranks; saved in checkpoints).
+    """
 
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "right"
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
-        )
-        if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+    def __init__(self, path: str, batch_size: int = 32, trust_remote_code: bool = False,
+                 normalize: bool = False) -> None:  # fmt: skip
+        from .core import RunningMoments
+        from .rm import load_reward_model
+
+        self.model, self.tokenizer = load_reward_model(path, trust_remote_code)
         self.model.eval().requires_grad_(False)
         self.batch_size = batch_size
+        self.moments = RunningMoments() if normalize else None
         self.__name__ = f"reward_model({Path(path).name})"
 
     @torch.no_grad()
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
-        texts = [
-            _as_text(p, self.tokenizer) + _as_text(c, self.tokenizer)
-            for p, c in zip(prompts, completions, strict=True)
-        ]
-        scores: list[float] = []
+        texts = reward_model_texts(self.tokenizer, prompts, completions)
+        scores = []
         for start in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(
                 texts[start : start + self.batch_size], return_tensors="pt", padding=True
             )
-            scores += self.model(**enc).logits[:, 0].float().tolist()
-        return scores
+            scores.append(self.model(**enc).logits[:, 0].float())
+        out = torch.cat(scores)
+        if self.moments is not None:
+            out = self.moments.normalize(out)
+        return out.tolist()
+
+    def state_dict(self) -> dict:
+        return {} if self.moments is None else self.moments.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.moments is not None and state:
+            self.moments.load_state_dict(state)
 
 
 def _as_text(x, tokenizer) -> str:

@@ -46,6 +46,8 @@ from .data import PromptStream, check_rows, encode_prompt, load_rows
 from .evaluation import evaluate
 from .logger import MetricsLogger
 from .models import (
+    AdapterDisabled,
+    add_lora,
     completion_logprobs,
     completion_values,
     count_parameters,
@@ -128,6 +130,15 @@ class Trainer:
         self.prompts = PromptStream(self.train_rows, cfg.train.seed, cfg.data.shuffle)
         self.rewards = _reward_computer(cfg, reward_funcs)
         self.rewards.check_columns(set(self.train_rows[0]) - {cfg.data.prompt_field})
+        self.eval_rewards = self.rewards
+        if cfg.eval.functions:
+            task_reward = _task_reward(cfg)
+            self.eval_rewards = RewardComputer(
+                [load_function(spec, task_reward) for spec in cfg.eval.functions],
+                "sum_then_normalize",
+                None,
+                cfg.reward.timeout,
+            )
         # models
         policy_path = resolve_model_path(cfg.model.name_or_path)
         self.tokenizer = load_tokenizer(
@@ -136,7 +147,13 @@ class Trainer:
         self.policy = load_causal_lm(policy_path, cfg.model.trust_remote_code)
         if cfg.model.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
-        self.ref = frozen_copy(self.policy) if self.algo.uses_reference else None
+        self.ref = None
+        if cfg.model.lora is not None:
+            self.policy = add_lora(self.policy, cfg.model.lora)
+            if self.algo.uses_reference:
+                self.ref = AdapterDisabled(self.policy)
+        elif self.algo.uses_reference:
+            self.ref = frozen_copy(self.policy)
         self.critic = None
         if self.algo.uses_critic:
             critic_path = (
@@ -148,7 +165,7 @@ class Trainer:
         # data parallel (DDP) or sharded (FSDP2) before the optimizers see the parameters
         strategy = cfg.distributed.strategy
         self.policy = wrap_model(self.policy, strategy, self.dist)
-        if self.ref is not None:
+        if self.ref is not None and not isinstance(self.ref, AdapterDisabled):
             self.ref = wrap_model(self.ref, strategy, self.dist, trainable=False)
         if self.critic is not None:
             self.critic = wrap_model(self.critic, strategy, self.dist)
@@ -219,6 +236,11 @@ class Trainer:
             self.logger.print(_eval_line("after RL", result.eval_after))
         if cfg.checkpoint.save_final:
             self.save_final()
+        if cfg.log.report and self.dist.is_main:
+            from .report import make_report
+
+            page = make_report(self.run_dir)
+            self.logger.print(f"report: {page}")
         result.seconds = time.perf_counter() - start
         return result
 
@@ -421,6 +443,10 @@ class Trainer:
             k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != field_name
         }
         scores = self.rewards(prompts, completions, completion_ids, columns, group_size=G)
+        if cfg.reward.missing_eos_penalty:  # completions that never ended
+            scores.scores = (
+                scores.scores - cfg.reward.missing_eos_penalty * rollout.truncated.float()
+            )
         return RolloutBatch(rollout=rollout, rows=rows, scores=scores, completions=texts)
 
     # ------------------------------------------------------------------------------------------
@@ -641,6 +667,11 @@ class Trainer:
             "data": self.prompts.state_dict(),
             "baseline": self.baseline.state_dict(),
             "kl_controller": self.kl_ctl.state_dict(),
+            "reward_sources": {
+                s.name: s.fn.state_dict()
+                for s in self.rewards.sources
+                if hasattr(s.fn, "state_dict")
+            },
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "config": _plain(self.config),
         }
@@ -674,6 +705,9 @@ class Trainer:
         self.prompts.load_state_dict(state["data"])
         self.baseline.load_state_dict(state["baseline"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
+        for source in self.rewards.sources:
+            if hasattr(source.fn, "load_state_dict"):
+                source.fn.load_state_dict(state.get("reward_sources", {}).get(source.name, {}))
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
         if self.dist.is_main:
             _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
@@ -696,7 +730,11 @@ class Trainer:
             if self.dist.is_main:
                 model.save_pretrained(final, state_dict=full)
         elif self.dist.is_main:
-            model.save_pretrained(final)
+            model.save_pretrained(final)  # a LoRA policy writes its adapter
+            if hasattr(model, "merge_and_unload"):
+                merged = self.run_dir / "final-merged"
+                _merged_copy(model).save_pretrained(merged)
+                self.tokenizer.save_pretrained(merged)
         if self.dist.is_main:
             self.tokenizer.save_pretrained(final)
         barrier()
@@ -714,7 +752,7 @@ class Trainer:
     def _evaluate(self, rows: list[dict]) -> dict[str, float]:
         cfg = self.config
         return evaluate(
-            self.backend, self.tokenizer, rows, self.rewards, prompt_field=cfg.data.prompt_field,
+            self.backend, self.tokenizer, rows, self.eval_rewards, prompt_field=cfg.data.prompt_field,
             max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
             pass_k=cfg.eval.pass_k, threshold=cfg.eval.correct_threshold,
             temperature=cfg.rollout.temperature, system_prompt=cfg.data.system_prompt,
@@ -793,13 +831,17 @@ def _backend(cfg: Config, policy, tokenizer, policy_path: str):
     return TransformersBackend(policy, tokenizer, cfg.model.precision, lockstep=is_fsdp(policy))
 
 
+def _task_reward(cfg: Config) -> Callable | None:
+    if not cfg.data.train.startswith("builtin:"):
+        return None
+    from .tasks import get_task
+
+    return get_task(cfg.data.train.split(":")[1]).reward_fn
+
+
 def _reward_computer(cfg: Config, reward_funcs: list[Callable] | None) -> RewardComputer:
     r = cfg.reward
-    task_reward = None
-    if cfg.data.train.startswith("builtin:"):
-        from .tasks import get_task
-
-        task_reward = get_task(cfg.data.train.split(":")[1]).reward_fn
+    task_reward = _task_reward(cfg)
     if reward_funcs:
         sources = [
             RewardSource(getattr(f, "__name__", f"reward_{i}"), f)
@@ -809,7 +851,7 @@ def _reward_computer(cfg: Config, reward_funcs: list[Callable] | None) -> Reward
         sources = [load_function(spec, task_reward) for spec in r.functions]
     if r.model:
         path = resolve_model_path(r.model, "reward.model")
-        rm = RewardModel(path, r.model_batch_size, cfg.model.trust_remote_code)
+        rm = RewardModel(path, r.model_batch_size, cfg.model.trust_remote_code, r.model_normalize)
         sources.append(RewardSource(rm.__name__, rm))
     if r.weights is not None:
         if len(r.weights) != len(sources):
@@ -819,6 +861,13 @@ def _reward_computer(cfg: Config, reward_funcs: list[Callable] | None) -> Reward
         for s, w in zip(sources, r.weights, strict=True):
             s.weight = w
     return RewardComputer(sources, r.multi_reward, r.clip, r.timeout, r.kwargs)
+
+
+def _merged_copy(peft_model: torch.nn.Module) -> torch.nn.Module:
+    """A full model with the adapters merged in (the training model is left untouched)."""
+    import copy
+
+    return copy.deepcopy(peft_model).merge_and_unload()
 
 
 def _zero_loss(model: torch.nn.Module) -> torch.Tensor:

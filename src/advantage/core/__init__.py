@@ -19,12 +19,20 @@ from .kl_control import KL_CONTROLLERS, AdaptiveKLController, FixedKLController
 from .losses import (
     AGGREGATIONS,
     aggregate,
+    bradley_terry_loss,
     entropy_from_logits,
     logprobs_from_logits,
     policy_loss,
     value_loss,
 )
-from .normalize import SCOPES, group_normalize, group_std, masked_mean, masked_whiten
+from .normalize import (
+    SCOPES,
+    RunningMoments,
+    group_normalize,
+    group_std,
+    masked_mean,
+    masked_whiten,
+)
 from .registry import Registry
 from .returns import discounted_returns, gae, last_token_mask, token_rewards
 
@@ -45,7 +53,9 @@ __all__ = [
     "FixedKLController",
     "MovingAverageBaseline",
     "Registry",
+    "RunningMoments",
     "aggregate",
+    "bradley_terry_loss",
     "compute_advantages",
     "discounted_returns",
     "entropy_from_logits",

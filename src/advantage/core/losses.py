@@ -171,3 +171,17 @@ def aggregate(
     mask = mask.bool()
     loss = torch.where(mask, loss, 0.0)
     return fn(loss, mask, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
+
+
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | float = 0.0
+) -> torch.Tensor:
+    """Reward-model loss on preference pairs (Bradley–Terry; InstructGPT arXiv:2203.02155 eq. 1),
+    with the optional margin of Llama 2 (arXiv:2307.09288 eq. 2):
+
+        L = mean_i -log σ(r_c,i - r_r,i - m_i)
+
+    chosen_rewards, rejected_rewards `[N]`, margin scalar or `[N]` → scalar. Computed as
+    softplus(-(Δ - m)), exact for large |Δ|.
+    """
+    return torch.nn.functional.softplus(-(chosen_rewards - rejected_rewards - margin)).mean()

@@ -100,3 +100,51 @@ def masked_whiten(
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask, whitened, 0.0).to(x.dtype)
+
+
+class RunningMoments:
+    """Running mean and variance of a stream of scores (Chan et al. parallel update), global
+    across ranks; `state_dict()` / `load_state_dict()` for checkpoints.
+
+    `normalize(x)` first adds the batch `x` `[N]` to the statistics, then returns
+    `(x - mean) / (std + eps)` with the updated statistics (std with Bessel's correction).
+    """
+
+    def __init__(self, eps: float = 1e-8) -> None:
+        self.eps = eps
+        self.count = 0.0
+        self.mean = 0.0
+        self.m2 = 0.0  # Σ (x - mean)²
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().flatten()
+        n_b, total = all_reduce_sum(
+            torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), x.sum()])
+        ).tolist()
+        if n_b == 0:
+            return
+        mean_b = total / n_b
+        m2_b = float(all_reduce_sum((x - mean_b).square().sum()))
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * n_b / n
+        self.m2 += m2_b + delta * delta * self.count * n_b / n
+        self.count = n
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / (self.count - 1)) ** 0.5 if self.count > 1 else 1.0
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        self.update(x)
+        return (x - self.mean) / (self.std + self.eps)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = (
+            float(state["count"]),
+            float(state["mean"]),
+            float(state["m2"]),
+        )

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,7 +22,7 @@ BUILTIN_MODELS = {
     "tiny-random": dict(task="reverse", size="tiny", sft=dict(steps=0)),
     "small-random": dict(task="reverse", size="small", sft=dict(steps=0)),
 }
-WARM_START_VERSION = 1  # bump when the task, tokenizer or warm-start code changes
+WARM_START_VERSION = 2  # bump when the task, tokenizer or warm-start code changes
 
 
 def cache_dir() -> Path:
@@ -58,13 +59,15 @@ def builtin_model_path(name: str, verbose: bool = True) -> Path:
     if settings.steps:
         if verbose:
             print(
-                f"building builtin:{name}: warm start by SFT on an imperfect teacher (cached in {path})"
+                f"building builtin:{name}: warm start by SFT on an imperfect teacher (cached in {path})",
+                file=sys.stderr,
             )
         rows = task.sft_rows(settings.steps * settings.batch_size, seed=settings.seed)
         stats = supervised_finetune(model, tokenizer, rows, settings)
         if verbose:
             print(
-                f"warm start done in {stats['seconds']:.0f}s (final SFT loss {stats['loss']:.3f})"
+                f"warm start done in {stats['seconds']:.0f}s (final SFT loss {stats['loss']:.3f})",
+                file=sys.stderr,
             )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{name}-"))

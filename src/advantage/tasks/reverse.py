@@ -73,6 +73,32 @@ class ReverseTask:
     def eval_rows(self) -> list[dict]:
         return self.rows(self.eval_strings)
 
+    def preference_rows(self, n: int, split: str = "train", seed: int = 0) -> list[dict]:
+        """`n` pairs {prompt, chosen, rejected}: the verified answer against a wrong one (the
+        teacher's swap of the first two letters, another adjacent swap, a substituted or a
+        dropped letter). `split="eval"` draws from the held-out strings."""
+        rng = random.Random(seed + (7 if split == "eval" else 0))
+        pool = self.eval_strings if split == "eval" else self.train_strings
+        rows = []
+        while len(rows) < n:
+            s = rng.choice(pool)
+            right = answer_of(s)
+            kind = rng.randrange(4)
+            if kind == 0:
+                wrong = right[1] + right[0] + right[2:]
+            elif kind == 1:
+                i = rng.randrange(len(right) - 1)
+                wrong = right[:i] + right[i + 1] + right[i] + right[i + 2 :]
+            elif kind == 2:
+                i = rng.randrange(len(right))
+                wrong = right[:i] + rng.choice(ALPHABET) + right[i + 1 :]
+            else:
+                i = rng.randrange(len(right))
+                wrong = right[:i] + right[i + 1 :]
+            if wrong != right:
+                rows.append({"prompt": prompt_of(s), "chosen": right, "rejected": wrong})
+        return rows
+
     def sft_rows(self, n: int, seed: int = 0) -> list[dict]:
         """`n` teacher demonstrations {prompt, completion} drawn from the training pool."""
         rng = random.Random(seed)

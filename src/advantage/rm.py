@@ -1,0 +1,192 @@
+"""Reward-model training (`advantage rm CONFIG.yaml`) on preference pairs with the
+Bradley–Terry loss `-log σ(r_chosen - r_rejected - margin)`.
+
+The model is an `AutoModelForSequenceClassification` with one label, initialised from a causal
+LM (usually the SFT model); the saved folder (`RUN_DIR/final`) is what `train` loads with
+`reward.model`. Texts are `prompt + completion`, encoded exactly as the reward model is called
+during RL (`advantage.rewards.reward_model_texts`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import LogConfig, ModelConfig
+from .configlib import ConfigError
+from .core import bradley_terry_loss
+from .sft import batches, lr_factor
+
+
+@dataclass
+class PreferenceData:
+    train: str = "builtin:reverse"
+    """Pairs: .jsonl, a local `datasets` folder/file, or builtin:TASK (pairs from its verifier)."""
+    eval: str | None = None
+    """Held-out pairs (default for builtin tasks: pairs on the held-out strings; else a split)."""
+    eval_fraction: float = 0.1
+    """Share of `train` held out when `eval` is not given."""
+    prompt_field: str = "prompt"
+    """Prompt column (string or chat messages)."""
+    chosen_field: str = "chosen"
+    """Preferred completion column."""
+    rejected_field: str = "rejected"
+    """Dispreferred completion column."""
+    margin_field: str | None = None
+    """Optional column of margins m in -log σ(r_c - r_r - m)."""
+
+
+@dataclass
+class RMTrainSettings:
+    steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Pairs per step."""
+    lr: float = 1e-5
+    """Peak learning rate (AdamW), warm-up then cosine decay to 10%."""
+    warmup_steps: int = 20
+    """Warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm."""
+    seed: int = 0
+    """Seed of the batch order, the split and the new head."""
+
+
+@dataclass
+class RMConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PreferenceData = field(default_factory=PreferenceData)
+    train: RMTrainSettings = field(default_factory=RMTrainSettings)
+    log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/rm"))
+    pairs: int = 4096
+    """Pairs drawn from a builtin task."""
+
+
+def load_reward_model(path: str, trust_remote_code: bool = False):
+    """A one-label sequence classifier from any causal-LM folder (the head is new when the
+    folder holds a causal LM) and its tokenizer, right-padded."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from .models import load_tokenizer
+
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    tokenizer.padding_side = "right"
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialized" is the point here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def score(model, tokenizer, prompts: list, completions: list) -> torch.Tensor:
+    """Reward `[N]` of each (prompt, completion) pair (with gradient when enabled)."""
+    from .rewards import reward_model_texts
+
+    enc = tokenizer(
+        reward_model_texts(tokenizer, prompts, completions), return_tensors="pt", padding=True
+    )
+    return model(**enc).logits[:, 0].float()
+
+
+def preference_rows(cfg: RMConfig, spec: str, split: str) -> list[dict]:
+    from .data import load_rows
+
+    if spec.startswith("builtin:"):
+        from .tasks import get_task
+
+        task = get_task(spec.removeprefix("builtin:").split(":")[0])
+        return task.preference_rows(
+            cfg.pairs if split == "train" else 400, split=split, seed=cfg.train.seed
+        )
+    rows = load_rows(spec, f"data.{split}")
+    d = cfg.data
+    for i, row in enumerate(rows):
+        for name in (d.prompt_field, d.chosen_field, d.rejected_field):
+            if name not in row or row[name] in (None, "", []):
+                raise ConfigError(f"data.{split}: row {i} has no (or an empty) '{name}' column")
+    return rows
+
+
+@torch.no_grad()
+def pairwise_accuracy(
+    model, tokenizer, rows: list[dict], d: PreferenceData, batch_size: int = 64
+) -> float:
+    """Fraction of pairs where r(chosen) > r(rejected)."""
+    model.eval()
+    wins = 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        prompts = [r[d.prompt_field] for r in chunk]
+        chosen = score(model, tokenizer, prompts, [r[d.chosen_field] for r in chunk])
+        rejected = score(model, tokenizer, prompts, [r[d.rejected_field] for r in chunk])
+        wins += int((chosen > rejected).sum())
+    return wins / max(len(rows), 1)
+
+
+def run_rm(cfg: RMConfig) -> dict:
+    """`advantage rm`: train, evaluate pairwise accuracy on held-out pairs, save RUN_DIR/final."""
+    from .logger import MetricsLogger
+    from .models import quiet_transformers, resolve_model_path
+
+    quiet_transformers()
+    d, t = cfg.data, cfg.train
+    torch.manual_seed(t.seed)
+    model, tokenizer = load_reward_model(
+        resolve_model_path(cfg.model.name_or_path), cfg.model.trust_remote_code
+    )
+    rows = preference_rows(cfg, d.train, "train")
+    if d.eval is not None or d.train.startswith("builtin:"):
+        eval_rows = preference_rows(cfg, d.eval or d.train, "eval")
+    else:
+        n_eval = max(1, int(len(rows) * d.eval_fraction))
+        generator = torch.Generator().manual_seed(t.seed)
+        order = torch.randperm(len(rows), generator=generator).tolist()
+        eval_rows, rows = [rows[i] for i in order[:n_eval]], [rows[i] for i in order[n_eval:]]
+    accuracy_before = pairwise_accuracy(model, tokenizer, eval_rows, d)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t.warmup_steps, t.steps))
+    logger = MetricsLogger(
+        cfg.log.run_dir, t.steps, cfg.log.tensorboard, cfg.log.wandb, cfg.log.progress
+    )
+    logger.start(0)
+    start = time.perf_counter()
+    order = batches(len(rows), t.batch_size, t.seed)
+    try:
+        for step in range(1, t.steps + 1):
+            model.train()
+            chunk = [rows[i] for i in next(order)]
+            prompts = [r[d.prompt_field] for r in chunk]
+            chosen = score(model, tokenizer, prompts, [r[d.chosen_field] for r in chunk])
+            rejected = score(model, tokenizer, prompts, [r[d.rejected_field] for r in chunk])
+            margin = (
+                torch.tensor([float(r[d.margin_field]) for r in chunk]) if d.margin_field else 0.0
+            )
+            loss = bradley_terry_loss(chosen, rejected, margin)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            opt.step()
+            sched.step()
+            if step % cfg.log.every == 0 or step == t.steps:
+                logger.log(step, {"loss": loss.item(), "accuracy": float((chosen > rejected).float().mean()),
+                                  "margin": float((chosen - rejected).detach().mean()), "lr": sched.get_last_lr()[0]})  # fmt: skip
+    finally:
+        logger.close()
+    accuracy = pairwise_accuracy(model, tokenizer, eval_rows, d)
+    logger.log(t.steps, {"eval/pairwise_accuracy": accuracy})
+    final = Path(cfg.log.run_dir) / "final"
+    model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    return {"eval_pairwise_accuracy": accuracy, "eval_pairwise_accuracy_before": accuracy_before,
+            "eval_pairs": len(eval_rows), "seconds": time.perf_counter() - start, "final": str(final)}  # fmt: skip

@@ -1,0 +1,170 @@
+"""Users' experience: the report (rendered in headless Chromium), LoRA, datasets and chat
+templates, `advantage eval`, built-in reward helpers, and the generated config reference."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from advantage.config import load_config
+from advantage.reward_helpers import exact_match, format_regex, length_penalty, overlong_penalty
+from advantage.trainer import Trainer
+from helpers import length_reward, small_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert found, "Debian's chromium is needed (make test installs it)"
+    return found
+
+
+@pytest.mark.slow
+def test_report_page_renders_with_every_plot(run_dir):
+    cfg = load_config(None, small_config(run_dir, "train.steps=4", "log.samples=2"))
+    Trainer(cfg, reward_funcs=[length_reward]).fit()  # log.report=true writes the report at the end
+    page = run_dir / "report" / "index.html"
+    pngs = sorted(p.name for p in page.parent.glob("*.png"))
+    assert {
+        "reward.png",
+        "kl.png",
+        "entropy.png",
+        "length.png",
+        "clip.png",
+        "advantages.png",
+    } <= set(pngs)
+    dom = subprocess.run(
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={run_dir / 'chrome'}", "--virtual-time-budget=5000", "--dump-dom",
+         page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    loaded = re.search(r'data-images-loaded="(\d+)"', dom)
+    total = re.search(r'data-images-total="(\d+)"', dom)
+    assert loaded and total, dom[:500]
+    assert int(loaded.group(1)) == int(total.group(1)) == len(pngs)
+    assert "Sample completions" in dom and dom.count("<tr>") > 2
+
+
+@pytest.mark.slow
+def test_lora_reference_is_the_base_and_saving_writes_the_adapter(run_dir):
+    from transformers import AutoModelForCausalLM
+
+    from advantage.models import AdapterDisabled, completion_logprobs
+
+    cfg = load_config(None, small_config(run_dir, "train.steps=3", "checkpoint.save_final=true",
+                                         "model.lora={r: 4, lora_alpha: 8}", "train.lr=1e-2"))  # fmt: skip
+    trainer = Trainer(cfg, reward_funcs=[length_reward])
+    assert isinstance(trainer.ref, AdapterDisabled)  # no second copy of the weights
+    trainable = sum(p.numel() for p in trainer.policy.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.policy.parameters())
+    assert trainable < total // 20
+    result = trainer.fit()
+    assert result.metrics[-1]["kl"] > 0  # the adapters moved the policy away from the base
+    assert (run_dir / "final" / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "final-merged")
+    batch = trainer.rollout_and_score().rollout
+    with torch.no_grad():
+        lp_peft, _ = completion_logprobs(trainer.policy, batch)
+        lp_merged, _ = completion_logprobs(merged, batch)
+    torch.testing.assert_close(lp_merged[batch.completion_mask], lp_peft[batch.completion_mask],
+                               atol=1e-4, rtol=0)  # fmt: skip
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<a>{% endif %}"
+)
+
+
+@pytest.mark.slow
+def test_conversational_jsonl_and_columns_reach_rewards(tmp_path, run_dir):
+    from advantage.tasks import builtin_model_path
+    from advantage.tasks.tiny import char_tokenizer
+
+    tok_dir = tmp_path / "tok"
+    tok = char_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(tok_dir)
+    rows = [{"prompt": [{"role": "user", "content": f"rev {w}"}], "answer": w[::-1], "level": i}
+            for i, w in enumerate(["abc", "bca", "cab", "dab"])]  # fmt: skip
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = {}
+
+    def reads(prompts, completions, answer, level, **kwargs):
+        seen.update(prompt=prompts[0], completion=completions[0], answer=answer, level=level)
+        return [float(len(completion[0]["content"])) for completion in completions]
+
+    cfg = load_config(None, small_config(
+        run_dir, f"data.train={data}", f"model.tokenizer={tok_dir}", "train.steps=1",
+        "data.system_prompt=be brief", model=str(builtin_model_path("tiny-random")),
+    ))  # fmt: skip
+    trainer = Trainer(cfg, reward_funcs=[reads])
+    trainer.fit()
+    assert seen["prompt"] == rows[0]["prompt"] or seen["prompt"] in [r["prompt"] for r in rows]
+    assert isinstance(seen["completion"], list) and seen["completion"][0]["role"] == "assistant"
+    assert len(seen["answer"]) == 8 and len(seen["level"]) == 8  # one value per completion
+    from advantage.data import encode_prompt
+
+    text = tok.decode(encode_prompt(tok, rows[0]["prompt"], "be brief"))
+    assert text == "<s>be brief<u>rev abc<a>"
+
+
+def test_datasets_folder_loads(tmp_path):
+    import datasets
+
+    from advantage.data import load_rows
+
+    datasets.Dataset.from_list([{"prompt": "ab>", "answer": "ba"}]).save_to_disk(tmp_path / "ds")
+    assert load_rows(str(tmp_path / "ds")) == [{"prompt": "ab>", "answer": "ba"}]
+    (tmp_path / "d.csv").write_text("prompt,answer\nab>,ba\n")
+    assert load_rows(str(tmp_path / "d.csv"))[0]["answer"] == "ba"
+
+
+@pytest.mark.slow
+def test_eval_command_greedy_and_pass_at_k():
+    out = subprocess.run(
+        [sys.executable, "-m", "advantage", "eval", "builtin:tiny-reverse", "builtin:reverse:eval",
+         "--size", "40", "--pass-k", "4", "--max-new-tokens", "8"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert 0.2 < result["eval/accuracy"] < 0.9  # the warm start: imperfect, not broken
+    assert result["eval/pass@4"] >= result["eval/accuracy"]
+
+
+def test_reward_helpers_hand_computed():
+    assert exact_match(None, [" ba ", "ab", "x"], answer=["ba", "ba", None]) == [1.0, 0.0, None]
+    assert format_regex(None, ["<a>1</a>", "1"], format_pattern=r"<a>\d+</a>") == [1.0, 0.0]
+    assert length_penalty(None, None, [[1] * 3, [1] * 10], target_length=5, length_penalty_coef=0.1) == [
+        0.0, pytest.approx(-0.5)]  # fmt: skip
+    # DAPO overlong: L_max 10, buffer 4 → 0 up to 6, then (6 - n)/4, -1 beyond 10
+    assert overlong_penalty(None, None, [[0] * 6, [0] * 8, [0] * 10, [0] * 12],
+                            max_completion_length=10, overlong_buffer=4) == [0.0, -0.5, -1.0, -1.0]  # fmt: skip
+
+
+def test_math_answer_helper():
+    from advantage.reward_helpers import math_answer
+
+    got = math_answer(
+        None,
+        ["The answer is $\\frac{1}{2}$", "so 0.5", "it is 3"],
+        answer=["$0.5$", "$\\frac12$", "$4$"],
+    )
+    assert got == [1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("name", ["config.md", "algorithms.md"])
+def test_generated_docs_are_current(name):
+    from advantage.docs import GENERATED
+
+    assert (ROOT / "docs" / name).read_text() == GENERATED[name](), "run: advantage docs"
