@@ -16,6 +16,8 @@ CONSOLE_KEYS = (
     ("loss/policy", "pg", "{:+.4f}"),
     ("completion/length", "len", "{:.1f}"),
     ("time/step", "s/step", "{:.2f}"),
+    ("loss", "loss", "{:.4f}"),
+    ("accuracy", "acc", "{:.3f}"),
 )
 
 
