@@ -18,7 +18,7 @@ import torch
 from .config import LogConfig, ModelConfig
 from .configlib import ConfigError
 from .core import bradley_terry_loss
-from .sft import batches, lr_factor
+from .sft import StageSettings, batches
 
 
 @dataclass
@@ -40,21 +40,12 @@ class PreferenceData:
 
 
 @dataclass
-class RMTrainSettings:
+class RMTrainSettings(StageSettings):
     steps: int = 300
-    """Optimizer steps."""
     batch_size: int = 32
     """Pairs per step."""
     lr: float = 1e-5
-    """Peak learning rate (AdamW), warm-up then cosine decay to 10%."""
     warmup_steps: int = 20
-    """Warm-up steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping by global norm."""
-    seed: int = 0
-    """Seed of the batch order, the split and the new head."""
 
 
 @dataclass
@@ -154,8 +145,7 @@ def run_rm(cfg: RMConfig) -> dict:
         order = torch.randperm(len(rows), generator=generator).tolist()
         eval_rows, rows = [rows[i] for i in order[:n_eval]], [rows[i] for i in order[n_eval:]]
     accuracy_before = pairwise_accuracy(model, tokenizer, eval_rows, d)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t.warmup_steps, t.steps))
+    opt, sched = t.optimizer(model)
     logger = MetricsLogger(
         cfg.log.run_dir, t.steps, cfg.log.tensorboard, cfg.log.wandb, cfg.log.progress
     )

@@ -23,11 +23,13 @@ from .configlib import ConfigError, load, parse_overrides, read_yaml, set_path
 
 
 @dataclass
-class SFTSettings:
+class StageSettings:
+    """Optimisation of a supervised stage (SFT, reward model)."""
+
     steps: int = 600
     """Optimizer steps."""
     batch_size: int = 64
-    """Sequences per step."""
+    """Examples per step."""
     lr: float = 2e-5
     """Peak learning rate (AdamW), linear warm-up then cosine decay to 10%."""
     warmup_steps: int = 30
@@ -36,10 +38,23 @@ class SFTSettings:
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm."""
-    max_length: int | None = None
-    """Sequences longer than this (prompt + completion tokens) are cut on the right."""
     seed: int = 0
     """Seed of the batch order and of torch."""
+
+    def optimizer(self, model: torch.nn.Module):
+        """AdamW and its warm-up + cosine schedule."""
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=True
+        )
+        return opt, torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, self.warmup_steps, self.steps)
+        )
+
+
+@dataclass
+class SFTSettings(StageSettings):
+    max_length: int | None = None
+    """Sequences longer than this (prompt + completion tokens) are cut on the right."""
     log_every: int = 100
     """Print the loss every N steps (0 = silent)."""
 
@@ -161,12 +176,7 @@ def supervised_finetune(model, tokenizer, rows: list[dict], settings: SFTSetting
         encode_pair(tokenizer, r["prompt"], r["completion"], settings.max_length) for r in rows
     ]
     torch.manual_seed(settings.seed)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, fused=True
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, settings.warmup_steps, settings.steps)
-    )
+    opt, sched = settings.optimizer(model)
     model.train()
     start, loss = time.perf_counter(), float("nan")
     order = batches(len(pairs), settings.batch_size, settings.seed)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import time
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from .batch import RolloutBatch, concat_batches, split_constant_groups
 from .config import Config, config_from
 from .configlib import ConfigError
 from .core import (
@@ -69,27 +69,20 @@ from .parallel import (
     unwrap,
     wrap_model,
 )
-from .rewards import RewardComputer, RewardModel, RewardSource, Scores, load_function
-from .rollout import Rollout, SamplingParams, TransformersBackend
+from .rewards import RewardComputer, load_function
+from .rollout import Rollout, SamplingParams
+from .setup import (
+    eval_rows,
+    make_backend,
+    make_optimizer,
+    make_reward_computer,
+    task_reward,
+    warn_slow_bf16,
+)
 
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive updates had a non-finite loss or gradient."""
-
-
-@dataclass
-class RolloutBatch:
-    """One scored rollout batch: B = P·G sequences, prompt-major."""
-
-    rollout: Rollout
-    rows: list[dict]
-    """The P dataset rows, one per group."""
-    scores: Scores
-    completions: list[str]
-    rollout_seconds: float = 0.0
-    reward_seconds: float = 0.0
-    tries: int = 1
-    dropped_groups: int = 0
 
 
 @dataclass
@@ -112,7 +105,7 @@ class Trainer:
         self.config = cfg = config
         self.algo = cfg.algorithm_spec()
         quiet_transformers()
-        _warn_slow_bf16(cfg)
+        warn_slow_bf16(cfg)
         self.dist: DistInfo = init_distributed(cfg.distributed.backend)
         if cfg.rollout.prompts_per_step % self.dist.world_size:
             raise ConfigError(
@@ -126,15 +119,15 @@ class Trainer:
         # data first: a bad dataset fails before any model is loaded
         self.train_rows = load_rows(cfg.data.train, "data.train")
         check_rows(self.train_rows, cfg.data.prompt_field, "data.train")
-        self.eval_rows = _eval_rows(cfg)[: cfg.eval.size]
+        self.eval_rows = eval_rows(cfg)[: cfg.eval.size]
         self.prompts = PromptStream(self.train_rows, cfg.train.seed, cfg.data.shuffle)
-        self.rewards = _reward_computer(cfg, reward_funcs)
+        self.rewards = make_reward_computer(cfg, reward_funcs)
         self.rewards.check_columns(set(self.train_rows[0]) - {cfg.data.prompt_field})
         self.eval_rewards = self.rewards
         if cfg.eval.functions:
-            task_reward = _task_reward(cfg)
+            judge = task_reward(cfg)
             self.eval_rewards = RewardComputer(
-                [load_function(spec, task_reward) for spec in cfg.eval.functions],
+                [load_function(spec, judge) for spec in cfg.eval.functions],
                 "sum_then_normalize",
                 None,
                 cfg.reward.timeout,
@@ -169,13 +162,13 @@ class Trainer:
             self.ref = wrap_model(self.ref, strategy, self.dist, trainable=False)
         if self.critic is not None:
             self.critic = wrap_model(self.critic, strategy, self.dist)
-        self.optimizer, self.scheduler = _optimizer(self.policy, cfg, cfg.train.lr)
+        self.optimizer, self.scheduler = make_optimizer(self.policy, cfg, cfg.train.lr)
         self.critic_optimizer = self.critic_scheduler = None
         if self.critic is not None:
-            self.critic_optimizer, self.critic_scheduler = _optimizer(
+            self.critic_optimizer, self.critic_scheduler = make_optimizer(
                 self.critic, cfg, cfg.train.critic_lr
             )
-        self.backend = _backend(cfg, self.policy, self.tokenizer, policy_path)
+        self.backend = make_backend(cfg, self.policy, self.tokenizer, policy_path)
         # the stateful parts of the algorithm
         self.baseline = make_baseline(self.algo.baseline, ema_alpha=self.algo.ema_alpha)
         self.kl_ctl = KL_CONTROLLERS[self.algo.kl_controller](
@@ -410,7 +403,7 @@ class Trainer:
             part = self._score(rollout, rows)
             reward_seconds += time.perf_counter() - t0
             if cfg.rollout.dynamic_sampling:
-                part, constant = _split_constant_groups(part, G)
+                part, constant = split_constant_groups(part, G)
                 if constant is not None:
                     dropped += len(constant.rows)
                     reserve.append(constant)
@@ -418,7 +411,7 @@ class Trainer:
                 kept.append(part)
                 n_groups += len(part.rows)
         parts = kept + reserve  # set-aside groups only fill what is missing
-        batch = _concat_batches(
+        batch = concat_batches(
             parts, self.tokenizer.pad_token_id, keep_groups=P_local, group_size=G
         )
         batch.rollout_seconds, batch.reward_seconds = seconds, reward_seconds
@@ -765,104 +758,6 @@ class Trainer:
 # setup helpers
 
 
-def _warn_slow_bf16(cfg: Config) -> None:
-    if cfg.model.precision != "bf16" or torch.cuda.is_available():
-        return
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        import logging
-
-        logging.getLogger("advantage").warning(
-            "model.precision=bf16 on a CPU without native bf16 matrix units (AVX512-BF16/AMX): "
-            "bf16 matrix products fall back to slow kernels here and run many times slower than "
-            "fp32 (see benchmarks/results); consider model.precision=fp32"
-        )
-
-
-def _eval_rows(cfg: Config) -> list[dict]:
-    spec = cfg.data.eval
-    if spec is None and cfg.data.train.startswith("builtin:"):
-        spec = cfg.data.train.split(":")[0] + ":" + cfg.data.train.split(":")[1] + ":eval"
-    if spec is None:
-        return []
-    rows = load_rows(spec, "data.eval")
-    check_rows(rows, cfg.data.prompt_field, "data.eval")
-    return rows
-
-
-def _optimizer(model: torch.nn.Module, cfg: Config, lr: float):
-    t = cfg.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        params,
-        lr=lr,
-        betas=tuple(t.adam_betas),
-        eps=t.adam_eps,
-        weight_decay=t.weight_decay,
-        fused=True,
-    )
-
-    def factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        if t.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
-        return (
-            1.0 - progress
-            if t.lr_schedule == "linear"
-            else 0.5 * (1 + math.cos(math.pi * progress))
-        )
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def _backend(cfg: Config, policy, tokenizer, policy_path: str):
-    if cfg.rollout.backend == "vllm":
-        from .rollout.vllm import VLLMBackend
-
-        limit = getattr(policy.config, "max_position_embeddings", 2048)
-        backend = VLLMBackend(
-            policy_path, tokenizer, precision=cfg.model.precision, seed=cfg.train.seed,
-            max_model_len=min(2048, limit), engine_kwargs=cfg.rollout.vllm,
-        )  # fmt: skip
-        backend.sync_weights(policy)  # the policy may differ from the folder (resume, LoRA)
-        return backend
-    # FSDP2: every forward is collective, so every rank must run the same decode steps
-    return TransformersBackend(policy, tokenizer, cfg.model.precision, lockstep=is_fsdp(policy))
-
-
-def _task_reward(cfg: Config) -> Callable | None:
-    if not cfg.data.train.startswith("builtin:"):
-        return None
-    from .tasks import get_task
-
-    return get_task(cfg.data.train.split(":")[1]).reward_fn
-
-
-def _reward_computer(cfg: Config, reward_funcs: list[Callable] | None) -> RewardComputer:
-    r = cfg.reward
-    task_reward = _task_reward(cfg)
-    if reward_funcs:
-        sources = [
-            RewardSource(getattr(f, "__name__", f"reward_{i}"), f)
-            for i, f in enumerate(reward_funcs)
-        ]
-    else:
-        sources = [load_function(spec, task_reward) for spec in r.functions]
-    if r.model:
-        path = resolve_model_path(r.model, "reward.model")
-        rm = RewardModel(path, r.model_batch_size, cfg.model.trust_remote_code, r.model_normalize)
-        sources.append(RewardSource(rm.__name__, rm))
-    if r.weights is not None:
-        if len(r.weights) != len(sources):
-            raise ConfigError(
-                f"reward.weights has {len(r.weights)} entries for {len(sources)} reward sources"
-            )
-        for s, w in zip(sources, r.weights, strict=True):
-            s.weight = w
-    return RewardComputer(sources, r.multi_reward, r.clip, r.timeout, r.kwargs)
-
-
 def _merged_copy(peft_model: torch.nn.Module) -> torch.nn.Module:
     """A full model with the adapters merged in (the training model is left untouched)."""
     import copy
@@ -874,58 +769,6 @@ def _zero_loss(model: torch.nn.Module) -> torch.Tensor:
     """0 with a gradient path to every trainable parameter: a rank with a non-finite loss still
     takes part in DDP's gradient all-reduce (its update is then skipped everywhere)."""
     return 0.0 * sum(p.float().sum() for p in model.parameters() if p.requires_grad)
-
-
-def _split_constant_groups(
-    batch: RolloutBatch, G: int
-) -> tuple[RolloutBatch | None, RolloutBatch | None]:
-    """Dynamic sampling (DAPO): (groups with at least two different scores, the other groups)."""
-    present = batch.scores.score_mask.view(-1, G)
-    s = batch.scores.scores.view(-1, G)
-    hi = torch.where(present, s, -math.inf).amax(-1)
-    lo = torch.where(present, s, math.inf).amin(-1)
-    varied = (present.sum(-1) >= 2) & (hi > lo)
-
-    def pick(groups: list[int]) -> RolloutBatch | None:
-        if not groups:
-            return None
-        return _select_batch(
-            batch, groups, torch.tensor([g * G + j for g in groups for j in range(G)])
-        )
-
-    return pick(varied.nonzero().flatten().tolist()), pick((~varied).nonzero().flatten().tolist())
-
-
-def _select_batch(batch: RolloutBatch, groups: list[int], rows_idx: torch.Tensor) -> RolloutBatch:
-    s = batch.scores
-    return RolloutBatch(
-        rollout=batch.rollout.select(rows_idx),
-        rows=[batch.rows[g] for g in groups],
-        scores=Scores(
-            s.scores[rows_idx], s.score_mask[rows_idx], s.per_source[:, rows_idx], s.names
-        ),
-        completions=[batch.completions[i] for i in rows_idx.tolist()],
-    )
-
-
-def _concat_batches(
-    parts: list[RolloutBatch], pad_id: int, keep_groups: int, group_size: int
-) -> RolloutBatch:
-    if len(parts) == 1 and len(parts[0].rows) <= keep_groups:
-        return parts[0]
-    rollout = Rollout.concat([p.rollout for p in parts], pad_id)
-    rows = [r for p in parts for r in p.rows]
-    scores = Scores(
-        torch.cat([p.scores.scores for p in parts]),
-        torch.cat([p.scores.score_mask for p in parts]),
-        torch.cat([p.scores.per_source for p in parts], dim=1),
-        parts[0].scores.names,
-    )
-    merged = RolloutBatch(rollout, rows, scores, [c for p in parts for c in p.completions])
-    if len(rows) > keep_groups:
-        keep = list(range(keep_groups))
-        merged = _select_batch(merged, keep, torch.arange(keep_groups * group_size))
-    return merged
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
