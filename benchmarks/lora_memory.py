@@ -45,7 +45,9 @@ def run(size: str, lora: bool, steps: int) -> dict:
     ]  # fmt: skip
     if lora:
         overrides.append("model.lora={r: 8, lora_alpha: 16}")
-    out = subprocess.run([sys.executable, "-c", CHILD, *overrides], capture_output=True, text=True, timeout=3600)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, *overrides], capture_output=True, text=True, timeout=3600
+    )
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -56,11 +58,16 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"])
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
-    print("| model | training | peak RSS MB | LoRA / full | training state MB (weights, reference, grads, AdamW) | LoRA / full | s/step |")
+    print(
+        "| model | training | peak RSS MB | LoRA / full | training state MB (weights, reference, grads, AdamW) | LoRA / full | s/step |"
+    )
     print("|---|---|---|---|---|---|---|")
     for size in args.sizes:
         full, lora = run(size, False, args.steps), run(size, True, args.steps)
-        for name, r in (("full fine-tuning (+ reference copy)", full), ("LoRA r=8 (reference = adapters off)", lora)):
+        for name, r in (
+            ("full fine-tuning (+ reference copy)", full),
+            ("LoRA r=8 (reference = adapters off)", lora),
+        ):
             print(f"| {size} | {name} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / full['peak_rss_mb']:.2f} | "
                   f"{r['state_mb']:.1f} | {r['state_mb'] / full['state_mb']:.2f} | {r['s_per_step']:.2f} |")  # fmt: skip
 

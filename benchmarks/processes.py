@@ -27,11 +27,21 @@ def run(processes: int, steps: int, strategy: str) -> dict:
         cmd = [sys.executable, "-m", "advantage", *args]
     else:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // processes))
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "-m", "advantage", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            "-m",
+            "advantage",
+            *args,
+        ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    ]
     steps_ = [r for r in records if "time/step" in r][3:]  # skip warm-up steps
     evals = [r for r in records if "eval/accuracy" in r]
     return {
@@ -49,7 +59,9 @@ def main() -> None:
     args = parser.parse_args()
     rows = [run(1, args.steps, "ddp"), run(2, args.steps, "ddp"), run(2, args.steps, "fsdp2")]
     base = rows[0]["s_per_step"]
-    print("| processes | strategy | s/step | × vs 1 process | rollout tok/s (per rank) | train tok/s (per rank) | held-out accuracy |")
+    print(
+        "| processes | strategy | s/step | × vs 1 process | rollout tok/s (per rank) | train tok/s (per rank) | held-out accuracy |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['processes']} | {r['strategy'] if r['processes'] > 1 else '–'} | {r['s_per_step']:.3f} | "

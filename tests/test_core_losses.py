@@ -166,3 +166,27 @@ def test_micro_batches_with_global_counts_equal_full_batch(mode):
     if mode == "token_mean":  # without the global count the micro-batch mean is wrong
         naive = sum(aggregate(w[r].square(), m[r], mode) for r in (slice(0, 3), slice(3, 8))) / 2
         assert not torch.allclose(naive, full)
+
+
+def test_policy_objective_composes_clip_kl_entropy_and_tis():
+    from advantage.core import kl_k3, policy_objective
+
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    old = logp.detach()  # ρ = 1
+    ref = torch.tensor([[-1.5, -2.0]])
+    adv = torch.tensor([[2.0, -1.0]])
+    ent = torch.tensor([[0.5, 0.25]])
+    engine = torch.tensor([[-1.0, -2.0 - math.log(3.0)]])  # π_train/π_engine = [1, 3]
+    m = torch.ones(1, 2, dtype=torch.bool)
+    loss, metrics = policy_objective(logp, old, adv, m, ref_logprobs=ref, kl_coef=0.1, kl_estimator="k3",
+                                     entropy=ent, entropy_coef=0.01, engine_logprobs=engine, tis_cap=2.0)  # fmt: skip
+    # L = w·(-A·ρ) + β·k3 - c·H, w = min([1, 3], 2) = [1, 2]
+    k3 = kl_k3(logp.detach(), ref)
+    expected = torch.tensor([[1 * -2.0, 2 * 1.0]]) + 0.1 * k3 - 0.01 * ent
+    torch.testing.assert_close(loss.detach(), expected)
+    assert metrics["tis_weight"].item() == pytest.approx(1.5)
+    assert metrics["rollout/logprob_gap"].item() == pytest.approx(math.log(3.0) / 2)
+    # the KL term carries gradient: d(β·k3)/dlogp = β·(1 - exp(-lr)), lr = logp - ref
+    loss.sum().backward()
+    lr = torch.tensor([0.5, 0.0])
+    torch.testing.assert_close(logp.grad[0], torch.tensor([-2.0, 2.0]) + 0.1 * (1 - torch.exp(-lr)))

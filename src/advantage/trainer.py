@@ -38,8 +38,7 @@ from .core import (
     compute_advantages,
     kl_penalty,
     make_baseline,
-    masked_mean,
-    policy_loss,
+    policy_objective,
     value_loss,
 )
 from .data import PromptStream, check_rows, encode_prompt, load_rows
@@ -538,41 +537,21 @@ class Trainer:
         )  # fmt: skip
         # with μ = 1 and one minibatch the weights have not moved since the rollout: ρ = 1
         old = t["old_logprobs"] if t["old_logprobs"] is not None else logprobs.detach()
-        pg, stats = policy_loss(
-            logprobs, old, t["advantages"], mask, algo.clip_low, algo.clip_high, algo.dual_clip
-        )
-        per_token = pg
-        engine = t["engine_logprobs"]
-        if engine is not None:
-            # the engine's sampling log-probs against the trainer's for the same weights
-            stats["rollout/logprob_gap"] = masked_mean(
-                (old - engine).abs(), mask, global_stats=False
-            )
-            if cfg.rollout.tis_cap:  # truncated importance sampling: min(π_train/π_engine, cap)
-                tis = torch.exp(old - engine).clamp(max=cfg.rollout.tis_cap)
-                per_token = per_token * tis
-                stats["tis_weight"] = masked_mean(tis, mask, global_stats=False)
-        kl = None
-        if algo.kl_placement == "loss" and self.kl_ctl.value > 0:
-            kl = kl_penalty(logprobs, t["ref_logprobs"], algo.kl_estimator)
-            per_token = per_token + self.kl_ctl.value * kl
-        if algo.entropy_coef:
-            per_token = per_token - algo.entropy_coef * entropy
+        kl_in_loss = algo.kl_placement == "loss"
+        per_token, stats = policy_objective(
+            logprobs, old, t["advantages"], mask,
+            clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip,
+            ref_logprobs=t["ref_logprobs"] if kl_in_loss else None, kl_coef=self.kl_ctl.value,
+            kl_estimator=algo.kl_estimator, entropy=entropy, entropy_coef=algo.entropy_coef,
+            engine_logprobs=t["engine_logprobs"], tis_cap=cfg.rollout.tis_cap,
+        )  # fmt: skip
         agg = dict(num_tokens=num_tokens, num_seqs=num_seqs, max_len=cfg.rollout.max_new_tokens)
         loss = aggregate(per_token, mask, algo.aggregation, **agg)
         finite = bool(torch.isfinite(loss))
         # DDP averages gradients over ranks; the global denominators already account for them
         (loss * world if finite else _zero_loss(self.policy)).backward()
-        out = {
-            "_objective": float(loss.detach())
-            if finite
-            else 0.0,  # this rank's part of the step's loss
-            "loss/policy": float(aggregate(pg.detach(), mask, "token_mean")),
-            "entropy": float(masked_mean(entropy.detach(), mask, global_stats=False)),
-            **{k: float(v) for k, v in stats.items()},
-        }
-        if kl is not None:
-            out["kl_loss"] = float(masked_mean(kl.detach(), mask, global_stats=False))
+        out = {k: float(v) for k, v in stats.items()}
+        out["_objective"] = float(loss.detach()) if finite else 0.0  # this rank's part of the loss
         if self.critic is not None:
             values = completion_values(self.critic, part, cfg.model.precision)
             v_loss, v_stats = value_loss(

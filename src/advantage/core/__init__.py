@@ -23,6 +23,7 @@ from .losses import (
     entropy_from_logits,
     logprobs_from_logits,
     policy_loss,
+    policy_objective,
     value_loss,
 )
 from .normalize import (
@@ -74,6 +75,7 @@ __all__ = [
     "masked_mean",
     "masked_whiten",
     "policy_loss",
+    "policy_objective",
     "preset_table",
     "resolve",
     "token_rewards",
