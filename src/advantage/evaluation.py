@@ -5,30 +5,14 @@ from __future__ import annotations
 import torch
 
 from .data import encode_prompt
+from .rewards import score_rollout
 from .rollout import SamplingParams
 
 
 def _scores(backend, tokenizer, rows, rewards, prompt_field, params, n, system_prompt):
     prompts = [encode_prompt(tokenizer, r[prompt_field], system_prompt) for r in rows]
     rollout = backend.generate(prompts, n, params)
-    texts = tokenizer.batch_decode(
-        [
-            ids[m].tolist()
-            for ids, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)
-        ],
-        skip_special_tokens=True,
-    )
-    columns = {k: [r[k] for r in rows for _ in range(n)] for k in rows[0] if k != prompt_field}
-    prompt_objs = [r[prompt_field] for r in rows for _ in range(n)]
-    completion_ids = [
-        ids[m].tolist()
-        for ids, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)
-    ]
-    completions = [
-        [{"role": "assistant", "content": t}] if isinstance(p, list) else t
-        for p, t in zip(prompt_objs, texts, strict=True)
-    ]
-    scored = rewards(prompt_objs, completions, completion_ids, columns, group_size=n)
+    scored, texts = score_rollout(rewards, tokenizer, rollout, rows, prompt_field, n)
     return scored.scores.view(len(rows), n), texts
 
 

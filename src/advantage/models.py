@@ -15,6 +15,7 @@ import torch
 
 from .configlib import ConfigError
 from .core import entropy_from_logits, logprobs_from_logits
+from .parallel import unwrap
 from .rollout import Rollout
 
 log = logging.getLogger("advantage")
@@ -187,7 +188,7 @@ def completion_outputs(
         first, inverse = (t.to(device) for t in shared)
         prompt_ids, prompt_mask = batch.prompt_ids.to(device), batch.prompt_mask.to(device)
         # 1. each distinct prompt once, filling a KV cache
-        cache = DynamicCache(config=_unwrap(model).config)
+        cache = DynamicCache(config=unwrap(model).config)
         u_mask = prompt_mask[first]
         out = model(
             input_ids=prompt_ids[first],
@@ -244,13 +245,9 @@ def completion_values(
     return completion_outputs(critic, batch, precision)[..., 0].float()
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
 def _checkpointing(model: torch.nn.Module) -> bool:
     """Gradient checkpointing in training mode turns the KV cache off."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     return bool(getattr(inner, "is_gradient_checkpointing", False)) and inner.training
 
 

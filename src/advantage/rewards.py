@@ -300,3 +300,24 @@ class RewardComputer:
         weights = torch.tensor([s.weight for s in self.sources], dtype=torch.float32)
         scores, score_mask = combine(per_source, weights, group_size, self.mode, self.clip)
         return Scores(scores, score_mask, per_source, [s.name for s in self.sources])
+
+
+def score_rollout(rewards: RewardComputer, tokenizer, rollout, rows: list[dict], prompt_field: str,
+                  group_size: int) -> tuple[Scores, list[str]]:  # fmt: skip
+    """Score the G completions of each row (prompt-major): TRL's arguments — prompts as the
+    dataset has them, completions as text (or an assistant message for conversational prompts),
+    their token ids, and every other column repeated per completion. Returns (scores, texts)."""
+    completion_ids = [
+        ids[m].tolist()
+        for ids, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)
+    ]
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    prompts = [r[prompt_field] for r in rows for _ in range(group_size)]
+    completions = [
+        [{"role": "assistant", "content": t}] if isinstance(p, list) else t
+        for p, t in zip(prompts, texts, strict=True)
+    ]
+    columns = {
+        k: [r.get(k) for r in rows for _ in range(group_size)] for k in rows[0] if k != prompt_field
+    }
+    return rewards(prompts, completions, completion_ids, columns, group_size=group_size), texts

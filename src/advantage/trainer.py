@@ -68,7 +68,7 @@ from .parallel import (
     unwrap,
     wrap_model,
 )
-from .rewards import RewardComputer, load_function
+from .rewards import RewardComputer, load_function, score_rollout
 from .rollout import Rollout, SamplingParams
 from .setup import (
     eval_rows,
@@ -419,22 +419,14 @@ class Trainer:
 
     def _score(self, rollout: Rollout, rows: list[dict]) -> RolloutBatch:
         cfg = self.config
-        G = cfg.rollout.num_generations
-        field_name = cfg.data.prompt_field
-        completion_ids = [
-            ids[m].tolist()
-            for ids, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)
-        ]
-        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        prompts = [r[field_name] for r in rows for _ in range(G)]
-        completions = [
-            [{"role": "assistant", "content": t}] if isinstance(p, list) else t
-            for p, t in zip(prompts, texts, strict=True)
-        ]
-        columns = {
-            k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != field_name
-        }
-        scores = self.rewards(prompts, completions, completion_ids, columns, group_size=G)
+        scores, texts = score_rollout(
+            self.rewards,
+            self.tokenizer,
+            rollout,
+            rows,
+            cfg.data.prompt_field,
+            cfg.rollout.num_generations,
+        )
         if cfg.reward.missing_eos_penalty:  # completions that never ended
             scores.scores = (
                 scores.scores - cfg.reward.missing_eos_penalty * rollout.truncated.float()

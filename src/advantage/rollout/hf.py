@@ -14,6 +14,7 @@ import contextlib
 
 import torch
 
+from ..parallel import unwrap
 from .base import Rollout, SamplingParams, pad_completions, pad_prompts
 
 
@@ -34,7 +35,7 @@ class TransformersBackend:
     def generate(
         self, prompts: list[list[int]], num_generations: int, params: SamplingParams
     ) -> Rollout:
-        model = _unwrap(self.model)
+        model = unwrap(self.model)
         device = next(model.parameters()).device
         ids, mask = pad_prompts(prompts, self.tokenizer.pad_token_id)  # [P, Tp]
         if params.seed is not None:
@@ -170,8 +171,3 @@ def _autocast(precision: str, device: torch.device):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain HF model under DDP (`.module`); FSDP2 modules are the model itself."""
-    return getattr(model, "module", model)

@@ -16,11 +16,8 @@ import os
 
 import torch
 
+from ..parallel import unwrap
 from .base import Rollout, SamplingParams, pad_completions, pad_prompts
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
 
 
 class VLLMBackend:
@@ -61,7 +58,7 @@ class VLLMBackend:
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Reload the engine's weights in place from `model` (HF parameter names)."""
-        state = _unwrap(model).state_dict()
+        state = unwrap(model).state_dict()
         weights = ((name, tensor.detach()) for name, tensor in state.items())
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
 
