@@ -1,18 +1,18 @@
-"""The vLLM rollout backend (runs in the vLLM environment: `make test` calls it there)."""
+"""The vLLM rollout backend. It runs in the vLLM environment (requirements-vllm.txt): `make test`
+runs the rest of the suite in .venv and this file there."""
 
 import pytest
 import torch
+import vllm  # noqa: F401  (an ImportError outside the vLLM environment, never a silent skip)
 
-vllm = pytest.importorskip("vllm")  # the main environment has no vLLM; see the Makefile
-
-from advantage.config import load_config  # noqa: E402
-from advantage.models import completion_logprobs, load_causal_lm  # noqa: E402
-from advantage.rollout import SamplingParams  # noqa: E402
-from advantage.rollout.vllm import VLLMBackend  # noqa: E402
-from advantage.tasks import builtin_model_path  # noqa: E402
-from advantage.tasks.tiny import char_tokenizer  # noqa: E402
-from advantage.trainer import Trainer  # noqa: E402
-from helpers import length_reward, small_config  # noqa: E402
+from advantage.config import load_config
+from advantage.models import completion_logprobs, load_causal_lm
+from advantage.rollout import SamplingParams
+from advantage.rollout.vllm import VLLMBackend
+from advantage.tasks import builtin_model_path
+from advantage.tasks.tiny import char_tokenizer
+from advantage.trainer import Trainer
+from helpers import length_reward, small_config
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
