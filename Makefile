@@ -37,7 +37,8 @@ lint: $(STAMP)
 
 # Debian's chromium renders the report page in a test (and takes the README's screenshot)
 chromium:
-	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 test: lint $(VLLM_STAMP) chromium
 	$(BIN)/python -m pytest --ignore=tests/test_vllm.py
