@@ -15,6 +15,7 @@ from typing import Any
 
 from .configlib import ConfigError, load, parse_overrides, read_yaml, set_path
 from .core.algorithm import ALGORITHM_FIELDS, PRESETS, Algorithm, resolve
+from .precision import BF16_MATMUL_CHOICES
 
 
 def _algo_overrides_class() -> type:
@@ -40,6 +41,9 @@ class ModelConfig:
     """Allow code from the model folder to run (off unless you set it)."""
     precision: str = "fp32"
     """fp32, or bf16 (autocast for every forward pass; weights and optimizer stay fp32)."""
+    bf16_matmul: str = "auto"
+    """Kernels of bf16 matrix products on CPU: auto (fp32 GEMMs of the bf16 operands when the CPU
+    has no native bf16 GEMM, native otherwise), native, or fp32. See advantage/precision.py."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
     critic: str | None = None
@@ -252,6 +256,7 @@ class Config:
         r, t = self.rollout, self.train
         _choice("rollout.backend", r.backend, ("transformers", "vllm"))
         _choice("model.precision", self.model.precision, ("fp32", "bf16"))
+        _choice("model.bf16_matmul", self.model.bf16_matmul, BF16_MATMUL_CHOICES)
         _choice(
             "reward.multi_reward",
             self.reward.multi_reward,

@@ -6,7 +6,6 @@ completion positions (`logits_to_keep`), without materialising a full log-softma
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from .configlib import ConfigError
 from .core import entropy_from_logits, logprobs_from_logits
 from .parallel import unwrap
+from .precision import autocast
 from .rollout import Rollout
 
 log = logging.getLogger("advantage")
@@ -138,12 +138,6 @@ def sync_reference(ref: torch.nn.Module, policy: torch.nn.Module, alpha: float) 
     """θ_ref ← α·θ + (1-α)·θ_ref (seed 003; α = 1 copies)."""
     for p_ref, p in zip(ref.parameters(), policy.parameters(), strict=True):
         p_ref.lerp_(p.detach().to(p_ref.dtype), alpha)
-
-
-def autocast(precision: str, device: torch.device | str = "cpu"):
-    if precision == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _shared_prompts(batch: Rollout) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -17,19 +17,6 @@ from .rewards import RewardComputer, RewardModel, RewardSource, load_function
 from .rollout import TransformersBackend
 
 
-def warn_slow_bf16(cfg: Config) -> None:
-    if cfg.model.precision != "bf16" or torch.cuda.is_available():
-        return
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        import logging
-
-        logging.getLogger("advantage").warning(
-            "model.precision=bf16 on a CPU without native bf16 matrix units (AVX512-BF16/AMX): "
-            "bf16 matrix products fall back to slow kernels here and run many times slower than "
-            "fp32 (see benchmarks/results); consider model.precision=fp32"
-        )
-
-
 def eval_rows(cfg: Config) -> list[dict]:
     spec = cfg.data.eval
     if spec is None and cfg.data.train.startswith("builtin:"):

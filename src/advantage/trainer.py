@@ -68,6 +68,7 @@ from .parallel import (
     unwrap,
     wrap_model,
 )
+from .precision import log_bf16_kernels, matmul_kernels, set_bf16_matmul
 from .rewards import RewardComputer, load_function, score_rollout
 from .rollout import Rollout, SamplingParams
 from .setup import (
@@ -76,7 +77,6 @@ from .setup import (
     make_optimizer,
     make_reward_computer,
     task_reward,
-    warn_slow_bf16,
 )
 
 
@@ -104,7 +104,8 @@ class Trainer:
         self.config = cfg = config
         self.algo = cfg.algorithm_spec()
         quiet_transformers()
-        warn_slow_bf16(cfg)
+        set_bf16_matmul(cfg.model.bf16_matmul)
+        log_bf16_kernels(cfg.model.precision)
         self.dist: DistInfo = init_distributed(cfg.distributed.backend)
         if cfg.rollout.prompts_per_step % self.dist.world_size:
             raise ConfigError(
@@ -541,7 +542,8 @@ class Trainer:
         loss = aggregate(per_token, mask, algo.aggregation, **agg)
         finite = bool(torch.isfinite(loss))
         # DDP averages gradients over ranks; the global denominators already account for them
-        (loss * world if finite else _zero_loss(self.policy)).backward()
+        with matmul_kernels(cfg.model.precision):
+            (loss * world if finite else _zero_loss(self.policy)).backward()
         out = {k: float(v) for k, v in stats.items()}
         out["_objective"] = float(loss.detach()) if finite else 0.0  # this rank's part of the loss
         if self.critic is not None:
@@ -551,7 +553,8 @@ class Trainer:
             )
             v_total = aggregate(v_loss, mask, algo.aggregation, **agg) * algo.value_coef * world
             v_finite = bool(torch.isfinite(v_total))
-            (v_total if v_finite else _zero_loss(self.critic)).backward()
+            with matmul_kernels(cfg.model.precision):
+                (v_total if v_finite else _zero_loss(self.critic)).backward()
             finite &= v_finite
             out["loss/value"] = float(aggregate(v_loss.detach(), mask, "token_mean"))
             out.update({k: float(v) for k, v in v_stats.items()})

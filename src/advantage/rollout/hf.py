@@ -10,11 +10,10 @@ top-k/top-p), the quantity the trainer computes.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ..parallel import unwrap
+from ..precision import autocast
 from .base import Rollout, SamplingParams, pad_completions, pad_prompts
 
 
@@ -44,7 +43,7 @@ class TransformersBackend:
         model.eval()
         try:
             grad_off = torch.no_grad() if self.lockstep else torch.inference_mode()  # FSDP2 hooks
-            with grad_off, _autocast(self.precision, device):
+            with grad_off, autocast(self.precision, device):
                 tokens, logprobs = self._sample(
                     model, ids.to(device), mask.to(device), num_generations, params
                 )
@@ -165,9 +164,3 @@ def _stop_criterion(tokenizer, params: SamplingParams):
     from transformers.generation.stopping_criteria import StopStringCriteria
 
     return StopStringCriteria(tokenizer, list(params.stop))
-
-
-def _autocast(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()

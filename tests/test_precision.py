@@ -1,0 +1,119 @@
+"""bf16 autocast and the kernels of its matrix products (advantage/precision.py)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from advantage import precision
+from advantage.config import load_config
+from advantage.configlib import ConfigError
+from advantage.precision import Bf16MatmulInFp32, autocast, matmul_kernels, set_bf16_matmul
+from advantage.trainer import Trainer
+from helpers import length_reward, small_config
+
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(autouse=True)
+def restore_choice():
+    yield
+    set_bf16_matmul("auto")
+
+
+def operands(*shapes):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(*s, generator=g).to(BF16) for s in shapes]
+
+
+def wide(fn, *args):
+    """The product the fp32 path must give: fp32 GEMM of the widened operands, rounded to bf16."""
+    return fn(*(a.float() for a in args)).to(BF16)
+
+
+@pytest.mark.parametrize("grad_mode", [torch.enable_grad, torch.inference_mode])
+def test_every_product_is_the_fp32_gemm_of_the_bf16_operands(grad_mode):
+    x, w, b, x3, y3 = operands((5, 7), (3, 7), (3,), (2, 5, 7), (2, 7, 4))
+    cases = {
+        "mm": (torch.mm, x, w.T),
+        "addmm": (torch.addmm, b, x, w.T),
+        "bmm": (torch.bmm, x3, y3),
+        "baddbmm": (lambda c, p, q: torch.baddbmm(c, p, q, alpha=0.5), torch.zeros(2, 5, 4), x3, y3),
+        "linear": (F.linear, x3, w, b),
+        "matmul": (torch.matmul, x3, y3),
+    }  # fmt: skip
+    with grad_mode():
+        for name, (fn, *args) in cases.items():
+            args = [a.to(BF16) for a in args]
+            with Bf16MatmulInFp32():
+                got = fn(*args)
+            assert got.dtype == BF16, name
+            assert torch.equal(got, wide(fn, *args)), name
+            # and it is a bf16 product: close to PyTorch's own bf16 kernel (fp32 accumulation)
+            torch.testing.assert_close(got, fn(*args), rtol=1.6e-2, atol=1e-2)
+
+
+def test_fp32_products_pass_through_unchanged():
+    x, w = (t.float() for t in operands((4, 6), (6, 3)))
+    with Bf16MatmulInFp32():
+        assert torch.equal(x @ w, torch.mm(x, w))
+
+
+def test_backward_products_are_caught_too():
+    """Under autocast the weight's gradient is x^T·g of bf16 operands: inside the mode it is the
+    fp32 GEMM of them, rounded to bf16 (then widened to the fp32 weight's dtype)."""
+    x = operands((6, 5))[0].float()
+    lin = torch.nn.Linear(5, 3, bias=False)
+    g = torch.linspace(-1, 1, 18).reshape(6, 3)
+    with autocast("bf16"), Bf16MatmulInFp32():
+        out = lin(x)
+    with Bf16MatmulInFp32():
+        out.backward(g.to(BF16))
+    expected = (g.to(BF16).float().T @ x.to(BF16).float()).to(BF16).float()
+    assert torch.equal(lin.weight.grad, expected)
+
+
+def test_choice_decides_the_kernels(monkeypatch):
+    monkeypatch.setattr(precision, "native_bf16_gemm_is_fast", lambda: False)
+    set_bf16_matmul("auto")
+    assert isinstance(matmul_kernels("bf16"), Bf16MatmulInFp32)
+    assert not isinstance(matmul_kernels("fp32"), Bf16MatmulInFp32)
+    set_bf16_matmul("native")
+    assert not isinstance(matmul_kernels("bf16"), Bf16MatmulInFp32)
+    monkeypatch.setattr(precision, "native_bf16_gemm_is_fast", lambda: True)
+    set_bf16_matmul("auto")
+    assert not isinstance(matmul_kernels("bf16"), Bf16MatmulInFp32)
+    set_bf16_matmul("fp32")
+    assert isinstance(matmul_kernels("bf16"), Bf16MatmulInFp32)
+    with pytest.raises(ValueError, match="bf16_matmul"):
+        set_bf16_matmul("fast")
+
+
+def test_config_names_a_bad_choice(run_dir):
+    with pytest.raises(ConfigError, match=r"model\.bf16_matmul"):
+        load_config(None, small_config(run_dir, "model.bf16_matmul=fast"))
+
+
+@pytest.mark.slow
+def test_bf16_training_matches_native_kernels(run_dir):
+    """Two GRPO steps in bf16 with the fp32 GEMMs and with PyTorch's bf16 kernels, from the same
+    seed: finite, moving, and the first step's loss equal up to bf16 rounding."""
+    results = {}
+    for choice in ("fp32", "native"):
+        cfg = load_config(None, small_config(
+            run_dir / choice, "model.precision=bf16", f"model.bf16_matmul={choice}",
+            "train.steps=2",
+        ))  # fmt: skip
+        trainer = Trainer(cfg, reward_funcs=[length_reward])
+        before = [p.detach().clone() for p in trainer.policy.parameters()]
+        metrics = trainer.fit().metrics
+        assert all(math.isfinite(m["loss/policy"]) and m["skipped_updates"] == 0 for m in metrics)
+        moved = sum(
+            not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters(), strict=True)
+        )
+        assert moved > len(before) // 2
+        results[choice] = metrics[0]
+    a, b = results["fp32"], results["native"]
+    assert a["reward/mean"] == b["reward/mean"]  # same seed, same samples
+    assert a["entropy"] == pytest.approx(b["entropy"], rel=2e-2)
