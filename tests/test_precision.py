@@ -46,8 +46,9 @@ def test_every_product_is_the_fp32_gemm_of_the_bf16_operands(grad_mode):
     with grad_mode():
         for name, (fn, *args) in cases.items():
             args = [a.to(BF16) for a in args]
-            with Bf16MatmulInFp32():
+            with Bf16MatmulInFp32() as mode:
                 got = fn(*args)
+            assert mode.widened == 1, name  # caught whole, or as its one `mm`/`addmm`/`bmm`
             assert got.dtype == BF16, name
             assert torch.equal(got, wide(fn, *args)), name
             # and it is a bf16 product: close to PyTorch's own bf16 kernel (fp32 accumulation)
@@ -56,8 +57,9 @@ def test_every_product_is_the_fp32_gemm_of_the_bf16_operands(grad_mode):
 
 def test_fp32_products_pass_through_unchanged():
     x, w = (t.float() for t in operands((4, 6), (6, 3)))
-    with Bf16MatmulInFp32():
+    with Bf16MatmulInFp32() as mode:
         assert torch.equal(x @ w, torch.mm(x, w))
+    assert mode.widened == 0
 
 
 def test_backward_products_are_caught_too():
@@ -68,8 +70,9 @@ def test_backward_products_are_caught_too():
     g = torch.linspace(-1, 1, 18).reshape(6, 3)
     with autocast("bf16"), Bf16MatmulInFp32():
         out = lin(x)
-    with Bf16MatmulInFp32():
+    with Bf16MatmulInFp32() as mode:
         out.backward(g.to(BF16))
+    assert mode.widened == 1  # the weight's gradient (x needs none)
     expected = (g.to(BF16).float().T @ x.to(BF16).float()).to(BF16).float()
     assert torch.equal(lin.weight.grad, expected)
 

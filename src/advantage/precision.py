@@ -59,13 +59,19 @@ def widens_bf16_matmul(device: torch.device | str = "cpu") -> bool:
 
 class Bf16MatmulInFp32(TorchDispatchMode):
     """Computes bf16 matrix products (`mm`, `addmm`, `bmm`, `baddbmm`, `linear`, `matmul`) as fp32 GEMMs of the widened operands, result
-    rounded to bf16. Below autograd: the backward pass's products are caught the same way."""
+    rounded to bf16. Below autograd: the backward pass's products are caught the same way.
+    `widened` counts the products it computed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.widened = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _MATMULS and any(
             isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args
         ):
+            self.widened += 1
             wide = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
             return func(*wide, **kwargs).to(torch.bfloat16)
         return func(*args, **kwargs)
