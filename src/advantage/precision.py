@@ -7,10 +7,10 @@ optimizer stay fp32.
 **CPUs without bf16 matrix units** (no AVX512-BF16 / AMX, e.g. AMD Zen 3) run PyTorch's bf16
 GEMM on slow fallback kernels: 1–25 GFLOP/s against 150–180 GFLOP/s in fp32 on the 2-core
 machine of `benchmarks/results`. There, with `model.bf16_matmul=auto` (the default), each bf16
-product (`mm`, `addmm`, `bmm`, `baddbmm`, `linear`, `matmul`; forward and backward) is computed by widening its bf16
-operands to fp32 (exact), multiplying with the fp32 GEMM (fp32 accumulation) and rounding the
-result to bf16: the arithmetic of a native bf16 GEMM, only the order of the fp32 additions may
-differ. Everything else (activations kept for the backward pass, elementwise ops, attention)
+product (`mm`, `addmm`, `bmm`, `baddbmm`, `linear`, `matmul`; forward and backward) is computed
+by widening its bf16 operands to fp32 (exact), multiplying with the fp32 GEMM (fp32
+accumulation) and rounding the result to bf16: the arithmetic of a native bf16 GEMM, only the
+order of the fp32 additions may differ. Everything else (activations kept for the backward pass, elementwise ops, attention)
 stays as autocast makes it.
 
 `bf16_matmul`: `auto` (fp32 kernels when the CPU has no native bf16 GEMM, native otherwise),
@@ -58,8 +58,9 @@ def widens_bf16_matmul(device: torch.device | str = "cpu") -> bool:
 
 
 class Bf16MatmulInFp32(TorchDispatchMode):
-    """Computes bf16 matrix products (`mm`, `addmm`, `bmm`, `baddbmm`, `linear`, `matmul`) as fp32 GEMMs of the widened operands, result
-    rounded to bf16. Below autograd: the backward pass's products are caught the same way.
+    """Computes bf16 matrix products (`mm`, `addmm`, `bmm`, `baddbmm`, `linear`, `matmul`) as
+    fp32 GEMMs of the widened operands, result rounded to bf16. Below autograd: the backward
+    pass's products are caught the same way.
     `widened` counts the products it computed."""
 
     def __init__(self) -> None:
