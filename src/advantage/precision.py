@@ -10,8 +10,8 @@ machine of `benchmarks/results`. There, with `model.bf16_matmul=auto` (the defau
 product (`mm`, `addmm`, `bmm`, `baddbmm`, `linear`, `matmul`; forward and backward) is computed
 by widening its bf16 operands to fp32 (exact), multiplying with the fp32 GEMM (fp32
 accumulation) and rounding the result to bf16: the arithmetic of a native bf16 GEMM, only the
-order of the fp32 additions may differ. Everything else (activations kept for the backward pass, elementwise ops, attention)
-stays as autocast makes it.
+order of the fp32 additions may differ. Everything else (activations kept for the backward
+pass, elementwise ops, attention) stays as autocast makes it.
 
 `bf16_matmul`: `auto` (fp32 kernels when the CPU has no native bf16 GEMM, native otherwise),
 `native` (always PyTorch's bf16 kernels), `fp32` (always widen).
@@ -30,8 +30,8 @@ BF16_MATMUL_CHOICES = ("auto", "native", "fp32")
 
 _aten = torch.ops.aten
 # without autograd (inference mode) `linear` and `matmul` arrive whole, not decomposed into `mm`
-_MATMULS = frozenset({_aten.mm.default, _aten.addmm.default, _aten.bmm.default,
-                      _aten.baddbmm.default, _aten.linear.default, _aten.matmul.default})  # fmt: skip
+_MATMULS = frozenset({_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
+                      _aten.linear.default, _aten.matmul.default})  # fmt: skip
 
 _choice = "auto"
 
