@@ -200,14 +200,13 @@ class RewardModel:
 
     @torch.no_grad()
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
-        texts = reward_model_texts(self.tokenizer, prompts, completions)
-        scores = []
-        for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(
-                texts[start : start + self.batch_size], return_tensors="pt", padding=True
-            )
-            scores.append(self.model(**enc).logits[:, 0].float())
-        out = torch.cat(scores)
+        from .rm import score
+
+        b = self.batch_size
+        out = torch.cat([
+            score(self.model, self.tokenizer, prompts[i : i + b], completions[i : i + b])
+            for i in range(0, len(prompts), b)
+        ])  # fmt: skip
         if self.moments is not None:
             out = self.moments.normalize(out)
         return out.tolist()

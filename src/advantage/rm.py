@@ -90,6 +90,14 @@ def score(model, tokenizer, prompts: list, completions: list) -> torch.Tensor:
     return model(**enc).logits[:, 0].float()
 
 
+def pair_scores(model, tokenizer, rows: list[dict], d: PreferenceData):
+    """(r(chosen) `[N]`, r(rejected) `[N]`) of preference rows."""
+    prompts = [r[d.prompt_field] for r in rows]
+    chosen = score(model, tokenizer, prompts, [r[d.chosen_field] for r in rows])
+    rejected = score(model, tokenizer, prompts, [r[d.rejected_field] for r in rows])
+    return chosen, rejected
+
+
 def preference_rows(cfg: RMConfig, spec: str, split: str) -> list[dict]:
     from .data import load_rows
 
@@ -117,10 +125,7 @@ def pairwise_accuracy(
     model.eval()
     wins = 0
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        prompts = [r[d.prompt_field] for r in chunk]
-        chosen = score(model, tokenizer, prompts, [r[d.chosen_field] for r in chunk])
-        rejected = score(model, tokenizer, prompts, [r[d.rejected_field] for r in chunk])
+        chosen, rejected = pair_scores(model, tokenizer, rows[start : start + batch_size], d)
         wins += int((chosen > rejected).sum())
     return wins / max(len(rows), 1)
 
@@ -156,9 +161,7 @@ def run_rm(cfg: RMConfig) -> dict:
         for step in range(1, t.steps + 1):
             model.train()
             chunk = [rows[i] for i in next(order)]
-            prompts = [r[d.prompt_field] for r in chunk]
-            chosen = score(model, tokenizer, prompts, [r[d.chosen_field] for r in chunk])
-            rejected = score(model, tokenizer, prompts, [r[d.rejected_field] for r in chunk])
+            chosen, rejected = pair_scores(model, tokenizer, chunk, d)
             margin = (
                 torch.tensor([float(r[d.margin_field]) for r in chunk]) if d.margin_field else 0.0
             )

@@ -612,10 +612,9 @@ class Trainer:
         modules = {"policy": unwrap(self.policy)}
         if self.critic is not None:
             modules["critic"] = unwrap(self.critic)
+        # a frozen reference is rebuilt from the policy path; a synced one is saved
         if self.ref is not None and self.config.model.ref_sync_steps:
-            modules["reference"] = unwrap(
-                self.ref
-            )  # a frozen reference is rebuilt from the policy path
+            modules["reference"] = unwrap(self.ref)
         return modules
 
     def _optimizers(self) -> dict:
