@@ -88,8 +88,10 @@ def profile_top_ops(step_fn, n: int = 8) -> list[dict]:
         step_fn()
     rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:n]
     total = sum(e.self_cpu_time_total for e in prof.key_averages()) or 1
-    return [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total}
-            for e in rows]  # fmt: skip
+    return [
+        {"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total}
+        for e in rows
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,24 +101,38 @@ def profile_top_ops(step_fn, n: int = 8) -> list[dict]:
 def worker_advantage(
     size: str, precision: str, steps: int, warmup: int, vllm: bool, native: bool
 ) -> dict:
-    from advantage.config import load_config
-    from advantage.trainer import Trainer
+    from advantage.rl.config import load_config
+    from advantage.rl.trainer import Trainer
 
     rows_path = Path(tempfile.mkdtemp()) / "prompts.jsonl"
     rows_path.write_text("".join(json.dumps(r) + "\n" for r in bench_rows()))
     overrides = [
-        f"model.name_or_path={model_folder(size)}", f"data.train={rows_path}", "data.eval=null",
-        f"log.run_dir={tempfile.mkdtemp()}", "log.progress=false", "log.tensorboard=false",
-        f"rollout.prompts_per_step={PROMPTS}", f"rollout.num_generations={GENERATIONS}",
-        f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.ignore_eos=true", f"model.precision={precision}",
-        f"algo.kl_coef={BETA}", f"train.steps={warmup + steps + 1}", "train.lr=1e-6", "eval.size=0",
-        "checkpoint.save_final=false", "log.samples=0", "reward.functions=[bench_grpo:distinct_letters]",
-    ]  # fmt: skip
+        f"model.name_or_path={model_folder(size)}",
+        f"data.train={rows_path}",
+        "data.eval=null",
+        f"log.run_dir={tempfile.mkdtemp()}",
+        "log.progress=false",
+        "log.tensorboard=false",
+        f"rollout.prompts_per_step={PROMPTS}",
+        f"rollout.num_generations={GENERATIONS}",
+        f"rollout.max_new_tokens={NEW_TOKENS}",
+        "rollout.ignore_eos=true",
+        f"model.precision={precision}",
+        f"algo.kl_coef={BETA}",
+        f"train.steps={warmup + steps + 1}",
+        "train.lr=1e-6",
+        "eval.size=0",
+        "checkpoint.save_final=false",
+        "log.samples=0",
+        "reward.functions=[bench_grpo:distinct_letters]",
+    ]
     if native:
         overrides.append("model.bf16_matmul=native")
     if vllm:
-        overrides += ["rollout.backend=vllm",
-                      "rollout.vllm={max_model_len: 128, kv_cache_memory_bytes: 67108864}"]  # fmt: skip
+        overrides += [
+            "rollout.backend=vllm",
+            "rollout.vllm={max_model_len: 128, kv_cache_memory_bytes: 67108864}",
+        ]
     t0 = time.perf_counter()
     trainer = Trainer(load_config(None, overrides))
     setup = time.perf_counter() - t0
@@ -124,18 +140,26 @@ def worker_advantage(
     timed = metrics[warmup:]
     phases = {
         name: statistics.median(m[f"time/{key}"] for m in timed)
-        for name, key in [("rollout", "rollout"), ("reward", "reward"), ("ref_logprobs", "logprobs"),
-                          ("update", "update")]
-    }  # fmt: skip
+        for name, key in [
+            ("rollout", "rollout"),
+            ("reward", "reward"),
+            ("ref_logprobs", "logprobs"),
+            ("update", "update"),
+        ]
+    }
     top = profile_top_ops(trainer.train_step)
     prompts = [r["prompt"] for r in bench_rows()]
     prompt_len = sum(len(trainer.tokenizer(p)["input_ids"]) for p in prompts) / len(prompts)
     return {
-        "step_s": [m["time/step"] for m in timed], "phases_s": phases, "setup_s": setup,
-        "prompt_len": prompt_len, "config": trainer.policy.config.to_dict(), "top_ops": top,
+        "step_s": [m["time/step"] for m in timed],
+        "phases_s": phases,
+        "setup_s": setup,
+        "prompt_len": prompt_len,
+        "config": trainer.policy.config.to_dict(),
+        "top_ops": top,
         "peak_rss": peak_rss_bytes(),
         "logprob_gap": statistics.median(m.get("rollout/logprob_gap", float("nan")) for m in timed),
-    }  # fmt: skip
+    }
 
 
 def worker_trl(size: str, precision: str, steps: int, warmup: int) -> dict:
@@ -159,16 +183,35 @@ def worker_trl(size: str, precision: str, steps: int, warmup: int) -> dict:
 
     total_steps = warmup + steps
     args = GRPOConfig(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=PROMPTS * GENERATIONS,
-        num_generations=GENERATIONS, max_completion_length=NEW_TOKENS, beta=BETA, num_iterations=1,
-        learning_rate=1e-6, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
-        bf16=precision == "bf16", max_steps=total_steps, temperature=1.0, seed=0,
-        generation_kwargs={"min_new_tokens": NEW_TOKENS}, disable_tqdm=True, dataloader_num_workers=0,
-    )  # fmt: skip
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=PROMPTS * GENERATIONS,
+        num_generations=GENERATIONS,
+        max_completion_length=NEW_TOKENS,
+        beta=BETA,
+        num_iterations=1,
+        learning_rate=1e-6,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=precision == "bf16",
+        max_steps=total_steps,
+        temperature=1.0,
+        seed=0,
+        generation_kwargs={"min_new_tokens": NEW_TOKENS},
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     dataset = datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in bench_rows()])
     t0 = time.perf_counter()
-    trainer = GRPOTrainer(model=folder, reward_funcs=distinct_letters, args=args,
-                          train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimer()])  # fmt: skip
+    trainer = GRPOTrainer(
+        model=folder,
+        reward_funcs=distinct_letters,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[StepTimer()],
+    )
     setup = time.perf_counter() - t0
 
     def timed(name, fn):
@@ -193,8 +236,13 @@ def worker_trl(size: str, precision: str, steps: int, warmup: int) -> dict:
     phases["update"] = statistics.median(step_s) - sum(phases.values())
     # one more step under the profiler
     args.max_steps = 1
-    prof_trainer = GRPOTrainer(model=folder, reward_funcs=distinct_letters, args=args,
-                               train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    prof_trainer = GRPOTrainer(
+        model=folder,
+        reward_funcs=distinct_letters,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     top = profile_top_ops(prof_trainer.train)
     return {
         "step_s": step_s,
@@ -260,12 +308,23 @@ def summarise(results: dict, peaks: dict) -> tuple[list[dict], str]:
     for (system, size, precision), runs in results.items():
         steps = [s for r in runs for s in r["step_s"]]
         med = statistics.median(steps)
-        phases = {k: statistics.median(r["phases_s"][k] for r in runs if k in r["phases_s"])
-                  for k in runs[0]["phases_s"]}  # fmt: skip
-        rows.append({"system": system, "size": size, "precision": precision, "step_s": med,
-                     "steps_timed": len(steps), "phases_s": phases,
-                     "peak_rss_mb": max(r["peak_rss"] for r in runs) / 2**20,
-                     "top_ops": runs[0]["top_ops"], "logprob_gap": runs[0].get("logprob_gap")})  # fmt: skip
+        phases = {
+            k: statistics.median(r["phases_s"][k] for r in runs if k in r["phases_s"])
+            for k in runs[0]["phases_s"]
+        }
+        rows.append(
+            {
+                "system": system,
+                "size": size,
+                "precision": precision,
+                "step_s": med,
+                "steps_timed": len(steps),
+                "phases_s": phases,
+                "peak_rss_mb": max(r["peak_rss"] for r in runs) / 2**20,
+                "top_ops": runs[0]["top_ops"],
+                "logprob_gap": runs[0].get("logprob_gap"),
+            }
+        )
     # FLOPs from the advantage run of the same size (same model and work)
     flops = {}
     for (system, size, _), runs in results.items():
@@ -275,8 +334,16 @@ def summarise(results: dict, peaks: dict) -> tuple[list[dict], str]:
             cfg = SimpleNamespace(**runs[0]["config"])
             flops[size] = matmul_flops_per_step(cfg, runs[0]["prompt_len"])
     for row in rows:
-        trl = next((r for r in rows if r["system"] == "trl" and r["size"] == row["size"]
-                    and r["precision"] == row["precision"]), None)  # fmt: skip
+        trl = next(
+            (
+                r
+                for r in rows
+                if r["system"] == "trl"
+                and r["size"] == row["size"]
+                and r["precision"] == row["precision"]
+            ),
+            None,
+        )
         row["speedup_vs_trl"] = trl["step_s"] / row["step_s"] if trl else None
         row["rss_vs_trl"] = row["peak_rss_mb"] / trl["peak_rss_mb"] if trl else None
         f = flops.get(row["size"])
@@ -348,9 +415,13 @@ def main() -> None:
             result = worker_trl(size, precision, args.steps, args.warmup)
         else:
             result = worker_advantage(
-                size, precision, args.steps, args.warmup, vllm=system == "advantage-vllm",
+                size,
+                precision,
+                args.steps,
+                args.warmup,
+                vllm=system == "advantage-vllm",
                 native=system == "advantage-native",
-            )  # fmt: skip
+            )
         print(json.dumps(result))
         return
     peaks = matmul_peak()
@@ -371,8 +442,11 @@ def main() -> None:
                     steps = args.steps if precision == "fp32" else max(2, args.steps // 2)
                     res = run_worker(system, size, precision, steps, args.warmup)
                     results.setdefault((system, size, precision), []).append(res)
-                    print(f"  {size} {precision} round {r + 1} {system}: median "
-                          f"{statistics.median(res['step_s']):.3f} s/step", flush=True)  # fmt: skip
+                    print(
+                        f"  {size} {precision} round {r + 1} {system}: median "
+                        f"{statistics.median(res['step_s']):.3f} s/step",
+                        flush=True,
+                    )
     rows, table = summarise(results, peaks)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,8 @@ import tempfile
 
 CHILD = """
 import json, resource, sys, time
-from advantage.config import load_config
-from advantage.trainer import Trainer
+from advantage.rl.config import load_config
+from advantage.rl.trainer import Trainer
 trainer = Trainer(load_config(None, sys.argv[1:]))
 start = time.perf_counter()
 result = trainer.fit()
@@ -38,11 +38,20 @@ print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_max
 
 def run(size: str, lora: bool, steps: int) -> dict:
     overrides = [
-        f"model.name_or_path=builtin:{size}-random", f"log.run_dir={tempfile.mkdtemp()}", "log.progress=false",
-        "log.tensorboard=false", "log.report=false", "eval.size=0", "checkpoint.save_final=false",
-        "rollout.prompts_per_step=8", "rollout.num_generations=8", "rollout.max_new_tokens=16",
-        f"train.steps={steps}", "train.lr=1e-4", "algo.kl_coef=0.04",
-    ]  # fmt: skip
+        f"model.name_or_path=builtin:{size}-random",
+        f"log.run_dir={tempfile.mkdtemp()}",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "log.report=false",
+        "eval.size=0",
+        "checkpoint.save_final=false",
+        "rollout.prompts_per_step=8",
+        "rollout.num_generations=8",
+        "rollout.max_new_tokens=16",
+        f"train.steps={steps}",
+        "train.lr=1e-4",
+        "algo.kl_coef=0.04",
+    ]
     if lora:
         overrides.append("model.lora={r: 8, lora_alpha: 16}")
     out = subprocess.run(
@@ -68,8 +77,10 @@ def main() -> None:
             ("full fine-tuning (+ reference copy)", full),
             ("LoRA r=8 (reference = adapters off)", lora),
         ):
-            print(f"| {size} | {name} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / full['peak_rss_mb']:.2f} | "
-                  f"{r['state_mb']:.1f} | {r['state_mb'] / full['state_mb']:.2f} | {r['s_per_step']:.2f} |")  # fmt: skip
+            print(
+                f"| {size} | {name} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / full['peak_rss_mb']:.2f} | "
+                f"{r['state_mb']:.1f} | {r['state_mb'] / full['state_mb']:.2f} | {r['s_per_step']:.2f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,16 @@ RECIPE = Path(__file__).resolve().parents[1] / "src" / "advantage" / "recipes" /
 
 def run(processes: int, steps: int, strategy: str) -> dict:
     run_dir = tempfile.mkdtemp(prefix=f"procs{processes}-")
-    args = ["train", str(RECIPE), f"train.steps={steps}", f"log.run_dir={run_dir}", "log.tensorboard=false",
-            "log.report=false", "eval.pass_k=0", f"distributed.strategy={strategy}"]  # fmt: skip
+    args = [
+        "train",
+        str(RECIPE),
+        f"train.steps={steps}",
+        f"log.run_dir={run_dir}",
+        "log.tensorboard=false",
+        "log.report=false",
+        "eval.pass_k=0",
+        f"distributed.strategy={strategy}",
+    ]
     env = dict(os.environ)
     if processes == 1:
         cmd = [sys.executable, "-m", "advantage", *args]
@@ -45,12 +53,13 @@ def run(processes: int, steps: int, strategy: str) -> dict:
     steps_ = [r for r in records if "time/step" in r][3:]  # skip warm-up steps
     evals = [r for r in records if "eval/accuracy" in r]
     return {
-        "processes": processes, "strategy": strategy,
+        "processes": processes,
+        "strategy": strategy,
         "s_per_step": statistics.median(r["time/step"] for r in steps_),
         "train_tok_s": statistics.median(r["tokens_per_s/train"] for r in steps_),
         "rollout_tok_s": statistics.median(r["tokens_per_s/rollout"] for r in steps_),
         "accuracy": (evals[0]["eval/accuracy"], evals[-1]["eval/accuracy"]),
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -64,9 +73,11 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['processes']} | {r['strategy'] if r['processes'] > 1 else '–'} | {r['s_per_step']:.3f} | "
-              f"{base / r['s_per_step']:.2f} | {r['rollout_tok_s']:.0f} | {r['train_tok_s']:.0f} | "
-              f"{100 * r['accuracy'][0]:.1f}% → {100 * r['accuracy'][1]:.1f}% |")  # fmt: skip
+        print(
+            f"| {r['processes']} | {r['strategy'] if r['processes'] > 1 else '–'} | {r['s_per_step']:.3f} | "
+            f"{base / r['s_per_step']:.2f} | {r['rollout_tok_s']:.0f} | {r['train_tok_s']:.0f} | "
+            f"{100 * r['accuracy'][0]:.1f}% → {100 * r['accuracy'][1]:.1f}% |"
+        )
 
 
 if __name__ == "__main__":

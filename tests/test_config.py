@@ -2,7 +2,7 @@
 
 import pytest
 
-from advantage.config import Config, ConfigError, load_config
+from advantage.rl.config import Config, ConfigError, load_config
 
 
 def test_yaml_then_overrides(tmp_path):

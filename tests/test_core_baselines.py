@@ -137,8 +137,13 @@ def test_moving_average_baseline_hand_computed_and_state_dict():
 
 def test_baseline_registry_names_and_factory():
     assert set(BASELINES.names()) == {
-        "none", "critic", "group_mean", "leave_one_out", "moving_average", "ema",
-    }  # fmt: skip
+        "none",
+        "critic",
+        "group_mean",
+        "leave_one_out",
+        "moving_average",
+        "ema",
+    }
     assert make_baseline("ema", ema_alpha=0.5).alpha == 0.5
     s = torch.tensor([1.0, 2.0])
     torch.testing.assert_close(make_baseline("none")(s, 2), s)

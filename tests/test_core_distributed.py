@@ -38,13 +38,15 @@ def _compute(batch, steps=2):
     inputs = AdvantageInputs(group_size=G, **{k: v for k, v in batch.items() if k != "adv"})
     for name in ("reinforce_pp", "reinforce_pp_baseline", "ppo", "grpo"):
         algo = resolve(name)
-        out[name] = compute_advantages(inputs, algo, make_baseline(algo.baseline)).advantages
+        out[name] = compute_advantages(
+            inputs, algo, make_baseline(algo.baseline), kl_coef=algo.kl_coef
+        ).advantages
     for name in ("ema", "moving_average"):  # stateful: two steps, the 2nd uses shifted scores
         baseline = make_baseline(name, ema_alpha=0.9)
         algo = resolve("reinforce", baseline=name)
         for step in range(steps):
             shifted = AdvantageInputs(**{**inputs.__dict__, "scores": inputs.scores + 2 * step})
-            out[name] = compute_advantages(shifted, algo, baseline).advantages
+            out[name] = compute_advantages(shifted, algo, baseline, kl_coef=algo.kl_coef).advantages
     return out
 
 

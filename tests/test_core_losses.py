@@ -132,8 +132,11 @@ def test_aggregations_hand_computed():
     assert aggregate(L, m, "seq_mean_token_sum_norm").item() == pytest.approx(40 / 12)
     assert aggregate(L, m, "seq_mean_token_sum_norm", max_len=8).item() == pytest.approx(40 / 24)
     assert set(AGGREGATIONS.names()) == {
-        "token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm",
-    }  # fmt: skip
+        "token_mean",
+        "seq_mean_token_mean",
+        "seq_mean_token_sum",
+        "seq_mean_token_sum_norm",
+    }
 
 
 def test_all_empty_mask_gives_zero_not_nan():
@@ -178,8 +181,19 @@ def test_policy_objective_composes_clip_kl_entropy_and_tis():
     ent = torch.tensor([[0.5, 0.25]])
     engine = torch.tensor([[-1.0, -2.0 - math.log(3.0)]])  # π_train/π_engine = [1, 3]
     m = torch.ones(1, 2, dtype=torch.bool)
-    loss, metrics = policy_objective(logp, old, adv, m, ref_logprobs=ref, kl_coef=0.1, kl_estimator="k3",
-                                     entropy=ent, entropy_coef=0.01, engine_logprobs=engine, tis_cap=2.0)  # fmt: skip
+    loss, metrics = policy_objective(
+        logp,
+        old,
+        adv,
+        m,
+        ref_logprobs=ref,
+        kl_coef=0.1,
+        kl_estimator="k3",
+        entropy=ent,
+        entropy_coef=0.01,
+        engine_logprobs=engine,
+        tis_cap=2.0,
+    )
     # L = w·(-A·ρ) + β·k3 - c·H, w = min([1, 3], 2) = [1, 2]
     k3 = kl_k3(logp.detach(), ref)
     expected = torch.tensor([[1 * -2.0, 2 * 1.0]]) + 0.1 * k3 - 0.01 * ent

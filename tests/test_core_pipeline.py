@@ -37,7 +37,7 @@ def _batch(B=8, T=5, seed=0):
 def _run(algo, G=4, **kw):
     inputs = AdvantageInputs(group_size=G, **{**_batch(), **kw})
     return inputs, compute_advantages(
-        inputs, algo, make_baseline(algo.baseline, ema_alpha=algo.ema_alpha)
+        inputs, algo, make_baseline(algo.baseline, ema_alpha=algo.ema_alpha), kl_coef=algo.kl_coef
     )
 
 
@@ -82,7 +82,7 @@ def test_kl_coef_argument_overrides_algorithm_beta():
     inputs = AdvantageInputs(group_size=4, **_batch())
     a = compute_advantages(inputs, algo, make_baseline("group_mean"), kl_coef=0.0).advantages
     no_kl = resolve("reinforce_pp_baseline", kl_coef=0.0)
-    b = compute_advantages(inputs, no_kl, make_baseline("group_mean")).advantages
+    b = compute_advantages(inputs, no_kl, make_baseline("group_mean"), kl_coef=0.0).advantages
     torch.testing.assert_close(a, b)
 
 
@@ -99,13 +99,13 @@ def test_kl_in_reward_without_logprobs_raises():
         scores=torch.zeros(4), mask=torch.ones(4, 2, dtype=torch.bool), group_size=2
     )
     with pytest.raises(ValueError, match="old_logprobs and ref_logprobs"):
-        compute_advantages(inputs, algo, make_baseline("leave_one_out"))
+        compute_advantages(inputs, algo, make_baseline("leave_one_out"), kl_coef=algo.kl_coef)
 
 
 def test_frac_zero_std_groups_metric():
     scores = torch.tensor([1.0, 1.0, 0.0, 1.0])  # first group constant
     inputs = AdvantageInputs(scores=scores, mask=torch.ones(4, 3, dtype=torch.bool), group_size=2)
-    out = compute_advantages(inputs, resolve("dr_grpo"), make_baseline("group_mean"))
+    out = compute_advantages(inputs, resolve("dr_grpo"), make_baseline("group_mean"), kl_coef=0.0)
     assert out.metrics["frac_zero_std_groups"].item() == pytest.approx(0.5)
     assert (out.advantages[:2] == 0).all()
 
@@ -127,8 +127,12 @@ def test_presets_match_spec_table(name):
     algo = resolve(name)
     baseline, scope, kl, agg, critic = SPEC_TABLE[name]
     assert (algo.baseline, algo.scope, algo.kl_placement, algo.aggregation, algo.uses_critic) == (
-        baseline, scope, kl, agg, critic,
-    )  # fmt: skip
+        baseline,
+        scope,
+        kl,
+        agg,
+        critic,
+    )
     card = algo.card()
     assert f"algorithm: {name}" in card and agg in card
 

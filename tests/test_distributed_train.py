@@ -17,8 +17,8 @@ P, G = 4, 4
 def _fixed_generate(self, prompts, num_generations, params):
     """Completions that depend only on the prompt and the completion index: every process
     partition sees the same rollouts."""
-    from advantage.rollout import pad_completions, pad_prompts
-    from advantage.rollout.base import Rollout
+    from advantage.engine.rollout import pad_completions, pad_prompts
+    from advantage.engine.rollout.base import Rollout
 
     completions = []
     for p in prompts:
@@ -32,9 +32,10 @@ def _fixed_generate(self, prompts, num_generations, params):
     return Rollout(
         prompt_ids=p_ids.repeat_interleave(num_generations, 0),
         prompt_mask=p_mask.repeat_interleave(num_generations, 0),
-        completion_ids=c_ids, completion_mask=c_mask,
+        completion_ids=c_ids,
+        completion_mask=c_mask,
         truncated=torch.tensor([c[-1] != self.tokenizer.eos_token_id for c in completions]),
-    )  # fmt: skip
+    )
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -42,13 +43,18 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def _run(rank: int, world: int, preset: str, strategy: str, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
-    import advantage.trainer as T
-    from advantage.config import load_config
-    from advantage.parallel import unwrap
-    from advantage.rollout import TransformersBackend
+    import advantage.rl.step as T
+    from advantage.engine.parallel import unwrap
+    from advantage.engine.rollout import TransformersBackend
+    from advantage.rl.config import load_config
 
     TransformersBackend.generate = _fixed_generate
     captured = {}
@@ -67,24 +73,48 @@ def _run(rank: int, world: int, preset: str, strategy: str, port: int, out: str)
             for c, ids in zip(completions, completion_ids, strict=True)
         ]
 
-    cfg = load_config(None, [
-        f"algorithm={preset}", "model.name_or_path=builtin:tiny-random", f"log.run_dir={out}/run{world}",
-        "log.progress=false", "log.tensorboard=false", f"rollout.prompts_per_step={P}",
-        f"rollout.num_generations={G}", "rollout.max_new_tokens=6", "train.steps=1", "train.lr=1e-4",
-        "train.critic_lr=1e-4", "eval.size=0", "checkpoint.save_final=false", "checkpoint.every=0",
-        "checkpoint.resume=none", f"distributed.strategy={strategy}", "train.max_grad_norm=null",
-        # Adam's first step is lr·g/(|g| + ε): with ε = 1e-8 it is ±lr for any g ≠ 0, so a 1e-7
-        # rounding difference in a near-zero gradient would flip a weight by 2·lr. A larger ε
-        # makes the update continuous in the gradient, so equal gradients give equal weights.
-        "train.adam_eps=1e-3",
-    ])  # fmt: skip
-    trainer = T.Trainer(cfg, reward_funcs=[length_reward])
+    cfg = load_config(
+        None,
+        [
+            f"algorithm={preset}",
+            "model.name_or_path=builtin:tiny-random",
+            f"log.run_dir={out}/run{world}",
+            "log.progress=false",
+            "log.tensorboard=false",
+            f"rollout.prompts_per_step={P}",
+            f"rollout.num_generations={G}",
+            "rollout.max_new_tokens=6",
+            "train.steps=1",
+            "train.lr=1e-4",
+            "train.critic_lr=1e-4",
+            "eval.size=0",
+            "checkpoint.save_final=false",
+            "checkpoint.every=0",
+            "checkpoint.resume=none",
+            f"distributed.strategy={strategy}",
+            "train.max_grad_norm=null",
+            # Adam's first step is lr·g/(|g| + ε): with ε = 1e-8 it is ±lr for any g ≠ 0, so a 1e-7
+            # rounding difference in a near-zero gradient would flip a weight by 2·lr. A larger ε
+            # makes the update continuous in the gradient, so equal gradients give equal weights.
+            "train.adam_eps=1e-3",
+        ],
+    )
+    from advantage.rl.trainer import Trainer
+
+    trainer = Trainer(cfg, reward_funcs=[length_reward])
     metrics = trainer.train_step()
     policy = trainer.policy
     grads = {n: _full(p.grad).detach().clone() for n, p in unwrap(policy).named_parameters()}
     weights = {n: _full(p).detach().clone() for n, p in unwrap(policy).named_parameters()}
-    torch.save({"advantages": captured["advantages"], "loss": metrics["loss"], "grads": grads,
-                "weights": weights}, f"{out}/world{world}-rank{rank}.pt")  # fmt: skip
+    torch.save(
+        {
+            "advantages": captured["advantages"],
+            "loss": metrics["loss"],
+            "grads": grads,
+            "weights": weights,
+        },
+        f"{out}/world{world}-rank{rank}.pt",
+    )
     if world > 1:
         torch.distributed.destroy_process_group()
 

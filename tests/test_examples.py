@@ -12,10 +12,19 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_trl_reward_function_example(tmp_path):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "trl_reward_function.py"), "train.steps=3",
-         f"log.run_dir={tmp_path}", "eval.size=20", "log.tensorboard=false"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "examples" / "trl_reward_function.py"),
+            "train.steps=3",
+            f"log.run_dir={tmp_path}",
+            "eval.size=20",
+            "log.tensorboard=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "held-out accuracy:" in out.stdout
     metrics = (tmp_path / "metrics.jsonl").read_text()

@@ -2,20 +2,32 @@
 
 import pytest
 
-from advantage.config import load_config
-from advantage.trainer import Trainer
+from advantage.rl.config import load_config
+from advantage.rl.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("preset", ["grpo", "ppo"])
 def test_mean_reward_rises(preset, run_dir):
-    cfg = load_config(None, [
-        f"algorithm={preset}", "model.name_or_path=builtin:tiny-reverse", f"log.run_dir={run_dir}",
-        "log.progress=false", "log.tensorboard=false", "rollout.prompts_per_step=16",
-        "rollout.num_generations=8", "rollout.max_new_tokens=8", "train.steps=14", "train.lr=3e-4",
-        "train.critic_lr=1e-4", "eval.size=100", "checkpoint.save_final=false",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"algorithm={preset}",
+            "model.name_or_path=builtin:tiny-reverse",
+            f"log.run_dir={run_dir}",
+            "log.progress=false",
+            "log.tensorboard=false",
+            "rollout.prompts_per_step=16",
+            "rollout.num_generations=8",
+            "rollout.max_new_tokens=8",
+            "train.steps=14",
+            "train.lr=3e-4",
+            "train.critic_lr=1e-4",
+            "eval.size=100",
+            "checkpoint.save_final=false",
+        ],
+    )
     result = Trainer(cfg).fit()
     rewards = [m["reward/mean"] for m in result.metrics]
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4

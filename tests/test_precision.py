@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from advantage import precision
-from advantage.config import load_config
-from advantage.configlib import ConfigError
-from advantage.precision import Bf16MatmulInFp32, autocast, matmul_kernels, set_bf16_matmul
-from advantage.trainer import Trainer
+from advantage.engine import precision
+from advantage.engine.configlib import ConfigError
+from advantage.engine.precision import Bf16MatmulInFp32, autocast, matmul_kernels, set_bf16_matmul
+from advantage.rl.config import load_config
+from advantage.rl.trainer import Trainer
 from helpers import length_reward, small_config
 
 BF16 = torch.bfloat16
@@ -39,10 +39,15 @@ def test_every_product_is_the_fp32_gemm_of_the_bf16_operands(grad_mode):
         "mm": (torch.mm, x, w.T),
         "addmm": (torch.addmm, b, x, w.T),
         "bmm": (torch.bmm, x3, y3),
-        "baddbmm": (lambda c, p, q: torch.baddbmm(c, p, q, alpha=0.5), torch.zeros(2, 5, 4), x3, y3),
+        "baddbmm": (
+            lambda c, p, q: torch.baddbmm(c, p, q, alpha=0.5),
+            torch.zeros(2, 5, 4),
+            x3,
+            y3,
+        ),
         "linear": (F.linear, x3, w, b),
         "matmul": (torch.matmul, x3, y3),
-    }  # fmt: skip
+    }
     with grad_mode():
         for name, (fn, *args) in cases.items():
             args = [a.to(BF16) for a in args]
@@ -104,10 +109,15 @@ def test_bf16_training_matches_native_kernels(run_dir):
     seed: finite, moving, and the first step's loss equal up to bf16 rounding."""
     results = {}
     for choice in ("fp32", "native"):
-        cfg = load_config(None, small_config(
-            run_dir / choice, "model.precision=bf16", f"model.bf16_matmul={choice}",
-            "train.steps=2",
-        ))  # fmt: skip
+        cfg = load_config(
+            None,
+            small_config(
+                run_dir / choice,
+                "model.precision=bf16",
+                f"model.bf16_matmul={choice}",
+                "train.steps=2",
+            ),
+        )
         trainer = Trainer(cfg, reward_funcs=[length_reward])
         before = [p.detach().clone() for p in trainer.policy.parameters()]
         metrics = trainer.fit().metrics

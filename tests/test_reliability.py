@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from advantage.config import load_config
-from advantage.configlib import ConfigError
-from advantage.rewards import RewardError
-from advantage.rollout import TransformersBackend
-from advantage.trainer import NonFiniteError, Trainer
+from advantage.engine.configlib import ConfigError
+from advantage.engine.rewards import RewardError
+from advantage.engine.rollout import TransformersBackend
+from advantage.rl.config import load_config
+from advantage.rl.trainer import NonFiniteError, Trainer
 from helpers import length_reward, small_config
 
 pytestmark = pytest.mark.slow
@@ -142,8 +142,13 @@ def test_nonfinite_loss_skips_updates_then_stops(run_dir):
     def huge(prompts, completions, **kwargs):  # finite rewards whose loss overflows float32
         return [3e38 * (1 if i % 2 else -1) for i in range(len(completions))]
 
-    trainer = _trainer(run_dir, "algorithm=dr_grpo", "train.steps=5", "train.max_nonfinite_steps=2",
-                       reward_funcs=[huge])  # fmt: skip
+    trainer = _trainer(
+        run_dir,
+        "algorithm=dr_grpo",
+        "train.steps=5",
+        "train.max_nonfinite_steps=2",
+        reward_funcs=[huge],
+    )
     before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     with pytest.raises(
         NonFiniteError, match="2 consecutive updates had a non-finite loss or gradient"

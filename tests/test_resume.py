@@ -21,13 +21,29 @@ VOLATILE = ("time", "time/", "tokens_per_s/")  # wall-clock figures differ run t
 
 def _command(run_dir: Path) -> list[str]:
     return [
-        sys.executable, "-m", "advantage", "train", "algorithm=reinforce",
-        "model.name_or_path=builtin:tiny-random", f"log.run_dir={run_dir}", "log.progress=false",
-        "log.tensorboard=false", "rollout.prompts_per_step=2", "rollout.num_generations=4",
-        "rollout.max_new_tokens=6", f"train.steps={STEPS}", "train.lr=1e-3", "train.epochs=2",
-        "train.minibatches=2", "train.deterministic=true", "checkpoint.every=1", "checkpoint.keep=2",
-        "eval.size=0", "checkpoint.save_final=false", "reward.functions=[helpers:length_reward]",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "advantage",
+        "train",
+        "algorithm=reinforce",
+        "model.name_or_path=builtin:tiny-random",
+        f"log.run_dir={run_dir}",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "rollout.prompts_per_step=2",
+        "rollout.num_generations=4",
+        "rollout.max_new_tokens=6",
+        f"train.steps={STEPS}",
+        "train.lr=1e-3",
+        "train.epochs=2",
+        "train.minibatches=2",
+        "train.deterministic=true",
+        "checkpoint.every=1",
+        "checkpoint.keep=2",
+        "eval.size=0",
+        "checkpoint.save_final=false",
+        "reward.functions=[helpers:length_reward]",
+    ]
 
 
 def _env() -> dict:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from advantage.rewards import (
+from advantage.engine.rewards import (
     RewardComputer,
     RewardError,
     RewardSource,
@@ -19,11 +19,10 @@ IDS = [[1], [2], [3], [4]]
 
 
 def test_combine_sum_then_normalize_with_none_and_weights():
-    per_source = torch.tensor(
-        [[1.0, 0.0, float("nan"), 1.0], [0.5, float("nan"), float("nan"), 2.0]]
-    )
+    per_source = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.0, 0.0, 2.0]])
+    present = torch.tensor([[True, True, False, True], [True, False, False, True]])  # None = False
     scores, mask = combine(
-        per_source, torch.tensor([1.0, 2.0]), group_size=2, mode="sum_then_normalize"
+        per_source, present, torch.tensor([1.0, 2.0]), group_size=2, mode="sum_then_normalize"
     )
     # sample 0: 1 + 2·0.5 = 2; sample 1: 0; sample 2: nobody scored it; sample 3: 1 + 4 = 5
     torch.testing.assert_close(scores, torch.tensor([2.0, 0.0, 0.0, 5.0]))
@@ -32,7 +31,8 @@ def test_combine_sum_then_normalize_with_none_and_weights():
 
 def test_combine_normalize_then_sum_and_clip():
     per_source = torch.tensor([[1.0, 0.0, 3.0, 3.0], [10.0, 20.0, 0.0, 1.0]])
-    scores, _ = combine(per_source, torch.ones(2), 2, "normalize_then_sum")
+    present = torch.ones(2, 4, dtype=torch.bool)
+    scores, _ = combine(per_source, present, torch.ones(2), 2, "normalize_then_sum")
     # each function within each group of 2, (r - mean)/(σ + 1e-4) with σ over n-1:
     # f1 [1, 0 | 3, 3] → [z, -z | 0, 0] with z = 0.5/(sqrt(0.5) + 1e-4)
     # f2 [10, 20 | 0, 1] → [-y, y | -z, z] with y = 5/(sqrt(50) + 1e-4)
@@ -40,7 +40,12 @@ def test_combine_normalize_then_sum_and_clip():
     y = 5.0 / (50**0.5 + 1e-4)
     torch.testing.assert_close(scores, torch.tensor([z - y, y - z, -z, z]), atol=1e-6, rtol=0)
     clipped, _ = combine(
-        torch.tensor([[5.0, -7.0]]), torch.ones(1), 2, "sum_then_normalize", clip=2.0
+        torch.tensor([[5.0, -7.0]]),
+        torch.ones(1, 2, dtype=torch.bool),
+        torch.ones(1),
+        2,
+        "sum_then_normalize",
+        clip=2.0,
     )
     torch.testing.assert_close(clipped, torch.tensor([2.0, -2.0]))
 
@@ -61,9 +66,15 @@ def test_sync_and_async_functions_receive_columns():
         return [float(c == a) for c, a in zip(completions, answer, strict=True)]
 
     rc = RewardComputer(
-        [RewardSource("reads", reads_columns), RewardSource("trl", trl_style), RewardSource("async", async_reward)],
-        "sum_then_normalize", None, None,
-    )  # fmt: skip
+        [
+            RewardSource("reads", reads_columns),
+            RewardSource("trl", trl_style),
+            RewardSource("async", async_reward),
+        ],
+        "sum_then_normalize",
+        None,
+        None,
+    )
     out = rc(PROMPTS, COMPLETIONS, IDS, {"answer": ["ba", "ba", "dc", "dc"]}, group_size=2)
     assert seen["answer"] == ["ba", "ba", "dc", "dc"]
     torch.testing.assert_close(out.scores, torch.tensor([4.0, 3.0, 4.0, 3.0]))

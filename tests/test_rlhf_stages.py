@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from advantage.core import RunningMoments, bradley_terry_loss
-from advantage.sft import collate, encode_pair
+from advantage.engine.supervised import collate, encode_pair
 from helpers import small_config
 
 
@@ -76,23 +76,42 @@ def test_running_moments_hand_computed_and_state():
 
 @pytest.mark.slow
 def test_reward_model_from_rm_loads_in_train(tmp_path):
-    from advantage.config import load_config
-    from advantage.rm import RMConfig, run_rm
-    from advantage.sft import load_stage_config
+    from advantage.engine.configlib import load_config as load_stage_config
+    from advantage.rl.config import load_config
+    from advantage.rl.trainer import Trainer
+    from advantage.stages.rm import RMConfig, run_rm
     from advantage.tasks import builtin_model_path
-    from advantage.trainer import Trainer
 
     base = builtin_model_path("tiny-random")
-    cfg = load_stage_config(RMConfig, None, [
-        f"model.name_or_path={base}", f"log.run_dir={tmp_path / 'rm'}", "log.progress=false",
-        "log.tensorboard=false", "train.steps=30", "train.lr=1e-3", "pairs=256",
-    ])  # fmt: skip
+    cfg = load_stage_config(
+        RMConfig,
+        None,
+        [
+            f"model.name_or_path={base}",
+            f"log.run_dir={tmp_path / 'rm'}",
+            "log.progress=false",
+            "log.tensorboard=false",
+            "train.steps=30",
+            "train.lr=1e-3",
+            "pairs=256",
+        ],
+    )
     stats = run_rm(cfg)
     assert stats["eval_pairwise_accuracy"] > 0.6, stats  # it learned something in 30 steps
-    trainer = Trainer(load_config(None, small_config(
-        tmp_path / "ppo", "algorithm=ppo", f"reward.model={stats['final']}", "reward.functions=[]",
-        "reward.model_normalize=true", "reward.missing_eos_penalty=1.0", "train.steps=2",
-    )))  # fmt: skip
+    trainer = Trainer(
+        load_config(
+            None,
+            small_config(
+                tmp_path / "ppo",
+                "algorithm=ppo",
+                f"reward.model={stats['final']}",
+                "reward.functions=[]",
+                "reward.model_normalize=true",
+                "reward.missing_eos_penalty=1.0",
+                "train.steps=2",
+            ),
+        )
+    )
     result = trainer.fit()
     assert all(math.isfinite(m["loss/value"]) for m in result.metrics)
     assert trainer.rewards.sources[0].name.startswith("reward_model(")

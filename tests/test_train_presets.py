@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from advantage.config import load_config
 from advantage.core import PRESETS
-from advantage.trainer import Trainer
+from advantage.rl.config import load_config
+from advantage.rl.trainer import Trainer
 from helpers import length_reward, small_config
 
 pytestmark = pytest.mark.slow
@@ -36,13 +36,25 @@ def test_every_preset_three_steps(preset, run_dir):
 def test_axis_overrides_and_options_run(run_dir):
     """Clip-higher, dual clip, entropy bonus, adaptive KL, μ = 2 epochs × 2 minibatches with
     micro-batches, truncation masking, dynamic sampling and a synced reference, all at once."""
-    cfg = load_config(None, small_config(
-        run_dir, "algorithm=reinforce_pp_baseline", "algo.clip_high=0.28", "algo.dual_clip=3.0",
-        "algo.entropy_coef=0.01", "algo.kl_controller=adaptive", "algo.kl_target=0.1",
-        "train.epochs=2", "train.minibatches=2", "train.micro_batch_size=2",
-        "rollout.mask_truncated=true", "rollout.dynamic_sampling=true",
-        "model.ref_sync_steps=1", "model.ref_sync_alpha=0.5",
-    ))  # fmt: skip
+    cfg = load_config(
+        None,
+        small_config(
+            run_dir,
+            "algorithm=reinforce_pp_baseline",
+            "algo.clip_high=0.28",
+            "algo.dual_clip=3.0",
+            "algo.entropy_coef=0.01",
+            "algo.kl_controller=adaptive",
+            "algo.kl_target=0.1",
+            "train.epochs=2",
+            "train.minibatches=2",
+            "train.micro_batch_size=2",
+            "rollout.mask_truncated=true",
+            "rollout.dynamic_sampling=true",
+            "model.ref_sync_steps=1",
+            "model.ref_sync_alpha=0.5",
+        ),
+    )
     trainer = Trainer(cfg, reward_funcs=[length_reward])
     result = trainer.fit()
     last = result.metrics[-1]

@@ -11,9 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from advantage.config import load_config
-from advantage.reward_helpers import exact_match, format_regex, length_penalty, overlong_penalty
-from advantage.trainer import Trainer
+from advantage.engine.reward_helpers import (
+    exact_match,
+    format_regex,
+    length_penalty,
+    overlong_penalty,
+)
+from advantage.rl.config import load_config
+from advantage.rl.trainer import Trainer
 from helpers import length_reward, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,12 +45,24 @@ def test_report_page_renders_with_every_plot(run_dir):
         "advantages.png",
     } <= set(pngs)
     dom = subprocess.run(
-        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={run_dir / 'chrome'}", "--virtual-time-budget=5000", "--dump-dom",
-         page.as_uri()],
-        capture_output=True, text=True, timeout=120,
-    ).stdout  # fmt: skip
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={run_dir / 'chrome'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     loaded = re.search(r'data-images-loaded="(\d+)"', dom)
     total = re.search(r'data-images-total="(\d+)"', dom)
     assert loaded and total, dom[:500]
@@ -57,10 +74,18 @@ def test_report_page_renders_with_every_plot(run_dir):
 def test_lora_reference_is_the_base_and_saving_writes_the_adapter(run_dir):
     from transformers import AutoModelForCausalLM
 
-    from advantage.models import AdapterDisabled, completion_logprobs
+    from advantage.engine.models import AdapterDisabled, completion_logprobs
 
-    cfg = load_config(None, small_config(run_dir, "train.steps=3", "checkpoint.save_final=true",
-                                         "model.lora={r: 4, lora_alpha: 8}", "train.lr=1e-2"))  # fmt: skip
+    cfg = load_config(
+        None,
+        small_config(
+            run_dir,
+            "train.steps=3",
+            "checkpoint.save_final=true",
+            "model.lora={r: 4, lora_alpha: 8}",
+            "train.lr=1e-2",
+        ),
+    )
     trainer = Trainer(cfg, reward_funcs=[length_reward])
     assert isinstance(trainer.ref, AdapterDisabled)  # no second copy of the weights
     trainable = sum(p.numel() for p in trainer.policy.parameters() if p.requires_grad)
@@ -74,8 +99,9 @@ def test_lora_reference_is_the_base_and_saving_writes_the_adapter(run_dir):
     with torch.no_grad():
         lp_peft, _ = completion_logprobs(trainer.policy, batch)
         lp_merged, _ = completion_logprobs(merged, batch)
-    torch.testing.assert_close(lp_merged[batch.completion_mask], lp_peft[batch.completion_mask],
-                               atol=1e-4, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        lp_merged[batch.completion_mask], lp_peft[batch.completion_mask], atol=1e-4, rtol=0
+    )
 
 
 CHAT_TEMPLATE = (
@@ -93,8 +119,10 @@ def test_conversational_jsonl_and_columns_reach_rewards(tmp_path, run_dir):
     tok = char_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(tok_dir)
-    rows = [{"prompt": [{"role": "user", "content": f"rev {w}"}], "answer": w[::-1], "level": i}
-            for i, w in enumerate(["abc", "bca", "cab", "dab"])]  # fmt: skip
+    rows = [
+        {"prompt": [{"role": "user", "content": f"rev {w}"}], "answer": w[::-1], "level": i}
+        for i, w in enumerate(["abc", "bca", "cab", "dab"])
+    ]
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     seen = {}
@@ -103,16 +131,23 @@ def test_conversational_jsonl_and_columns_reach_rewards(tmp_path, run_dir):
         seen.update(prompt=prompts[0], completion=completions[0], answer=answer, level=level)
         return [float(len(completion[0]["content"])) for completion in completions]
 
-    cfg = load_config(None, small_config(
-        run_dir, f"data.train={data}", f"model.tokenizer={tok_dir}", "train.steps=1",
-        "data.system_prompt=be brief", model=str(builtin_model_path("tiny-random")),
-    ))  # fmt: skip
+    cfg = load_config(
+        None,
+        small_config(
+            run_dir,
+            f"data.train={data}",
+            f"model.tokenizer={tok_dir}",
+            "train.steps=1",
+            "data.system_prompt=be brief",
+            model=str(builtin_model_path("tiny-random")),
+        ),
+    )
     trainer = Trainer(cfg, reward_funcs=[reads])
     trainer.fit()
     assert seen["prompt"] == rows[0]["prompt"] or seen["prompt"] in [r["prompt"] for r in rows]
     assert isinstance(seen["completion"], list) and seen["completion"][0]["role"] == "assistant"
     assert len(seen["answer"]) == 8 and len(seen["level"]) == 8  # one value per completion
-    from advantage.data import encode_prompt
+    from advantage.engine.data import encode_prompt
 
     text = tok.decode(encode_prompt(tok, rows[0]["prompt"], "be brief"))
     assert text == "<s>be brief<u>rev abc<a>"
@@ -121,7 +156,7 @@ def test_conversational_jsonl_and_columns_reach_rewards(tmp_path, run_dir):
 def test_datasets_folder_loads(tmp_path):
     import datasets
 
-    from advantage.data import load_rows
+    from advantage.engine.data import load_rows
 
     datasets.Dataset.from_list([{"prompt": "ab>", "answer": "ba"}]).save_to_disk(tmp_path / "ds")
     assert load_rows(str(tmp_path / "ds")) == [{"prompt": "ab>", "answer": "ba"}]
@@ -132,10 +167,24 @@ def test_datasets_folder_loads(tmp_path):
 @pytest.mark.slow
 def test_eval_command_greedy_and_pass_at_k():
     out = subprocess.run(
-        [sys.executable, "-m", "advantage", "eval", "builtin:tiny-reverse", "builtin:reverse:eval",
-         "--size", "40", "--pass-k", "4", "--max-new-tokens", "8"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "advantage",
+            "eval",
+            "builtin:tiny-reverse",
+            "builtin:reverse:eval",
+            "--size",
+            "40",
+            "--pass-k",
+            "4",
+            "--max-new-tokens",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
     assert 0.2 < result["eval/accuracy"] < 0.9  # the warm start: imperfect, not broken
@@ -145,15 +194,21 @@ def test_eval_command_greedy_and_pass_at_k():
 def test_reward_helpers_hand_computed():
     assert exact_match(None, [" ba ", "ab", "x"], answer=["ba", "ba", None]) == [1.0, 0.0, None]
     assert format_regex(None, ["<a>1</a>", "1"], format_pattern=r"<a>\d+</a>") == [1.0, 0.0]
-    assert length_penalty(None, None, [[1] * 3, [1] * 10], target_length=5, length_penalty_coef=0.1) == [
-        0.0, pytest.approx(-0.5)]  # fmt: skip
+    assert length_penalty(
+        None, None, [[1] * 3, [1] * 10], target_length=5, length_penalty_coef=0.1
+    ) == [0.0, pytest.approx(-0.5)]
     # DAPO overlong: L_max 10, buffer 4 → 0 up to 6, then (6 - n)/4, -1 beyond 10
-    assert overlong_penalty(None, None, [[0] * 6, [0] * 8, [0] * 10, [0] * 12],
-                            max_completion_length=10, overlong_buffer=4) == [0.0, -0.5, -1.0, -1.0]  # fmt: skip
+    assert overlong_penalty(
+        None,
+        None,
+        [[0] * 6, [0] * 8, [0] * 10, [0] * 12],
+        max_completion_length=10,
+        overlong_buffer=4,
+    ) == [0.0, -0.5, -1.0, -1.0]
 
 
 def test_math_answer_helper():
-    from advantage.reward_helpers import math_answer
+    from advantage.engine.reward_helpers import math_answer
 
     got = math_answer(
         None,

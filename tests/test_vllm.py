@@ -5,13 +5,13 @@ import pytest
 import torch
 import vllm  # noqa: F401  (an ImportError outside the vLLM environment, never a silent skip)
 
-from advantage.config import load_config
-from advantage.models import completion_logprobs, load_causal_lm
-from advantage.rollout import SamplingParams
-from advantage.rollout.vllm import VLLMBackend
+from advantage.engine.models import completion_logprobs, load_causal_lm
+from advantage.engine.rollout import SamplingParams
+from advantage.engine.rollout.vllm import VLLMBackend
+from advantage.rl.config import load_config
+from advantage.rl.trainer import Trainer
 from advantage.tasks import builtin_model_path
 from advantage.tasks.tiny import char_tokenizer
-from advantage.trainer import Trainer
 from helpers import length_reward, small_config
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -49,9 +49,15 @@ def test_engine_logprobs_follow_pushed_weights(engine):
 
 
 def test_training_with_vllm_backend_and_tis(run_dir):
-    cfg = load_config(None, small_config(
-        run_dir, "rollout.backend=vllm", "rollout.tis_cap=2.0", "rollout.vllm={max_model_len: 128}",
-    ))  # fmt: skip
+    cfg = load_config(
+        None,
+        small_config(
+            run_dir,
+            "rollout.backend=vllm",
+            "rollout.tis_cap=2.0",
+            "rollout.vllm={max_model_len: 128}",
+        ),
+    )
     trainer = Trainer(cfg, reward_funcs=[length_reward])
     result = trainer.fit()
     for m in result.metrics:

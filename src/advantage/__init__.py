@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 def train(config=None, reward_funcs=None, overrides=None):
     """Train with a Config, a dict or a YAML path; `reward_funcs` are TRL-style callables.
 
-    See `advantage.trainer.train`.
+    See `advantage.rl.trainer.train`.
     """
-    from .trainer import train as _train
+    from .rl.trainer import train as _train
 
     return _train(config, reward_funcs=reward_funcs, overrides=overrides)
 

@@ -22,7 +22,7 @@ def _card(args: argparse.Namespace) -> int:
 
 
 def _parse_override(text: str) -> tuple[str, object]:
-    from .configlib import parse_overrides
+    from .engine.configlib import parse_overrides
 
     return parse_overrides([text])[0]
 
@@ -35,7 +35,7 @@ def _split_config_arg(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .trainer import train
+    from .rl.trainer import train
 
     path, overrides = _split_config_arg(args.args)
     train(path, overrides=overrides)
@@ -46,7 +46,7 @@ def _demo(args: argparse.Namespace) -> int:
     import time
     from importlib.resources import files
 
-    from .trainer import train
+    from .rl.trainer import train
 
     start = time.perf_counter()
     recipe = files("advantage") / "recipes" / "demo.yaml"
@@ -62,37 +62,42 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _sft(args: argparse.Namespace) -> int:
-    from .sft import SFTConfig, load_stage_config, run_sft
+    from .engine.configlib import load_config
+    from .stages.sft import SFTConfig, run_sft
 
     path, overrides = _split_config_arg(args.args)
-    stats = run_sft(load_stage_config(SFTConfig, path, overrides))
-    print(f"SFT done in {stats['seconds']:.0f}s: final loss {stats['loss']:.4f}"
-          + (f", held-out loss {stats['eval_loss']:.4f}" if "eval_loss" in stats else "")
-          + f"; model in {stats['final']}")  # fmt: skip
+    stats = run_sft(load_config(SFTConfig, path, overrides))
+    print(
+        f"SFT done in {stats['seconds']:.0f}s: final loss {stats['loss']:.4f}"
+        + (f", held-out loss {stats['eval_loss']:.4f}" if "eval_loss" in stats else "")
+        + f"; model in {stats['final']}"
+    )
     return 0
 
 
 def _rm(args: argparse.Namespace) -> int:
-    from .rm import RMConfig, run_rm
-    from .sft import load_stage_config
+    from .engine.configlib import load_config
+    from .stages.rm import RMConfig, run_rm
 
     path, overrides = _split_config_arg(args.args)
-    stats = run_rm(load_stage_config(RMConfig, path, overrides))
-    print(f"reward model trained in {stats['seconds']:.0f}s: held-out pairwise accuracy "
-          f"{100 * stats['eval_pairwise_accuracy_before']:.1f}% -> {100 * stats['eval_pairwise_accuracy']:.1f}% "
-          f"on {stats['eval_pairs']} pairs; model in {stats['final']}")  # fmt: skip
+    stats = run_rm(load_config(RMConfig, path, overrides))
+    print(
+        f"reward model trained in {stats['seconds']:.0f}s: held-out pairwise accuracy "
+        f"{100 * stats['eval_pairwise_accuracy_before']:.1f}% -> {100 * stats['eval_pairwise_accuracy']:.1f}% "
+        f"on {stats['eval_pairs']} pairs; model in {stats['final']}"
+    )
     return 0
 
 
 def _chain(args: argparse.Namespace) -> int:
-    from .chain import run_chain
+    from .stages.chain import run_chain
 
     run_chain(args.run_dir, args.overrides)
     return 0
 
 
 def _consolidate(args: argparse.Namespace) -> int:
-    from .checkpoint import consolidate
+    from .rl.checkpointing import consolidate
 
     out = consolidate(args.checkpoint, args.out)
     print(f"wrote a Hugging Face model folder: {out}")
@@ -100,7 +105,7 @@ def _consolidate(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import make_report
+    from .engine.report import make_report
 
     print(f"wrote {make_report(args.run_dir)}")
     return 0
@@ -109,13 +114,19 @@ def _report(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from .evaluation import evaluate_model
+    from .stages.evaluate import evaluate_model
 
     result = evaluate_model(
-        args.model, args.dataset, reward_functions=args.reward or None, prompt_field=args.prompt_field,
-        max_new_tokens=args.max_new_tokens, pass_k=args.pass_k, size=args.size,
-        threshold=args.threshold, temperature=args.temperature,
-    )  # fmt: skip
+        args.model,
+        args.dataset,
+        reward_functions=args.reward or None,
+        prompt_field=args.prompt_field,
+        max_new_tokens=args.max_new_tokens,
+        pass_k=args.pass_k,
+        size=args.size,
+        threshold=args.threshold,
+        temperature=args.temperature,
+    )
     print(json.dumps(result, indent=1))
     return 0
 
@@ -123,7 +134,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from peft import AutoPeftModelForCausalLM
 
-    from .models import load_tokenizer
+    from .engine.models import load_tokenizer
 
     model = AutoPeftModelForCausalLM.from_pretrained(args.adapter)
     model.merge_and_unload().save_pretrained(args.out)
@@ -184,8 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="greedy accuracy and pass@k of MODEL on DATASET")
     p.add_argument("model", help="model folder, hub id, or builtin:NAME")
     p.add_argument("dataset", help=".jsonl, a local datasets folder/file, or builtin:TASK[:eval]")
-    p.add_argument("--reward", action="append", help="reward function (repeatable); default: "
-                   "the task's verifier for builtin data, else exact_match on an 'answer' column")  # fmt: skip
+    p.add_argument(
+        "--reward",
+        action="append",
+        help="reward function (repeatable); default: "
+        "the task's verifier for builtin data, else exact_match on an 'answer' column",
+    )
     p.add_argument("--prompt-field", default="prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--pass-k", type=int, default=0)
@@ -204,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .configlib import ConfigError
-    from .rewards import RewardError
+    from .engine.configlib import ConfigError
+    from .engine.rewards import RewardError
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:

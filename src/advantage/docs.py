@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from .config import Config
-from .configlib import field_docs
 from .core.algorithm import Algorithm
+from .engine.configlib import field_docs
+from .rl.config import Config
 
 
 def _type(tp) -> str:
@@ -32,14 +32,16 @@ def config_reference() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from the dataclasses in `src/advantage/config.py` by `advantage docs`;",
+        "Generated from the dataclasses in `src/advantage/rl/config.py` by `advantage docs`;",
         "a test checks that this file is current. Set fields in YAML or as `section.field=value`.",
         "",
     ]
     top = typing.get_type_hints(Config)
     lines += ["## top level", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-    lines.append(f"| `algorithm` | str | {_default(Config.__dataclass_fields__['algorithm'])} | "
-                 f"{_cell(field_docs(Config)['algorithm'])} |")  # fmt: skip
+    lines.append(
+        f"| `algorithm` | str | {_default(Config.__dataclass_fields__['algorithm'])} | "
+        f"{_cell(field_docs(Config)['algorithm'])} |"
+    )
     for f in dataclasses.fields(Config):
         if f.name == "algorithm":
             continue
@@ -48,12 +50,17 @@ def config_reference() -> str:
         hints = typing.get_type_hints(section)
         lines += ["", f"## `{f.name}`", ""]
         if f.name == "algo":
-            lines += ["Overrides of the preset's axes; `null` keeps the preset's value "
-                      "(see the preset table in the README).", ""]  # fmt: skip
+            lines += [
+                "Overrides of the preset's axes; `null` keeps the preset's value "
+                "(see the preset table in the README).",
+                "",
+            ]
         lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
         for sub in dataclasses.fields(section):
-            lines.append(f"| `{f.name}.{sub.name}` | {_type(hints[sub.name])} | {_cell(_default(sub))} | "
-                         f"{_cell(docs.get(sub.name, ''))} |")  # fmt: skip
+            lines.append(
+                f"| `{f.name}.{sub.name}` | {_type(hints[sub.name])} | {_cell(_default(sub))} | "
+                f"{_cell(docs.get(sub.name, ''))} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -56,12 +56,12 @@ class AdvantageOutputs:
 
 @torch.no_grad()
 def compute_advantages(
-    inputs: AdvantageInputs, algo: Algorithm, baseline: Baseline, kl_coef: float | None = None
+    inputs: AdvantageInputs, algo: Algorithm, baseline: Baseline, *, kl_coef: float
 ) -> AdvantageOutputs:
     """Run steps 1–5 for `algo`. `baseline` is the (possibly stateful) object of
-    `algo.baseline`; `kl_coef` is the current β (from the KL controller; default `algo.kl_coef`).
+    `algo.baseline`; `kl_coef` is the current β (the KL controller's value; `algo.kl_coef` is
+    only its initial value), used when `algo.kl_in_reward`.
     """
-    beta = algo.kl_coef if kl_coef is None else kl_coef
     scores = inputs.scores.float()
     score_mask = (
         torch.ones_like(scores, dtype=torch.bool)
@@ -82,12 +82,12 @@ def compute_advantages(
         )
     # 3. token rewards: centred score on the last token, -β·KL(old ‖ ref) on every token
     kl = None
-    if algo.kl_placement == "reward" and beta > 0:
+    if algo.kl_in_reward:
         if inputs.old_logprobs is None or inputs.ref_logprobs is None:
             raise ValueError("KL in the reward needs old_logprobs and ref_logprobs")
         kl = kl_penalty(inputs.old_logprobs, inputs.ref_logprobs, algo.kl_estimator)
         metrics["kl_reward"] = masked_mean(kl, mask)
-    rewards = token_rewards(centred, mask, kl, beta)
+    rewards = token_rewards(centred, mask, kl, kl_coef)
     # 4. return-to-go, or GAE with the critic
     returns = None
     if algo.uses_critic:

@@ -87,14 +87,34 @@ class Algorithm:
         if self.kl_controller == "adaptive" and not self.kl_target:
             raise ValueError("algo.kl_target must be set (> 0) for kl_controller=adaptive")
 
+    # Every decision the loop takes from the algorithm is asked here, in one place.
+
     @property
     def uses_critic(self) -> bool:
+        """A critic is trained and its values are the baseline (GAE)."""
         return self.baseline == "critic"
 
     @property
     def uses_reference(self) -> bool:
         """A reference model is loaded and evaluated only when some KL term is active."""
         return self.kl_placement != "none" and self.kl_coef > 0
+
+    @property
+    def kl_in_reward(self) -> bool:
+        """`-β·k(old, ref)` shapes the token rewards (SPEC §2): needs the generating policy's
+        log-probs and the reference's before the advantages."""
+        return self.kl_placement == "reward" and self.kl_coef > 0
+
+    @property
+    def kl_in_loss(self) -> bool:
+        """`+β·k(π, ref)` is a term of the per-token loss, with its gradient (SPEC §2)."""
+        return self.kl_placement == "loss" and self.kl_coef > 0
+
+    @staticmethod
+    def needs_old_logprobs(epochs: int, minibatches: int) -> bool:
+        """The weights move before the rollout batch is used up (μ > 1 or several minibatches),
+        so `old_logp` needs its own forward pass; otherwise `old_logp = logp.detach()` (SPEC §4)."""
+        return epochs > 1 or minibatches > 1
 
     def card(self) -> str:
         """A printable resolution of this algorithm: the pipeline of SPEC §3–§4, step by step."""

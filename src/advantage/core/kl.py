@@ -50,3 +50,18 @@ def kl_penalty(
 ) -> torch.Tensor:
     """Per-token KL estimate by name: `KL_ESTIMATORS[estimator](logprobs, ref_logprobs)`."""
     return KL_ESTIMATORS[estimator](logprobs, ref_logprobs)
+
+
+def sequence_kl(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, estimator: str = "k3"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token KL estimates and their per-sequence sums, zero where `mask` is False.
+
+    logprobs, ref_logprobs `[B, T]`, mask bool `[B, T]` → (per_token `[B, T]`, per_seq `[B]`),
+    `per_seq[i] = Σ_t k(logp, ref_logp)[i, t]·m[i, t]`. The adaptive controller (Ziegler et al.
+    2019) is fed the mean over sequences of `per_seq`, the KL of a whole sequence. (verl feeds
+    the mean over sequences of each sequence's per-token mean instead: the same `kl_target`
+    means a per-token KL there, a per-sequence KL here.)
+    """
+    per_token = torch.where(mask.bool(), kl_penalty(logprobs, ref_logprobs, estimator), 0.0)
+    return per_token, per_token.sum(-1)

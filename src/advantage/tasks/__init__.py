@@ -1,6 +1,13 @@
-"""Built-in tasks and models that need no download: `builtin:reverse` data and the
-`builtin:tiny-reverse` model (a tiny Qwen2 warm-started on the task by imitating an imperfect
-teacher; built once and cached)."""
+"""Built-in tasks and models that need no download, and the one parser of `builtin:` specs.
+
+- data `builtin:reverse` (training rows) and `builtin:reverse:eval` (its held-out split);
+- models `builtin:tiny-reverse` (the demo's tiny Qwen2, warm-started on the task by imitating an
+  imperfect teacher; built once and cached), `builtin:tiny-random` and `builtin:small-random`
+  (freshly initialised tiny / small Qwen2 with the character tokenizer).
+
+This package sits above the engine: the engine never imports it. Stages resolve a spec here
+(`model_path`, `dataset_rows`, `task_of`) and hand the engine plain paths and rows.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..engine.configlib import ConfigError
 from .reverse import ReverseTask, reverse_reward
 
+PREFIX = "builtin:"
 TASKS = {"reverse": ReverseTask}
 
 # builtin model name → (task, tiny size, SFT settings, demonstrations)
@@ -23,6 +32,14 @@ BUILTIN_MODELS = {
     "small-random": dict(task="reverse", size="small", sft=dict(steps=0)),
 }
 WARM_START_VERSION = 2  # bump when the task, tokenizer or warm-start code changes
+
+
+def parse_builtin(spec: str) -> tuple[str, str] | None:
+    """`"builtin:NAME[:SPLIT]"` → (NAME, SPLIT or ""); None when `spec` is not a builtin spec."""
+    if not spec.startswith(PREFIX):
+        return None
+    name, _, split = spec.removeprefix(PREFIX).partition(":")
+    return name, split
 
 
 def cache_dir() -> Path:
@@ -35,18 +52,59 @@ def get_task(name: str) -> ReverseTask:
     return TASKS[name]()
 
 
+def task_of(spec: str | None, field: str = "data.train") -> ReverseTask | None:
+    """The built-in task a data spec names (`builtin:reverse[:eval]`), else None."""
+    parsed = parse_builtin(spec) if spec else None
+    if parsed is None:
+        return None
+    try:
+        return get_task(parsed[0])
+    except ValueError as e:
+        raise ConfigError(f"{field}: {e}") from None
+
+
+def dataset_rows(spec: str, field: str = "data.train") -> list[dict]:
+    """Prompt rows of `spec`: a built-in task's split, or whatever `engine.data.load_rows` reads."""
+    from ..engine.data import load_rows
+
+    task = task_of(spec, field)
+    if task is None:
+        return load_rows(spec, field)
+    return task.eval_rows() if parse_builtin(spec)[1] == "eval" else task.train_rows()
+
+
+def eval_spec(train_spec: str) -> str | None:
+    """The held-out split that goes with a training spec (built-in tasks only), else None."""
+    parsed = parse_builtin(train_spec)
+    return None if parsed is None else f"{PREFIX}{parsed[0]}:eval"
+
+
+def model_path(spec: str, field: str = "model.name_or_path") -> str:
+    """A model spec as a path: `builtin:NAME` → its cached folder (built on first use); anything
+    else goes through `engine.models.check_model_path`."""
+    from ..engine.models import check_model_path
+
+    parsed = parse_builtin(spec)
+    if parsed is None:
+        return check_model_path(spec, field)
+    try:
+        return str(builtin_model_path(parsed[0]))
+    except ValueError as e:
+        raise ConfigError(f"{field}: {e}") from None
+
+
 def builtin_model_path(name: str, verbose: bool = True) -> Path:
     """Folder of the built-in model `name`, building and warm-starting it on first use.
 
     The folder is written to a temporary directory and renamed into place, so an interrupted
     build is never picked up.
     """
-    from ..sft import SFTSettings, supervised_finetune
+    from ..engine.supervised import SFTSettings, supervised_finetune
     from .tiny import char_tokenizer, tiny_qwen2
 
     if name not in BUILTIN_MODELS:
-        raise ValueError(f"unknown built-in model 'builtin:{name}'; valid: "
-                         + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS))  # fmt: skip
+        valid = ", ".join(f"{PREFIX}{n}" for n in BUILTIN_MODELS)
+        raise ValueError(f"unknown built-in model '{PREFIX}{name}'; valid: {valid}")
     spec = BUILTIN_MODELS[name]
     key = hashlib.sha1(json.dumps([spec, WARM_START_VERSION], sort_keys=True).encode()).hexdigest()
     path = cache_dir() / f"{name}-{key[:10]}"
@@ -59,7 +117,8 @@ def builtin_model_path(name: str, verbose: bool = True) -> Path:
     if settings.steps:
         if verbose:
             print(
-                f"building builtin:{name}: warm start by SFT on an imperfect teacher (cached in {path})",
+                f"building {PREFIX}{name}: warm start by SFT on an imperfect teacher "
+                f"(cached in {path})",
                 file=sys.stderr,
             )
         rows = task.sft_rows(settings.steps * settings.batch_size, seed=settings.seed)
@@ -80,4 +139,15 @@ def builtin_model_path(name: str, verbose: bool = True) -> Path:
     return path
 
 
-__all__ = ["BUILTIN_MODELS", "TASKS", "builtin_model_path", "get_task", "reverse_reward"]
+__all__ = [
+    "BUILTIN_MODELS",
+    "TASKS",
+    "builtin_model_path",
+    "dataset_rows",
+    "eval_spec",
+    "get_task",
+    "model_path",
+    "parse_builtin",
+    "reverse_reward",
+    "task_of",
+]

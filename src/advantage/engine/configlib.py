@@ -143,6 +143,22 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def load_config(
+    cls: type,
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Any:
+    """The one config loader: dataclass `cls` from `base`, then an optional YAML file, then
+    `key=value` overrides (applied in order); every key and value checked by `load`."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        data.update(read_yaml(path))
+    for key, value in parse_overrides(overrides or []):
+        set_path(data, key, value)
+    return load(cls, data)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -151,10 +167,6 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data
-
-
-def to_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
 
 
 @cache

@@ -1,30 +1,27 @@
-"""Supervised fine-tuning (`advantage sft CONFIG.yaml`), loss on completion tokens only.
-
-Rows are `{"prompt", "completion"}` (strings, or a conversational prompt and an assistant
-message) or `{"messages": [...]}` ending with the assistant turn to learn. Each batch is padded
-only to its own longest sequence (no padding beyond it). The demo's warm start calls
-`supervised_finetune` too.
-"""
+"""Supervised training of a causal LM on (prompt, completion) pairs, loss on completion tokens
+only: the SFT stage (`advantage sft`) and the built-in models' warm start both run
+`supervised_finetune`. Each batch is padded only to its own longest sequence."""
 
 from __future__ import annotations
 
-import math
 import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
-from .config import LogConfig, ModelConfig
-from .configlib import ConfigError, load, parse_overrides, read_yaml, set_path
+from .configlib import ConfigError
+from .data import encode_prompt
+from .optim import make_optimizer
+from .reward_helpers import completion_text
 
 
 @dataclass
 class StageSettings:
-    """Optimisation of a supervised stage (SFT, reward model)."""
+    """Optimisation of a supervised stage (SFT, reward model): AdamW, linear warm-up, then
+    cosine decay to 10% of the peak rate (`advantage.engine.optim`)."""
 
     steps: int = 600
     """Optimizer steps."""
@@ -42,17 +39,22 @@ class StageSettings:
     """Seed of the batch order and of torch."""
 
     def optimizer(self, model: torch.nn.Module):
-        """AdamW and its warm-up + cosine schedule."""
-        opt = torch.optim.AdamW(
-            model.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=True
-        )
-        return opt, torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, self.warmup_steps, self.steps)
+        """AdamW and its warm-up + cosine schedule (one scheduler step per optimizer step)."""
+        return make_optimizer(
+            model,
+            lr=self.lr,
+            total_steps=self.steps,
+            warmup_steps=self.warmup_steps,
+            schedule="cosine",
+            floor=0.1,
+            weight_decay=self.weight_decay,
         )
 
 
 @dataclass
 class SFTSettings(StageSettings):
+    """A supervised fine-tuning run: the stage's optimisation plus sequence length and logging."""
+
     max_length: int | None = None
     """Sequences longer than this (prompt + completion tokens) are cut on the right."""
     log_every: int = 100
@@ -60,11 +62,9 @@ class SFTSettings(StageSettings):
 
 
 @dataclass
-class SupervisedData:
-    train: str = "builtin:reverse"
-    """Rows: .jsonl, a local `datasets` folder/file, or builtin:TASK (teacher demonstrations)."""
-    eval: str | None = None
-    """Held-out rows (loss is reported on them at the end)."""
+class PairColumns:
+    """Where a supervised dataset keeps its prompts and completions."""
+
     prompt_field: str = "prompt"
     """Prompt column (string or chat messages)."""
     completion_field: str = "completion"
@@ -73,29 +73,15 @@ class SupervisedData:
     """Conversation column, used when a row has no prompt: the last message is learned."""
 
 
-@dataclass
-class SFTConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: SupervisedData = field(default_factory=SupervisedData)
-    train: SFTSettings = field(default_factory=SFTSettings)
-    log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/sft"))
-
-
-def load_stage_config(cls: type, path: str | None, overrides: list[str]):
-    """A stage config (SFT / reward model) from YAML and `key=value` overrides."""
-    data = read_yaml(path) if path else {}
-    for key, value in parse_overrides(overrides):
-        set_path(data, key, value)
-    return load(cls, data)
+def completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean negative log-likelihood of the completion tokens (labels != -100) only."""
+    return model(**batch).loss
 
 
 def encode_pair(
     tokenizer, prompt, completion, max_length: int | None = None
 ) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids + EOS); prompts go through `encode_prompt` (chat templates)."""
-    from .data import encode_prompt
-    from .reward_helpers import completion_text
-
     prompt_ids = encode_prompt(tokenizer, prompt)
     completion_ids = tokenizer(completion_text(completion), add_special_tokens=False)["input_ids"]
     completion_ids = [*completion_ids, tokenizer.eos_token_id]
@@ -105,7 +91,7 @@ def encode_pair(
 
 
 def rows_to_pairs(
-    rows: list[dict], data: SupervisedData, field_name: str = "data.train"
+    rows: list[dict], data: PairColumns, field_name: str = "data.train"
 ) -> list[tuple]:
     """(prompt, completion) of every row; errors name the row."""
     pairs = []
@@ -144,19 +130,6 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
     return {"input_ids": ids, "attention_mask": attn, "labels": labels}
 
 
-def completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean negative log-likelihood of the completion tokens (labels != -100) only."""
-    return model(**batch).loss
-
-
-def lr_factor(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
-    """Linear warm-up, then cosine decay from 1 to `floor` at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def batches(n_items: int, batch_size: int, seed: int):
     """Endless shuffled passes over range(n_items), `batch_size` indices at a time."""
     rng = random.Random(seed)
@@ -169,8 +142,13 @@ def batches(n_items: int, batch_size: int, seed: int):
         yield [order.pop() for _ in range(min(batch_size, n_items))]
 
 
-def supervised_finetune(model, tokenizer, rows: list[dict], settings: SFTSettings,
-                        on_step: Callable[[int, dict], None] | None = None) -> dict:  # fmt: skip
+def supervised_finetune(
+    model,
+    tokenizer,
+    rows: list[dict],
+    settings: SFTSettings,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict:
     """Train `model` in place on {prompt, completion} rows; returns {"loss", "seconds"}."""
     pairs = [
         encode_pair(tokenizer, r["prompt"], r["completion"], settings.max_length) for r in rows
@@ -195,8 +173,12 @@ def supervised_finetune(model, tokenizer, rows: list[dict], settings: SFTSetting
                 {"loss": loss, "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0]},
             )
         if settings.log_every and (step + 1) % settings.log_every == 0:
-            print(f"  sft step {step + 1}/{settings.steps}  loss {loss:.4f}  "
-                  f"{time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)  # fmt: skip
+            elapsed = time.perf_counter() - start
+            print(
+                f"  sft step {step + 1}/{settings.steps}  loss {loss:.4f}  {elapsed:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
     model.eval()
     return {"loss": loss, "seconds": time.perf_counter() - start}
 
@@ -210,53 +192,3 @@ def eval_loss(model, tokenizer, pairs: list[tuple], batch_size: int = 64) -> flo
         total += float(completion_loss(model, batch)) * tokens
         n += tokens
     return total / max(n, 1)
-
-
-def run_sft(cfg: SFTConfig) -> dict:
-    """`advantage sft`: load, train with logging, report the held-out loss, save RUN_DIR/final."""
-    from .logger import MetricsLogger
-    from .models import load_causal_lm, load_tokenizer, quiet_transformers, resolve_model_path
-
-    quiet_transformers()
-    path = resolve_model_path(cfg.model.name_or_path)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or path, cfg.model.trust_remote_code)
-    model = load_causal_lm(path, cfg.model.trust_remote_code)
-    rows = _supervised_rows(cfg.data.train, cfg, "data.train")
-    eval_rows = _supervised_rows(cfg.data.eval, cfg, "data.eval") if cfg.data.eval else []
-    logger = MetricsLogger(
-        cfg.log.run_dir, cfg.train.steps, cfg.log.tensorboard, cfg.log.wandb, cfg.log.progress
-    )
-    logger.start(0)
-    try:
-        stats = supervised_finetune(
-            model, tokenizer, rows, cfg.train,
-            on_step=lambda step, m: logger.log(step, m) if step % cfg.log.every == 0 else None,
-        )  # fmt: skip
-    finally:
-        logger.close()
-    if eval_rows:
-        pairs = [
-            encode_pair(tokenizer, r["prompt"], r["completion"], cfg.train.max_length)
-            for r in eval_rows
-        ]
-        stats["eval_loss"] = eval_loss(model, tokenizer, pairs)
-        logger.log(cfg.train.steps, {"eval/loss": stats["eval_loss"]})
-    final = Path(cfg.log.run_dir) / "final"
-    model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
-    stats["final"] = str(final)
-    return stats
-
-
-def _supervised_rows(spec: str, cfg: SFTConfig, field_name: str) -> list[dict]:
-    from .data import load_rows
-
-    if spec.startswith("builtin:"):
-        from .tasks import get_task
-
-        name = spec.removeprefix("builtin:").split(":")[0]
-        return get_task(name).sft_rows(cfg.train.steps * cfg.train.batch_size, seed=cfg.train.seed)
-    rows = load_rows(spec, field_name)
-    if not rows:
-        raise ConfigError(f"{field_name}: the dataset is empty")
-    return [{"prompt": p, "completion": c} for p, c in rows_to_pairs(rows, cfg.data, field_name)]

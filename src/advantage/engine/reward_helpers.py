@@ -31,14 +31,26 @@ def format_regex(prompts, completions, format_pattern: str = r"(?s).*", **kwargs
     return [float(bool(pattern.fullmatch(completion_text(c)))) for c in completions]
 
 
-def length_penalty(prompts, completions, completion_ids, target_length: int = 0,
-                   length_penalty_coef: float = 0.01, **kwargs) -> list[float]:  # fmt: skip
+def length_penalty(
+    prompts,
+    completions,
+    completion_ids,
+    target_length: int = 0,
+    length_penalty_coef: float = 0.01,
+    **kwargs,
+) -> list[float]:
     """`-coef · max(0, len - target)` in tokens: a linear penalty beyond `target_length`."""
     return [-length_penalty_coef * max(0, len(ids) - target_length) for ids in completion_ids]
 
 
-def overlong_penalty(prompts, completions, completion_ids, max_completion_length: int = 64,
-                     overlong_buffer: int = 16, **kwargs) -> list[float]:  # fmt: skip
+def overlong_penalty(
+    prompts,
+    completions,
+    completion_ids,
+    max_completion_length: int = 64,
+    overlong_buffer: int = 16,
+    **kwargs,
+) -> list[float]:
     """DAPO's soft overlong punishment (arXiv:2503.14476 eq. 13): 0 up to L_max - L_buffer,
     then linearly down to -1 at L_max, and -1 beyond."""
     start = max_completion_length - overlong_buffer

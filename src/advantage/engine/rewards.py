@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ..core import group_mean_advantages, group_normalize
 from .configlib import ConfigError
-from .core import group_mean_advantages, group_normalize
 
 
 class RewardError(RuntimeError):
@@ -115,9 +115,14 @@ def _locate_failure(source: RewardSource, kwargs: dict, n: int) -> int | None:
 
 
 def call_reward_function(
-    source: RewardSource, prompts: list, completions: list, completion_ids: list, columns: dict,
-    timeout: float | None = None, extra: dict | None = None,
-) -> list[float | None]:  # fmt: skip
+    source: RewardSource,
+    prompts: list,
+    completions: list,
+    completion_ids: list,
+    columns: dict,
+    timeout: float | None = None,
+    extra: dict | None = None,
+) -> list[float | None]:
     """Run `source` on a batch and validate what it returns (length, numbers, finiteness)."""
     n = len(completions)
     kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids)
@@ -171,91 +176,64 @@ def _short(x, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def reward_model_texts(tokenizer, prompts: list, completions: list) -> list[str]:
-    """`prompt + completion` texts (conversations through the chat template): the one encoding
-    used both when a reward model is trained (`advantage rm`) and when it scores rollouts."""
-    return [
-        _as_text(p, tokenizer) + _as_text(c, tokenizer)
-        for p, c in zip(prompts, completions, strict=True)
-    ]
-
-
-class RewardModel:
-    """An `AutoModelForSequenceClassification` with one label, used as a reward function.
-
-    `normalize=True` maps its scores through running statistics of every score seen so far
-    (`(r - mean)/std`, global across ranks; saved in checkpoints).
-    """
-
-    def __init__(self, path: str, batch_size: int = 32, trust_remote_code: bool = False,
-                 normalize: bool = False) -> None:  # fmt: skip
-        from .core import RunningMoments
-        from .rm import load_reward_model
-
-        self.model, self.tokenizer = load_reward_model(path, trust_remote_code)
-        self.model.eval().requires_grad_(False)
-        self.batch_size = batch_size
-        self.moments = RunningMoments() if normalize else None
-        self.__name__ = f"reward_model({Path(path).name})"
-
-    @torch.no_grad()
-    def __call__(self, prompts, completions, **kwargs) -> list[float]:
-        from .rm import score
-
-        b = self.batch_size
-        out = torch.cat([
-            score(self.model, self.tokenizer, prompts[i : i + b], completions[i : i + b])
-            for i in range(0, len(prompts), b)
-        ])  # fmt: skip
-        if self.moments is not None:
-            out = self.moments.normalize(out)
-        return out.tolist()
-
-    def state_dict(self) -> dict:
-        return {} if self.moments is None else self.moments.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.moments is not None and state:
-            self.moments.load_state_dict(state)
-
-
-def _as_text(x, tokenizer) -> str:
-    """Plain text of a prompt/completion (conversational ones through the chat template)."""
-    if isinstance(x, str):
-        return x
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(x, tokenize=False)
-    return "".join(m["content"] for m in x)
-
-
 @dataclass
 class Scores:
+    """The scores of one rollout batch (B completions, prompt-major) from F reward sources."""
+
     scores: torch.Tensor
     """`[B]` combined score s_i (0 where no source scored the sample)."""
     score_mask: torch.Tensor
     """`[B]` bool: at least one source scored the sample."""
     per_source: torch.Tensor
-    """`[F, B]` raw rewards per source, NaN where a source returned None."""
+    """`[F, B]` raw reward of each source (0 where that source returned None)."""
+    per_source_mask: torch.Tensor
+    """`[F, B]` bool: the source scored the sample (it did not return None)."""
     names: list[str]
+    """The F sources' names."""
+
+    def select(self, rows: torch.Tensor) -> Scores:
+        """The samples `rows` (indices `[n]`)."""
+        return Scores(
+            self.scores[rows],
+            self.score_mask[rows],
+            self.per_source[:, rows],
+            self.per_source_mask[:, rows],
+            self.names,
+        )
+
+    @staticmethod
+    def concat(parts: list[Scores]) -> Scores:
+        return Scores(
+            torch.cat([p.scores for p in parts]),
+            torch.cat([p.score_mask for p in parts]),
+            torch.cat([p.per_source for p in parts], dim=1),
+            torch.cat([p.per_source_mask for p in parts], dim=1),
+            parts[0].names,
+        )
 
 
 def combine(
-    per_source: torch.Tensor, weights: torch.Tensor, group_size: int, mode: str,
+    per_source: torch.Tensor,
+    present: torch.Tensor,
+    weights: torch.Tensor,
+    group_size: int,
+    mode: str,
     clip: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """`s_i = Σ_f w_f·r_f(i)` over the sources that scored i (NaN = not applicable).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`s_i = Σ_f w_f·r_f(i)` over the sources that scored i (`present[f, i]`).
 
     `normalize_then_sum` first normalises each source within its group, `(r - mean_g)/(std_g + ε)`
     over the group's scored samples (seed 004's tip). Optional clip to [-c, c].
-    per_source `[F, B]`, weights `[F]` → (scores `[B]`, score_mask `[B]`).
+    per_source `[F, B]`, present bool `[F, B]`, weights `[F]` → (scores `[B]`, score_mask `[B]`).
     """
-    present = ~torch.isnan(per_source)  # [F, B]
     values = torch.where(present, per_source, 0.0)
     if mode == "normalize_then_sum":
-        values = torch.stack([
-            group_normalize(group_mean_advantages(v, group_size, m), v, group_size, m)
-            for v, m in zip(values, present, strict=True)
-        ])  # fmt: skip
+        values = torch.stack(
+            [
+                group_normalize(group_mean_advantages(v, group_size, m), v, group_size, m)
+                for v, m in zip(values, present, strict=True)
+            ]
+        )
     scores = (weights.unsqueeze(-1) * torch.where(present, values, 0.0)).sum(0)
     if clip is not None:
         scores = scores.clamp(-clip, clip)
@@ -265,8 +243,14 @@ def combine(
 class RewardComputer:
     """All reward sources of a run, called in order, combined into one score per sample."""
 
-    def __init__(self, sources: list[RewardSource], mode: str, clip: float | None,
-                 timeout: float | None, extra: dict | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        sources: list[RewardSource],
+        mode: str = "sum_then_normalize",
+        clip: float | None = None,
+        timeout: float | None = None,
+        extra: dict | None = None,
+    ) -> None:
         self.sources = sources
         self.mode = mode
         self.clip = clip
@@ -284,8 +268,9 @@ class RewardComputer:
                     f"which the dataset does not have (columns: {', '.join(sorted(columns)) or 'none'})"
                 )
 
-    def __call__(self, prompts: list, completions: list, completion_ids: list, columns: dict,
-                 group_size: int) -> Scores:  # fmt: skip
+    def __call__(
+        self, prompts: list, completions: list, completion_ids: list, columns: dict, group_size: int
+    ) -> Scores:
         raw = [
             call_reward_function(
                 s, prompts, completions, completion_ids, columns, self.timeout, self.extra
@@ -293,16 +278,23 @@ class RewardComputer:
             for s in self.sources
         ]
         per_source = torch.tensor(
-            [[float("nan") if v is None else v for v in values] for values in raw],
-            dtype=torch.float32,
+            [[0.0 if v is None else v for v in values] for values in raw], dtype=torch.float32
         )
+        present = torch.tensor([[v is not None for v in values] for values in raw])
         weights = torch.tensor([s.weight for s in self.sources], dtype=torch.float32)
-        scores, score_mask = combine(per_source, weights, group_size, self.mode, self.clip)
-        return Scores(scores, score_mask, per_source, [s.name for s in self.sources])
+        scores, score_mask = combine(per_source, present, weights, group_size, self.mode, self.clip)
+        names = [s.name for s in self.sources]
+        return Scores(scores, score_mask, per_source, present, names)
 
 
-def score_rollout(rewards: RewardComputer, tokenizer, rollout, rows: list[dict], prompt_field: str,
-                  group_size: int) -> tuple[Scores, list[str]]:  # fmt: skip
+def score_rollout(
+    rewards: RewardComputer,
+    tokenizer,
+    rollout,
+    rows: list[dict],
+    prompt_field: str,
+    group_size: int,
+) -> tuple[Scores, list[str]]:
     """Score the G completions of each row (prompt-major): TRL's arguments — prompts as the
     dataset has them, completions as text (or an assistant message for conversational prompts),
     their token ids, and every other column repeated per completion. Returns (scores, texts)."""

@@ -1,33 +1,31 @@
-"""The training configuration: nested dataclasses, one docstring per field, validated once.
-
-`load_config(path, overrides)` reads a YAML file and `key=value` overrides
-(`algorithm=rloo rollout.num_generations=4 algo.clip_high=0.28`) and returns a validated `Config`.
-`Config.algorithm_spec()` resolves the preset and the `algo.*` overrides to a core `Algorithm`.
-"""
+"""The sections of the RL configuration (`model`, `data`, `rollout`, `reward`, `train`, `log`,
+`eval`, `checkpoint`, `distributed`): one dataclass each, one docstring per field; each checks
+its own fields when it is built, so a bad value fails at load, naming the field. `model` and
+`log` are shared with the SFT and reward-model stages."""
 
 from __future__ import annotations
 
-import dataclasses
-import typing
+import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-from .configlib import ConfigError, load, parse_overrides, read_yaml, set_path
-from .core.algorithm import ALGORITHM_FIELDS, PRESETS, Algorithm, resolve
-from .precision import BF16_MATMUL_CHOICES
+from ..engine.configlib import ConfigError
+from ..engine.optim import LR_SCHEDULES
+from ..engine.precision import BF16_MATMUL_CHOICES
 
 
-def _algo_overrides_class() -> type:
-    """`AlgoConfig`: every Algorithm field, optional; null = the preset's value."""
-    hints = typing.get_type_hints(Algorithm)
-    fields = [(name, hints[name] | None, field(default=None)) for name in ALGORITHM_FIELDS]
-    cls = dataclasses.make_dataclass("AlgoConfig", fields)
-    cls.__doc__ = "Overrides of the preset's axes (null = keep the preset's value)."
-    return cls
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
 
 
-AlgoConfig = _algo_overrides_class()
+def _at_least(name: str, value: float | None, low: float) -> None:
+    if value is not None and not value >= low:  # `not >=` also catches NaN
+        raise ConfigError(f"{name} must be >= {low:g}, got {value}")
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{name} must be a finite number > 0, got {value}")
 
 
 @dataclass
@@ -43,7 +41,7 @@ class ModelConfig:
     """fp32, or bf16 (autocast for every forward pass; weights and optimizer stay fp32)."""
     bf16_matmul: str = "auto"
     """Kernels of bf16 matrix products on CPU: auto (fp32 GEMMs of the bf16 operands when the CPU
-    has no native bf16 GEMM, native otherwise), native, or fp32. See advantage/precision.py."""
+    has no native bf16 GEMM, native otherwise), native, or fp32. See advantage/engine/precision.py."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
     critic: str | None = None
@@ -56,6 +54,19 @@ class ModelConfig:
     """LoRA adapters with peft: keyword arguments of `peft.LoraConfig` (e.g. {r: 8, lora_alpha: 16,
     target_modules: all-linear}); null = full fine-tuning. The reference is then the base model
     with the adapters disabled (no second copy in memory)."""
+
+    def __post_init__(self) -> None:
+        _choice("model.precision", self.precision, ("fp32", "bf16"))
+        _choice("model.bf16_matmul", self.bf16_matmul, BF16_MATMUL_CHOICES)
+        if self.ref_sync_steps < 0 or not 0 < self.ref_sync_alpha <= 1:
+            raise ConfigError(
+                "model.ref_sync_steps must be >= 0 and model.ref_sync_alpha in (0, 1]"
+            )
+        if self.lora is not None and self.ref_sync_steps:
+            raise ConfigError(
+                "model.ref_sync_steps needs a separate reference; with model.lora the reference is "
+                "the base model with the adapters disabled"
+            )
 
 
 @dataclass
@@ -105,6 +116,17 @@ class RolloutConfig:
     tis_cap: float | None = None
     """Truncated importance sampling: weight tokens by min(π_train/π_engine, cap) (null = off)."""
 
+    def __post_init__(self) -> None:
+        _choice("rollout.backend", self.backend, ("transformers", "vllm"))
+        for name in ("num_generations", "prompts_per_step", "max_new_tokens", "max_sampling_tries"):
+            _at_least(f"rollout.{name}", getattr(self, name), 1)
+        if not self.temperature > 0:
+            raise ConfigError(f"rollout.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.tis_cap is not None and not self.tis_cap > 0:
+            raise ConfigError(f"rollout.tis_cap must be > 0 (or null), got {self.tis_cap}")
+
 
 @dataclass
 class RewardConfig:
@@ -129,6 +151,15 @@ class RewardConfig:
     """Seconds allowed for one call of a reward function (null = no limit)."""
     kwargs: dict = field(default_factory=dict)
     """Extra keyword arguments passed to every reward function."""
+
+    def __post_init__(self) -> None:
+        _choice(
+            "reward.multi_reward", self.multi_reward, ("sum_then_normalize", "normalize_then_sum")
+        )
+        if not self.functions and not self.model:
+            raise ConfigError("reward: give at least one of reward.functions or reward.model")
+        # (reward.weights is checked against the sources when they are built: the Python API
+        # can pass reward functions that the config does not name)
 
 
 @dataclass
@@ -163,6 +194,12 @@ class TrainConfig:
     """Stop after this many consecutive updates skipped for a non-finite loss or gradient."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms (bitwise-reproducible runs on CPU)."""
+
+    def __post_init__(self) -> None:
+        _choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        for name in ("steps", "epochs", "minibatches"):
+            _at_least(f"train.{name}", getattr(self, name), 1)
+        _at_least("train.micro_batch_size", self.micro_batch_size, 1)
 
 
 @dataclass
@@ -219,155 +256,5 @@ class DistributedConfig:
     backend: str | None = None
     """gloo | nccl (default: nccl with CUDA, else gloo)."""
 
-
-@dataclass
-class Config:
-    algorithm: str = "grpo"
-    """Preset: ppo | grpo | dr_grpo | rloo | reinforce | reinforce_pp | reinforce_pp_baseline."""
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
-    """Axis overrides of the preset (see the algorithm card)."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-
     def __post_init__(self) -> None:
-        self.validate()
-
-    def algorithm_spec(self) -> Algorithm:
-        overrides = {k: v for k, v in dataclasses.asdict(self.algo).items() if v is not None}
-        try:
-            return resolve(self.algorithm, **overrides)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-
-    def validate(self) -> None:
-        """Cross-field checks, once at load. Each error names the fields to change."""
-        if self.algorithm not in PRESETS:
-            raise ConfigError(
-                f"algorithm: unknown preset {self.algorithm!r}; valid: {', '.join(PRESETS)}"
-            )
-        algo = self.algorithm_spec()
-        r, t = self.rollout, self.train
-        _choice("rollout.backend", r.backend, ("transformers", "vllm"))
-        _choice("model.precision", self.model.precision, ("fp32", "bf16"))
-        _choice("model.bf16_matmul", self.model.bf16_matmul, BF16_MATMUL_CHOICES)
-        _choice(
-            "reward.multi_reward",
-            self.reward.multi_reward,
-            ("sum_then_normalize", "normalize_then_sum"),
-        )
-        _choice("train.lr_schedule", t.lr_schedule, ("constant", "linear", "cosine"))
-        _choice("distributed.strategy", self.distributed.strategy, ("ddp", "fsdp2"))
-        for name, value in [
-            ("rollout.num_generations", r.num_generations),
-            ("rollout.prompts_per_step", r.prompts_per_step),
-            ("rollout.max_new_tokens", r.max_new_tokens),
-            ("train.steps", t.steps),
-            ("train.epochs", t.epochs),
-            ("train.minibatches", t.minibatches),
-            ("rollout.max_sampling_tries", r.max_sampling_tries),
-        ]:
-            if value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}")
-        if r.temperature <= 0:
-            raise ConfigError(f"rollout.temperature must be > 0, got {r.temperature}")
-        if not 0 < r.top_p <= 1:
-            raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
-        batch = r.prompts_per_step * r.num_generations
-        if batch % t.minibatches:
-            raise ConfigError(
-                f"train.minibatches={t.minibatches} must divide the rollout batch "
-                f"rollout.prompts_per_step × rollout.num_generations = {batch}"
-            )
-        if (batch // t.minibatches) % r.num_generations:
-            raise ConfigError(
-                f"each minibatch ({batch // t.minibatches} sequences) must hold whole groups of "
-                f"rollout.num_generations={r.num_generations}; change train.minibatches"
-            )
-        if t.micro_batch_size is not None and t.micro_batch_size < 1:
-            raise ConfigError(f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
-        if algo.baseline == "leave_one_out" and r.num_generations < 2:
-            raise ConfigError(
-                "leave_one_out baseline needs rollout.num_generations >= 2 "
-                f"(got {r.num_generations})"
-            )
-        if algo.scope == "group" and r.num_generations < 2:
-            raise ConfigError(
-                f"the group scope needs rollout.num_generations >= 2 (got {r.num_generations})"
-            )
-        if not self.reward.functions and not self.reward.model:
-            raise ConfigError("reward: give at least one of reward.functions or reward.model")
-        # (reward.weights is checked against the sources when they are built: the Python API
-        # can pass reward functions that the config does not name)
-        if self.model.ref_sync_steps < 0 or not 0 < self.model.ref_sync_alpha <= 1:
-            raise ConfigError(
-                "model.ref_sync_steps must be >= 0 and model.ref_sync_alpha in (0, 1]"
-            )
-        if self.model.lora is not None and self.model.ref_sync_steps:
-            raise ConfigError(
-                "model.ref_sync_steps needs a separate reference; with model.lora the reference is "
-                "the base model with the adapters disabled"
-            )
-        if self.model.lora is not None and r.backend == "vllm":
-            raise ConfigError(
-                "rollout.backend=vllm does not take LoRA adapters yet; use transformers"
-            )
-        if r.tis_cap is not None and r.tis_cap <= 0:
-            raise ConfigError(f"rollout.tis_cap must be > 0 (or null), got {r.tis_cap}")
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
-
-
-def load_config(
-    path: str | Path | None = None,
-    overrides: list[str] | None = None,
-    base: dict[str, Any] | None = None,
-) -> Config:
-    """Config from an optional YAML file, then `key=value` overrides (applied in order)."""
-    data: dict[str, Any] = dict(base or {})
-    if path is not None:
-        for key, value in read_yaml(path).items():
-            data[key] = value
-    for key, value in parse_overrides(overrides or []):
-        set_path(data, key, value)
-    return load(Config, data)
-
-
-def config_from(
-    obj: Config | dict | str | Path | None, overrides: list[str] | None = None
-) -> Config:
-    """Accept a Config, a dict, or a YAML path (the Python API's `train(config)`)."""
-    if isinstance(obj, Config):
-        if overrides:
-            return load_config(None, overrides, base=dataclasses.asdict(obj))
-        return obj
-    if obj is None or isinstance(obj, dict):
-        return load_config(None, overrides, base=obj)
-    return load_config(obj, overrides)
-
-
-__all__ = [
-    "AlgoConfig",
-    "CheckpointConfig",
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "DistributedConfig",
-    "EvalConfig",
-    "LogConfig",
-    "ModelConfig",
-    "RewardConfig",
-    "RolloutConfig",
-    "TrainConfig",
-    "config_from",
-    "load_config",
-]
+        _choice("distributed.strategy", self.strategy, ("ddp", "fsdp2"))

@@ -47,8 +47,11 @@ def _series(records: list[dict], patterns: list[str]) -> dict[str, tuple[list[in
             keys.append(pattern)
     out = {}
     for key in keys:
-        points = [(r["step"], r[key]) for r in records
-                  if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]  # fmt: skip
+        points = [
+            (r["step"], r[key])
+            for r in records
+            if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+        ]
         if points:
             out[key] = ([p[0] for p in points], [p[1] for p in points])
     return out
@@ -98,8 +101,10 @@ def _html(
     evals = [r for r in records if "eval/accuracy" in r]
     summary = f"{len([r for r in records if 'reward/mean' in r])} logged steps"
     if len(evals) >= 2:
-        summary += (f"; held-out accuracy {100 * evals[0]['eval/accuracy']:.1f}% → "
-                    f"{100 * evals[-1]['eval/accuracy']:.1f}%")  # fmt: skip
+        summary += (
+            f"; held-out accuracy {100 * evals[0]['eval/accuracy']:.1f}% → "
+            f"{100 * evals[-1]['eval/accuracy']:.1f}%"
+        )
     imgs = "\n".join(
         f'<figure><img src="{stem}.png" alt="{html.escape(title)}"><figcaption>{html.escape(title)}</figcaption></figure>'
         for stem, title in figures

@@ -1,4 +1,4 @@
-"""Prompt datasets: JSONL, anything `datasets` reads from local files, or a built-in task.
+"""Prompt datasets: JSONL, or anything `datasets` reads from local files.
 
 Rows are dicts. The prompt column is a string or a list of chat messages `{role, content}`
 (rendered with the tokenizer's chat template); every other column reaches the reward functions.
@@ -14,16 +14,8 @@ from .configlib import ConfigError
 
 
 def load_rows(spec: str, field: str = "data.train") -> list[dict]:
-    """Rows of `spec`: `builtin:TASK[:eval]`, a .jsonl file, or a local dataset for `datasets`."""
-    if spec.startswith("builtin:"):
-        from .tasks import get_task
-
-        name, _, split = spec.removeprefix("builtin:").partition(":")
-        try:
-            task = get_task(name)
-        except ValueError as e:
-            raise ConfigError(f"{field}: {e}") from None
-        return task.eval_rows() if split == "eval" else task.train_rows()
+    """Rows of `spec`: a .jsonl file, or a local dataset for `datasets` (folder, .json, .csv,
+    .parquet) or a hub dataset id. (Built-in tasks are resolved above the engine, in `tasks`.)"""
     path = Path(spec).expanduser()
     if path.suffix == ".jsonl":
         if not path.is_file():
@@ -94,8 +86,9 @@ def is_conversational(prompt) -> bool:
     return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt)
 
 
-def encode_prompt(tokenizer, prompt, system_prompt: str | None = None,
-                  max_tokens: int | None = None) -> list[int]:  # fmt: skip
+def encode_prompt(
+    tokenizer, prompt, system_prompt: str | None = None, max_tokens: int | None = None
+) -> list[int]:
     """Token ids of a prompt: strings with the tokenizer's special tokens, conversations through
     the chat template with the generation prompt. Truncated from the left to `max_tokens`."""
     if is_conversational(prompt):

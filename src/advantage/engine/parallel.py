@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..core.distributed import all_reduce_sum, is_distributed
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -40,17 +42,16 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     return DistInfo(rank=rank, world_size=dist.get_world_size(), local_rank=local)
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum a list of floats over all ranks (identity in one process). A sync point."""
-    if not (dist.is_available() and dist.is_initialized()):
+def global_sums(values: list[float]) -> list[float]:
+    """Python numbers (counts, sums of metrics) summed over all ranks, in float64; the identity
+    in one process. A sync point: every rank calls it in the same order."""
+    if not is_distributed():
         return values
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
+    return all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()
 
 
@@ -96,9 +97,9 @@ def is_fsdp(model: torch.nn.Module) -> bool:
 
 def average_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """Each metric averaged over ranks (one all-reduce); identity in one process."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return metrics
     keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
-    values = all_reduce_sum([float(metrics[k]) for k in keys])
+    values = global_sums([float(metrics[k]) for k in keys])
     world = dist.get_world_size()
     return {**metrics, **{k: v / world for k, v in zip(keys, values, strict=True)}}

@@ -30,10 +30,16 @@ BF16_MATMUL_CHOICES = ("auto", "native", "fp32")
 
 _aten = torch.ops.aten
 # without autograd (inference mode) `linear` and `matmul` arrive whole, not decomposed into `mm`
-_MATMULS = frozenset({
-    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
-    _aten.linear.default, _aten.matmul.default,
-})  # fmt: skip
+_MATMULS = frozenset(
+    {
+        _aten.mm.default,
+        _aten.addmm.default,
+        _aten.bmm.default,
+        _aten.baddbmm.default,
+        _aten.linear.default,
+        _aten.matmul.default,
+    }
+)
 
 _choice = "auto"
 

@@ -28,9 +28,16 @@ def _number(v):
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, total_steps: int, tensorboard: bool = True,
-                 wandb: bool = False, progress: bool = True, config: dict | None = None,
-                 enabled: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        run_dir: str | Path,
+        total_steps: int,
+        tensorboard: bool = True,
+        wandb: bool = False,
+        progress: bool = True,
+        config: dict | None = None,
+        enabled: bool = True,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.total_steps = total_steps

@@ -4,7 +4,7 @@ Bradley–Terry loss `-log σ(r_chosen - r_rejected - margin)`.
 The model is an `AutoModelForSequenceClassification` with one label, initialised from a causal
 LM (usually the SFT model); the saved folder (`RUN_DIR/final`) is what `train` loads with
 `reward.model`. Texts are `prompt + completion`, encoded exactly as the reward model is called
-during RL (`advantage.rewards.reward_model_texts`).
+during RL (both go through `advantage.engine.reward_model`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,15 @@ from pathlib import Path
 
 import torch
 
-from .config import LogConfig, ModelConfig
-from .configlib import ConfigError
-from .core import bradley_terry_loss
-from .sft import StageSettings, batches
+from ..core import bradley_terry_loss
+from ..engine.configlib import ConfigError
+from ..engine.data import load_rows
+from ..engine.logger import MetricsLogger
+from ..engine.models import quiet_transformers
+from ..engine.reward_model import load_reward_model, score
+from ..engine.supervised import StageSettings, batches
+from ..rl.config import LogConfig, ModelConfig
+from ..tasks import model_path, task_of
 
 
 @dataclass
@@ -58,38 +63,6 @@ class RMConfig:
     """Pairs drawn from a builtin task."""
 
 
-def load_reward_model(path: str, trust_remote_code: bool = False):
-    """A one-label sequence classifier from any causal-LM folder (the head is new when the
-    folder holds a causal LM) and its tokenizer, right-padded."""
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    from .models import load_tokenizer
-
-    tokenizer = load_tokenizer(path, trust_remote_code)
-    tokenizer.padding_side = "right"
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "score.weight newly initialized" is the point here
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
-        )
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
-
-
-def score(model, tokenizer, prompts: list, completions: list) -> torch.Tensor:
-    """Reward `[N]` of each (prompt, completion) pair (with gradient when enabled)."""
-    from .rewards import reward_model_texts
-
-    enc = tokenizer(
-        reward_model_texts(tokenizer, prompts, completions), return_tensors="pt", padding=True
-    )
-    return model(**enc).logits[:, 0].float()
-
-
 def pair_scores(model, tokenizer, rows: list[dict], d: PreferenceData):
     """(r(chosen) `[N]`, r(rejected) `[N]`) of preference rows."""
     prompts = [r[d.prompt_field] for r in rows]
@@ -99,12 +72,8 @@ def pair_scores(model, tokenizer, rows: list[dict], d: PreferenceData):
 
 
 def preference_rows(cfg: RMConfig, spec: str, split: str) -> list[dict]:
-    from .data import load_rows
-
-    if spec.startswith("builtin:"):
-        from .tasks import get_task
-
-        task = get_task(spec.removeprefix("builtin:").split(":")[0])
+    task = task_of(spec, f"data.{split}")
+    if task is not None:
         return task.preference_rows(
             cfg.pairs if split == "train" else 400, split=split, seed=cfg.train.seed
         )
@@ -132,17 +101,14 @@ def pairwise_accuracy(
 
 def run_rm(cfg: RMConfig) -> dict:
     """`advantage rm`: train, evaluate pairwise accuracy on held-out pairs, save RUN_DIR/final."""
-    from .logger import MetricsLogger
-    from .models import quiet_transformers, resolve_model_path
-
     quiet_transformers()
     d, t = cfg.data, cfg.train
     torch.manual_seed(t.seed)
     model, tokenizer = load_reward_model(
-        resolve_model_path(cfg.model.name_or_path), cfg.model.trust_remote_code
+        model_path(cfg.model.name_or_path), cfg.model.trust_remote_code
     )
     rows = preference_rows(cfg, d.train, "train")
-    if d.eval is not None or d.train.startswith("builtin:"):
+    if d.eval is not None or task_of(d.train) is not None:
         eval_rows = preference_rows(cfg, d.eval or d.train, "eval")
     else:
         n_eval = max(1, int(len(rows) * d.eval_fraction))
@@ -172,8 +138,15 @@ def run_rm(cfg: RMConfig) -> dict:
             opt.step()
             sched.step()
             if step % cfg.log.every == 0 or step == t.steps:
-                logger.log(step, {"loss": loss.item(), "accuracy": float((chosen > rejected).float().mean()),
-                                  "margin": float((chosen - rejected).detach().mean()), "lr": sched.get_last_lr()[0]})  # fmt: skip
+                logger.log(
+                    step,
+                    {
+                        "loss": loss.item(),
+                        "accuracy": float((chosen > rejected).float().mean()),
+                        "margin": float((chosen - rejected).detach().mean()),
+                        "lr": sched.get_last_lr()[0],
+                    },
+                )
     finally:
         logger.close()
     accuracy = pairwise_accuracy(model, tokenizer, eval_rows, d)
@@ -181,5 +154,10 @@ def run_rm(cfg: RMConfig) -> dict:
     final = Path(cfg.log.run_dir) / "final"
     model.save_pretrained(final)
     tokenizer.save_pretrained(final)
-    return {"eval_pairwise_accuracy": accuracy, "eval_pairwise_accuracy_before": accuracy_before,
-            "eval_pairs": len(eval_rows), "seconds": time.perf_counter() - start, "final": str(final)}  # fmt: skip
+    return {
+        "eval_pairwise_accuracy": accuracy,
+        "eval_pairwise_accuracy_before": accuracy_before,
+        "eval_pairs": len(eval_rows),
+        "seconds": time.perf_counter() - start,
+        "final": str(final),
+    }

@@ -35,8 +35,11 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-            and (p / "trainer_state.json").is_file()]  # fmt: skip
+    done = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer_state.json").is_file()
+    ]
     return sorted(done, key=lambda p: int(p.name.removeprefix(PREFIX)))
 
 
@@ -86,9 +89,17 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(run_dir: str | Path, step: int, modules: dict[str, torch.nn.Module],
-                    optimizers: dict, trainer_state: dict, keep: int = 2, *,
-                    rank: int = 0, sharded: bool = False) -> Path:  # fmt: skip
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    modules: dict[str, torch.nn.Module],
+    optimizers: dict,
+    trainer_state: dict,
+    keep: int = 2,
+    *,
+    rank: int = 0,
+    sharded: bool = False,
+) -> Path:
     """Write checkpoint `step` atomically and keep the newest `keep` complete ones.
 
     Every rank calls this. `optimizers` maps names to optimizers / schedulers. Unsharded
@@ -140,8 +151,9 @@ def save_checkpoint(run_dir: str | Path, step: int, modules: dict[str, torch.nn.
     return final
 
 
-def load_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict,
-                    *, rank: int = 0) -> dict:  # fmt: skip
+def load_checkpoint(
+    path: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict, *, rank: int = 0
+) -> dict:
     """Load weights and optimizer/scheduler states in place (every rank) and this rank's RNG
     state; return the trainer state. Nothing is unpickled."""
     path = Path(path)
@@ -159,9 +171,12 @@ def load_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module], optim
         dcp.load(state, checkpoint_id=str(path / "dcp"))
         for name, module in modules.items():
             opt = optimizers.get(f"{name}_optimizer")
-            set_state_dict(module, opt if opt is not None else [],
-                           model_state_dict=state[f"model/{name}"],
-                           optim_state_dict=state.get(f"optim/{name}", {}))  # fmt: skip
+            set_state_dict(
+                module,
+                opt if opt is not None else [],
+                model_state_dict=state[f"model/{name}"],
+                optim_state_dict=state.get(f"optim/{name}", {}),
+            )
     else:
         for name, module in modules.items():
             module.load_state_dict(load_file(str(path / f"{name}.safetensors")), strict=True)
@@ -191,26 +206,14 @@ def _sharded_state(modules: dict[str, torch.nn.Module], optimizers: dict) -> dic
     return state
 
 
-def consolidate(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """A checkpoint (sharded or not) → a plain Hugging Face model folder (`from_pretrained`)."""
-    from .models import load_causal_lm, load_tokenizer, resolve_model_path
-
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    state_path = checkpoint / "trainer_state.json"
-    if not state_path.is_file():
-        raise FileNotFoundError(f"{str(checkpoint)!r} is not a complete checkpoint folder")
-    trainer_state = json.loads(state_path.read_text())
-    model_cfg = trainer_state["config"]["model"]
-    base = resolve_model_path(model_cfg["name_or_path"])
-    model = load_causal_lm(base, model_cfg.get("trust_remote_code", False))
+def load_policy_weights(checkpoint: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The policy's full (unsharded) state dict from a checkpoint of either format; `model` gives
+    the keys and shapes of a sharded one (no process group needed: full tensors)."""
+    trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
     if trainer_state.get("format") == "sharded":
         import torch.distributed.checkpoint as dcp
 
         state = {"model/policy": model.state_dict()}
-        dcp.load(state, checkpoint_id=str(checkpoint / "dcp"))  # no process group: full tensors
-        model.load_state_dict(state["model/policy"])
-    else:
-        model.load_state_dict(load_file(str(checkpoint / "policy.safetensors")))
-    model.save_pretrained(out_dir)
-    load_tokenizer(model_cfg.get("tokenizer") or base).save_pretrained(out_dir)
-    return out_dir
+        dcp.load(state, checkpoint_id=str(checkpoint / "dcp"))
+        return state["model/policy"]
+    return load_file(str(checkpoint / "policy.safetensors"))

@@ -18,8 +18,9 @@ from .base import Rollout, SamplingParams, pad_completions, pad_prompts
 
 
 class TransformersBackend:
-    def __init__(self, model: torch.nn.Module, tokenizer, precision: str = "fp32",
-                 lockstep: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, model: torch.nn.Module, tokenizer, precision: str = "fp32", lockstep: bool = False
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.precision = precision
@@ -71,8 +72,14 @@ class TransformersBackend:
         # 1. prefill each distinct prompt once, then give every completion its prompt's cache
         cache = DynamicCache(config=model.config)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        out = model(
+            input_ids=ids,
+            attention_mask=mask.long(),
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         rows = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(G)
         cache.batch_select_indices(rows)
         logits = out.logits[:, -1].float()[rows]  # [B, V]
@@ -105,8 +112,13 @@ class TransformersBackend:
             if _all(done, self.lockstep) or step == params.max_new_tokens - 1:
                 break
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
-            out = model(input_ids=token[:, None], attention_mask=attention, position_ids=position,
-                        past_key_values=cache, use_cache=True)  # fmt: skip
+            out = model(
+                input_ids=token[:, None],
+                attention_mask=attention,
+                position_ids=position,
+                past_key_values=cache,
+                use_cache=True,
+            )
             logits = out.logits[:, -1].float()
             position = position + 1
         lp = torch.stack(logprobs, 1) if logprobs else torch.zeros(B, len(tokens))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..core import entropy_from_logits, logprobs_from_logits
 from .configlib import ConfigError
-from .core import entropy_from_logits, logprobs_from_logits
 from .parallel import unwrap
 from .precision import autocast
 from .rollout import Rollout
@@ -28,15 +28,8 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def resolve_model_path(name_or_path: str, field: str = "model.name_or_path") -> str:
-    """`builtin:NAME` → its cached folder (built on first use); local paths must exist."""
-    if name_or_path.startswith("builtin:"):
-        from .tasks import builtin_model_path
-
-        try:
-            return str(builtin_model_path(name_or_path.removeprefix("builtin:")))
-        except ValueError as e:
-            raise ConfigError(f"{field}: {e}") from None
+def check_model_path(name_or_path: str, field: str = "model.name_or_path") -> str:
+    """A local folder (which must exist, `~` expanded) or a hub id, as given."""
     looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
     if looks_local and not Path(name_or_path).expanduser().exists():
         raise ConfigError(f"{field}: the folder {name_or_path!r} does not exist")

@@ -21,8 +21,16 @@ from .base import Rollout, SamplingParams, pad_completions, pad_prompts
 
 
 class VLLMBackend:
-    def __init__(self, model_path: str, tokenizer, *, precision: str = "fp32", seed: int = 0,
-                 max_model_len: int = 2048, engine_kwargs: dict | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer,
+        *,
+        precision: str = "fp32",
+        seed: int = 0,
+        max_model_len: int = 2048,
+        engine_kwargs: dict | None = None,
+    ) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         # vLLM lowers torch's thread count "for serving" unless OMP_NUM_THREADS is set; training
         # in the same process needs every core

@@ -1,0 +1,72 @@
+"""Steps 1–2 of the loop: sample this rank's prompts × G completions, and score them.
+
+Dynamic sampling (DAPO, arXiv:2503.14476) sets aside groups whose scores are all equal (their
+advantages would be 0) and draws new prompts; every rank keeps drawing while any rank is short,
+so ranks stay in lockstep; a batch still short after `rollout.max_sampling_tries` is filled up
+with set-aside groups, so its size never changes.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..engine.data import encode_prompt
+from ..engine.parallel import global_sums
+from ..engine.rewards import score_rollout
+from ..engine.rollout import Rollout
+from .records import ScoredRollout
+from .setup import Run
+
+
+def rollout_and_score(run: Run) -> ScoredRollout:
+    """This rank's `P_local` prompts × G completions, scored (B = P_local·G, prompt-major)."""
+    cfg, sizes = run.config, run.sizes
+    G, P_local, rank = sizes.G, sizes.P_local, run.dist.rank
+    kept: list[ScoredRollout] = []
+    reserve: list[ScoredRollout] = []
+    n_groups, tries, dropped, seconds, reward_seconds = 0, 0, 0, 0.0, 0.0
+    max_tries = cfg.rollout.max_sampling_tries if cfg.rollout.dynamic_sampling else 1
+    while tries < max_tries:
+        if not global_sums([float(n_groups < P_local)])[0]:  # no rank is short
+            break
+        tries += 1
+        rows = run.prompts.take(sizes.P)[rank * P_local : (rank + 1) * P_local]
+        t0 = time.perf_counter()
+        prompt_ids = [
+            encode_prompt(
+                run.tokenizer,
+                r[cfg.data.prompt_field],
+                cfg.data.system_prompt,
+                cfg.data.max_prompt_tokens,
+            )
+            for r in rows
+        ]
+        rollout = run.backend.generate(prompt_ids, G, run.sampling)
+        seconds += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        part = score(run, rollout, rows)
+        reward_seconds += time.perf_counter() - t0
+        if cfg.rollout.dynamic_sampling:
+            part, constant = part.split_constant_groups(G)
+            if constant is not None:
+                dropped += len(constant.rows)
+                reserve.append(constant)
+        if part is not None:
+            kept.append(part)
+            n_groups += len(part.rows)
+    parts = kept + reserve  # set-aside groups only fill what is missing
+    batch = ScoredRollout.concat(parts, run.tokenizer.pad_token_id, keep_groups=P_local, G=G)
+    batch.rollout_seconds, batch.reward_seconds = seconds, reward_seconds
+    batch.tries, batch.dropped_groups = tries, dropped
+    return batch
+
+
+def score(run: Run, rollout: Rollout, rows: list[dict]) -> ScoredRollout:
+    """The reward sources on the G completions of each row, and the missing-EOS penalty."""
+    cfg = run.config
+    scores, texts = score_rollout(
+        run.rewards, run.tokenizer, rollout, rows, cfg.data.prompt_field, run.sizes.G
+    )
+    if cfg.reward.missing_eos_penalty:  # completions that never ended
+        scores.scores = scores.scores - cfg.reward.missing_eos_penalty * rollout.truncated.float()
+    return ScoredRollout(rollout=rollout, rows=rows, scores=scores, completions=texts)

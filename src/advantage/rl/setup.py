@@ -1,0 +1,251 @@
+"""Setup of an RL run: everything the loop needs, built once into one `Run` record.
+
+config → the resolved Algorithm, the batch sizes, the process group, seeds
+       → prompts (a bad dataset fails before any model loads), reward sources
+       → tokenizer, policy (+ LoRA), reference, critic, DDP / FSDP2 wrapping, optimizers
+       → the rollout engine, the baseline and the KL controller
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core import KL_CONTROLLERS, Algorithm, make_baseline
+from ..core.baselines import Baseline
+from ..engine.configlib import ConfigError
+from ..engine.data import PromptStream, check_rows
+from ..engine.models import (
+    AdapterDisabled,
+    add_lora,
+    frozen_copy,
+    load_causal_lm,
+    load_critic,
+    load_tokenizer,
+    quiet_transformers,
+)
+from ..engine.optim import make_optimizer
+from ..engine.parallel import DistInfo, init_distributed, is_fsdp, wrap_model
+from ..engine.precision import log_bf16_kernels, set_bf16_matmul
+from ..engine.reward_model import RewardModel
+from ..engine.rewards import RewardComputer, RewardSource, load_function
+from ..engine.rollout import SamplingParams, TransformersBackend
+from ..tasks import dataset_rows, eval_spec, model_path, task_of
+from .config import Config
+from .records import RunSizes
+
+
+@dataclass
+class Run:
+    """One RL run: configuration, derived decisions and every object the loop uses."""
+
+    config: Config
+    algo: Algorithm
+    """The resolved algorithm: it owns every decision about the KL, the reference, the critic."""
+    sizes: RunSizes
+    dist: DistInfo
+    run_dir: Path
+    prompts: PromptStream
+    eval_rows: list[dict]
+    rewards: RewardComputer
+    eval_rewards: RewardComputer
+    """The judge of evaluation (`eval.functions`; default: the training rewards)."""
+    tokenizer: object
+    policy: torch.nn.Module
+    ref: torch.nn.Module | None
+    critic: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    critic_optimizer: torch.optim.Optimizer | None
+    critic_scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    backend: object
+    sampling: SamplingParams
+    """Sampling parameters of the training rollouts."""
+    baseline: Baseline
+    kl_ctl: object
+    """The KL controller; `kl_ctl.value` is the current β."""
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_run(cfg: Config, reward_funcs: list[Callable] | None = None) -> Run:
+    algo = cfg.algorithm_spec()
+    quiet_transformers()
+    set_bf16_matmul(cfg.model.bf16_matmul)
+    log_bf16_kernels(cfg.model.precision)
+    dist = init_distributed(cfg.distributed.backend)
+    sizes = run_sizes(cfg, dist.world_size)
+    set_seed(cfg.train.seed + dist.rank)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    # data first: a bad dataset fails before any model is loaded
+    train_rows = dataset_rows(cfg.data.train, "data.train")
+    check_rows(train_rows, cfg.data.prompt_field, "data.train")
+    eval_rows = load_eval_rows(cfg)[: cfg.eval.size]
+    rewards = make_reward_computer(cfg, reward_funcs)
+    rewards.check_columns(set(train_rows[0]) - {cfg.data.prompt_field})
+    eval_rewards = make_eval_rewards(cfg, rewards)
+    # models
+    policy_path = model_path(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or policy_path, cfg.model.trust_remote_code)
+    policy = load_causal_lm(policy_path, cfg.model.trust_remote_code)
+    if cfg.model.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    ref = None
+    if cfg.model.lora is not None:
+        policy = add_lora(policy, cfg.model.lora)
+        if algo.uses_reference:
+            ref = AdapterDisabled(policy)
+    elif algo.uses_reference:
+        ref = frozen_copy(policy)
+    critic = None
+    if algo.uses_critic:
+        critic_path = model_path(cfg.model.critic, "model.critic") if cfg.model.critic else None
+        critic = load_critic(critic_path or policy_path, cfg.model.trust_remote_code)
+    # data parallel (DDP) or sharded (FSDP2) before the optimizers see the parameters
+    strategy = cfg.distributed.strategy
+    policy = wrap_model(policy, strategy, dist)
+    if ref is not None and not isinstance(ref, AdapterDisabled):
+        ref = wrap_model(ref, strategy, dist, trainable=False)
+    if critic is not None:
+        critic = wrap_model(critic, strategy, dist)
+    optimizer, scheduler = optimizer_for(policy, cfg, cfg.train.lr)
+    critic_optimizer = critic_scheduler = None
+    if critic is not None:
+        critic_optimizer, critic_scheduler = optimizer_for(critic, cfg, cfg.train.critic_lr)
+    return Run(
+        config=cfg,
+        algo=algo,
+        sizes=sizes,
+        dist=dist,
+        run_dir=Path(cfg.log.run_dir),
+        prompts=PromptStream(train_rows, cfg.train.seed, cfg.data.shuffle),
+        eval_rows=eval_rows,
+        rewards=rewards,
+        eval_rewards=eval_rewards,
+        tokenizer=tokenizer,
+        policy=policy,
+        ref=ref,
+        critic=critic,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        critic_optimizer=critic_optimizer,
+        critic_scheduler=critic_scheduler,
+        backend=make_backend(cfg, policy, tokenizer, policy_path),
+        sampling=sampling_params(cfg),
+        baseline=make_baseline(algo.baseline, ema_alpha=algo.ema_alpha),
+        kl_ctl=KL_CONTROLLERS[algo.kl_controller](algo.kl_coef, algo.kl_target, algo.kl_horizon),
+    )
+
+
+def run_sizes(cfg: Config, world: int) -> RunSizes:
+    P = cfg.rollout.prompts_per_step
+    if P % world:
+        raise ConfigError(
+            f"rollout.prompts_per_step={P} must be a multiple of the number of processes "
+            f"({world}): each rank takes whole groups"
+        )
+    return RunSizes(G=cfg.rollout.num_generations, P=P, world=world)
+
+
+def sampling_params(cfg: Config) -> SamplingParams:
+    r = cfg.rollout
+    return SamplingParams(
+        max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        stop=list(r.stop),
+        ignore_eos=r.ignore_eos,
+    )
+
+
+def load_eval_rows(cfg: Config) -> list[dict]:
+    spec = cfg.data.eval if cfg.data.eval is not None else eval_spec(cfg.data.train)
+    if spec is None:
+        return []
+    rows = dataset_rows(spec, "data.eval")
+    check_rows(rows, cfg.data.prompt_field, "data.eval")
+    return rows
+
+
+def optimizer_for(model: torch.nn.Module, cfg: Config, lr: float):
+    t = cfg.train
+    return make_optimizer(
+        model,
+        lr=lr,
+        total_steps=t.steps,
+        warmup_steps=t.warmup_steps,
+        schedule=t.lr_schedule,
+        betas=tuple(t.adam_betas),
+        eps=t.adam_eps,
+        weight_decay=t.weight_decay,
+    )
+
+
+def make_backend(cfg: Config, policy, tokenizer, policy_path: str):
+    if cfg.rollout.backend == "vllm":
+        from ..engine.rollout.vllm import VLLMBackend
+
+        limit = getattr(policy.config, "max_position_embeddings", 2048)
+        backend = VLLMBackend(
+            policy_path,
+            tokenizer,
+            precision=cfg.model.precision,
+            seed=cfg.train.seed,
+            max_model_len=min(2048, limit),
+            engine_kwargs=cfg.rollout.vllm,
+        )
+        backend.sync_weights(policy)  # the policy may differ from the folder (resume, LoRA)
+        return backend
+    # FSDP2: every forward is collective, so every rank must run the same decode steps
+    return TransformersBackend(policy, tokenizer, cfg.model.precision, lockstep=is_fsdp(policy))
+
+
+def task_reward(cfg: Config) -> Callable | None:
+    """The built-in task's verifier when `data.train` is a built-in task (for `builtin`)."""
+    task = task_of(cfg.data.train)
+    return None if task is None else task.reward_fn
+
+
+def make_reward_computer(cfg: Config, reward_funcs: list[Callable] | None) -> RewardComputer:
+    r = cfg.reward
+    if reward_funcs:
+        sources = [
+            RewardSource(getattr(f, "__name__", f"reward_{i}"), f)
+            for i, f in enumerate(reward_funcs)
+        ]
+    else:
+        builtin = task_reward(cfg)
+        sources = [load_function(spec, builtin) for spec in r.functions]
+    if r.model:
+        path = model_path(r.model, "reward.model")
+        rm = RewardModel(path, r.model_batch_size, cfg.model.trust_remote_code, r.model_normalize)
+        sources.append(RewardSource(rm.__name__, rm))
+    if r.weights is not None:
+        if len(r.weights) != len(sources):
+            raise ConfigError(
+                f"reward.weights has {len(r.weights)} entries for {len(sources)} reward sources "
+                f"({', '.join(s.name for s in sources)})"
+            )
+        for s, w in zip(sources, r.weights, strict=True):
+            s.weight = w
+    return RewardComputer(sources, r.multi_reward, r.clip, r.timeout, r.kwargs)
+
+
+def make_eval_rewards(cfg: Config, rewards: RewardComputer) -> RewardComputer:
+    """The judge of held-out evaluation: `eval.functions`, or the training rewards."""
+    if not cfg.eval.functions:
+        return rewards
+    judge = task_reward(cfg)
+    sources = [load_function(spec, judge) for spec in cfg.eval.functions]
+    return RewardComputer(sources, timeout=cfg.reward.timeout)

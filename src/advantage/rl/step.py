@@ -1,0 +1,155 @@
+"""One training step, top to bottom in the numbered steps of SPEC §1–§5:
+
+1–2. rollout and score    P prompts × G completions, scored (dynamic sampling refills)
+3.   no-gradient passes   old policy, reference, critic (each only when needed)
+4.   advantages           baseline × scope × KL placement (`advantage.core.compute_advantages`)
+5.   update               μ epochs × minibatches × micro-batches
+6.   bookkeeping          KL controller, reference sync, engine weights, schedules, metrics
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from ..core import AdvantageInputs, compute_advantages
+from ..core.kl import sequence_kl
+from ..engine.models import sync_reference
+from ..engine.parallel import average_metrics, global_sums
+from .passes import no_grad_passes
+from .records import NoGradPasses, ScoredRollout, TokenBatch, TrainState
+from .sampling import rollout_and_score
+from .setup import Run
+from .update import update
+
+
+def train_step(
+    run: Run, state: TrainState, say: Callable[[str], None]
+) -> tuple[dict[str, float], ScoredRollout]:
+    """One step on this rank's share of the batch: (the step's metrics, averaged over ranks;
+    this rank's scored rollout)."""
+    cfg, algo = run.config, run.algo
+    t_step = time.perf_counter()
+    # 1–2. rollout and score
+    batch = rollout_and_score(run)
+    rollout = batch.rollout
+    mask = rollout.completion_mask.clone()
+    if cfg.rollout.mask_truncated:
+        mask &= ~rollout.truncated.unsqueeze(-1)
+    # 3. old policy, reference, critic: no gradient
+    t_train = time.perf_counter()
+    passes = no_grad_passes(run, rollout)
+    # 4. advantages
+    adv = compute_advantages(
+        AdvantageInputs(
+            scores=batch.scores.scores,
+            mask=mask,
+            group_size=run.sizes.G,
+            score_mask=batch.scores.score_mask,
+            old_logprobs=passes.behaviour_logprobs,
+            ref_logprobs=passes.ref_logprobs,
+            values=passes.old_values,
+        ),
+        algo,
+        run.baseline,
+        kl_coef=run.kl_ctl.value,
+    )
+    tokens = TokenBatch(
+        rollout=rollout,
+        mask=adv.mask,
+        advantages=adv.advantages,
+        returns=adv.returns,
+        old_logprobs=passes.old_logprobs,
+        ref_logprobs=passes.ref_logprobs,
+        old_values=passes.old_values,
+    )
+    # 5. update
+    t_update = time.perf_counter()
+    update_metrics = update(run, state, tokens, say)
+    train_seconds = time.perf_counter() - t_train
+    # 6. bookkeeping: KL controller, reference sync, engine weights, schedules; metrics
+    kl_metrics = control_kl(run, passes, batch)
+    after_update(run, state)
+    times = {
+        "time/rollout": batch.rollout_seconds,
+        "time/reward": batch.reward_seconds,
+        "time/logprobs": t_update - t_train,
+        "time/update": train_seconds - (t_update - t_train),
+        "time/train": train_seconds,
+        "time/step": time.perf_counter() - t_step,
+    }
+    metrics = step_metrics(run, batch, times)
+    metrics.update({k: float(v) for k, v in adv.metrics.items()})
+    metrics.update(kl_metrics)
+    metrics.update(update_metrics)
+    return average_metrics(metrics), batch
+
+
+def after_update(run: Run, state: TrainState) -> None:
+    """What follows every update: the reference moves towards the policy every
+    `model.ref_sync_steps` (seed 003), the engine takes the new weights, the schedules step."""
+    cfg = run.config
+    sync_every = cfg.model.ref_sync_steps
+    if run.ref is not None and sync_every and (state.step + 1) % sync_every == 0:
+        sync_reference(run.ref, run.policy, cfg.model.ref_sync_alpha)
+    run.backend.sync_weights(run.policy)
+    run.scheduler.step()
+    if run.critic_scheduler is not None:
+        run.critic_scheduler.step()
+
+
+def control_kl(run: Run, passes: NoGradPasses, batch: ScoredRollout) -> dict[str, float]:
+    """The KL of the generating policy to the reference over the global batch: the `kl` metric
+    (per token) and the adaptive controller's input (per sequence, Ziegler et al. 2019)."""
+    if passes.ref_logprobs is None or passes.behaviour_logprobs is None:
+        return {}
+    completion_mask = batch.rollout.completion_mask
+    per_token, _per_seq = sequence_kl(
+        passes.behaviour_logprobs, passes.ref_logprobs, completion_mask, run.algo.kl_estimator
+    )
+    kl_sum, n_tokens = global_sums([float(per_token.sum()), float(completion_mask.sum())])
+    n_seqs = completion_mask.shape[0] * run.dist.world_size
+    run.kl_ctl.update(kl_sum / n_seqs, n_seqs)  # the mean over sequences of their summed KL
+    return {"kl": kl_sum / max(n_tokens, 1.0)}
+
+
+def step_metrics(run: Run, batch: ScoredRollout, times: dict[str, float]) -> dict[str, float]:
+    """Rewards, lengths, β, learning rate, times and throughput of this rank's batch (SPEC §5)."""
+    rollout, scores = batch.rollout, batch.scores
+    lengths = rollout.completion_lengths.float()
+    n_tokens = float(rollout.completion_mask.sum())
+    scored = scores.scores[scores.score_mask]
+    metrics = {
+        "reward/mean": float(scored.mean()) if scored.numel() else float("nan"),
+        "reward/std": float(scored.std()) if scored.numel() > 1 else 0.0,
+        "reward/unscored_frac": float((~scores.score_mask).float().mean()),
+        "completion/length": float(lengths.mean()),
+        "completion/clipped_ratio": float(rollout.truncated.float().mean()),
+        "kl_coef": run.kl_ctl.value,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        **times,
+        "tokens_per_s/rollout": n_tokens / max(batch.rollout_seconds, 1e-9),
+        "tokens_per_s/train": float(rollout.attention_mask.sum()) / max(times["time/train"], 1e-9),
+    }
+    for name, values, present in zip(
+        scores.names, scores.per_source, scores.per_source_mask, strict=True
+    ):
+        metrics[f"reward/{name}"] = float(values[present].mean()) if present.any() else float("nan")
+    if run.config.rollout.dynamic_sampling:
+        metrics["dynamic_sampling/tries"] = batch.tries
+        metrics["dynamic_sampling/dropped_groups"] = batch.dropped_groups
+    return metrics
+
+
+def sample_records(run: Run, batch: ScoredRollout, n: int) -> list[dict]:
+    """Up to `n` completions of the batch, spread over its groups, for `samples.jsonl`."""
+    B, G = len(batch.completions), run.sizes.G
+    field = run.config.data.prompt_field
+    return [
+        {
+            "prompt": str(batch.rows[i // G][field]),
+            "completion": batch.completions[i],
+            "reward": float(batch.scores.scores[i]),
+        }
+        for i in range(0, B, max(1, B // n))
+    ][:n]

@@ -1,0 +1,181 @@
+"""The one training loop every preset runs (SPEC §1–§5).
+
+    setup     `build_run`: one `Run` record (models, optimizers, engine, resolved Algorithm, sizes)
+    resume    the newest complete checkpoint, if any
+    for each step:
+      `train_step` (step.py): 1 rollout · 2 score · 3 no-grad passes · 4 advantages · 5 update ·
+                              6 bookkeeping
+      log, evaluate every `eval.every`, checkpoint every `checkpoint.every`
+    evaluate, save the final policy, write the report
+
+The math lives in `advantage.core`; models, data, rewards and engines in `advantage.engine`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..engine.evaluation import evaluate
+from ..engine.logger import MetricsLogger
+from ..engine.models import count_parameters
+from ..engine.parallel import global_sums
+from . import checkpointing
+from .config import Config, config_from
+from .records import ScoredRollout, TrainState
+from .sampling import rollout_and_score
+from .setup import Run, build_run
+from .step import sample_records, train_step
+from .update import NonFiniteError
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: list[dict] = field(default_factory=list)
+    eval_before: dict = field(default_factory=dict)
+    eval_after: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class Trainer:
+    """`Trainer(config, reward_funcs).fit()`: set up (and resume) a run, then train it."""
+
+    def __init__(self, config: Config, reward_funcs: list[Callable] | None = None) -> None:
+        self.config = config
+        self.run: Run = build_run(config, reward_funcs)
+        self.state = TrainState()
+        self.resumed_from = checkpointing.maybe_resume(self.run, self.state)
+        cfg = config
+        self.logger = MetricsLogger(
+            self.run.run_dir,
+            cfg.train.steps,
+            cfg.log.tensorboard,
+            cfg.log.wandb,
+            cfg.log.progress,
+            config=dataclasses.asdict(cfg),
+            enabled=self.run.dist.is_main,
+        )
+
+    # the run's parts, for users and tests
+    policy = property(lambda self: self.run.policy)
+    ref = property(lambda self: self.run.ref)
+    critic = property(lambda self: self.run.critic)
+    tokenizer = property(lambda self: self.run.tokenizer)
+    rewards = property(lambda self: self.run.rewards)
+    algo = property(lambda self: self.run.algo)
+    step = property(lambda self: self.state.step)
+
+    def fit(self) -> RunResult:
+        cfg, run, state = self.config, self.run, self.state
+        result = RunResult(run_dir=run.run_dir)
+        start = time.perf_counter()
+        self.logger.print(run.algo.card())
+        if self.resumed_from is not None:
+            self.logger.print(f"resumed from {self.resumed_from} (step {state.step})")
+        self.logger.print(
+            f"policy {count_parameters(run.policy) / 1e6:.2f}M params; "
+            f"reference {'yes' if run.ref is not None else 'no'}; "
+            f"critic {'yes' if run.critic is not None else 'no'}; "
+            f"B = {run.sizes.P} prompts × {run.sizes.G} completions"
+        )
+        if run.eval_rows and state.step == 0:
+            result.eval_before = self.evaluate()
+            self.logger.print(_eval_line("before RL", result.eval_before))
+            self.logger.log(0, result.eval_before)
+        self.logger.start(state.step)
+        try:
+            while state.step < cfg.train.steps:
+                metrics = self.train_step()
+                state.step += 1
+                last = state.step == cfg.train.steps
+                if run.eval_rows and _every(cfg.eval.every, state.step) and not last:
+                    metrics.update(self.evaluate())
+                if state.step % cfg.log.every == 0 or last:
+                    self.logger.log(state.step, metrics)
+                result.metrics.append(metrics)
+                if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
+                    checkpointing.save(run, state)
+        finally:
+            self.logger.close()
+        if not cfg.checkpoint.every or state.step % cfg.checkpoint.every:
+            checkpointing.save(run, state)
+        if run.eval_rows:
+            result.eval_after = self.evaluate()
+            self.logger.log(state.step, result.eval_after)
+            self.logger.print(_eval_line("after RL", result.eval_after))
+        if cfg.checkpoint.save_final:
+            checkpointing.save_final(run)
+        if cfg.log.report and run.dist.is_main:
+            from ..engine.report import make_report
+
+            self.logger.print(f"report: {make_report(run.run_dir)}")
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def train_step(self) -> dict[str, float]:
+        """One training step (the state's step counter is advanced by `fit`)."""
+        metrics, batch = train_step(self.run, self.state, self.logger.print)
+        if self.run.dist.is_main and self.config.log.samples:
+            samples = sample_records(self.run, batch, self.config.log.samples)
+            self.logger.log_samples(self.state.step + 1, samples)
+        return metrics
+
+    def rollout_and_score(self) -> ScoredRollout:
+        """Steps 1–2 alone: this rank's scored rollout batch."""
+        return rollout_and_score(self.run)
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics; runs on a forked RNG so evaluating never changes training."""
+        cfg, run = self.config, self.run
+        with torch.random.fork_rng(devices=[]):
+            return evaluate(
+                run.backend,
+                run.tokenizer,
+                run.eval_rows[: cfg.eval.size],
+                run.eval_rewards,
+                prompt_field=cfg.data.prompt_field,
+                max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                pass_k=cfg.eval.pass_k,
+                threshold=cfg.eval.correct_threshold,
+                temperature=cfg.rollout.temperature,
+                system_prompt=cfg.data.system_prompt,
+                seed=cfg.train.seed,
+                rank=run.dist.rank,
+                world_size=run.dist.world_size,
+                reduce=global_sums,
+            )
+
+    def save_checkpoint(self) -> Path:
+        return checkpointing.save(self.run, self.state)
+
+
+def _every(n: int, step: int) -> bool:
+    """`n` > 0 and `step` is a multiple of it."""
+    return bool(n) and step % n == 0
+
+
+def _eval_line(label: str, metrics: dict) -> str:
+    return f"{label}: " + "  ".join(
+        f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items()
+    )
+
+
+def train(
+    config: Config | dict | str | Path | None = None,
+    reward_funcs: list[Callable] | None = None,
+    overrides: list[str] | None = None,
+) -> RunResult:
+    """Train with `config` (a Config, a dict, or a YAML path) and optional `key=value` overrides.
+
+    `reward_funcs`: TRL-style reward functions to use instead of `reward.functions`.
+    """
+    return Trainer(config_from(config, overrides), reward_funcs).fit()
+
+
+__all__ = ["NonFiniteError", "RunResult", "Trainer", "train"]

@@ -1,0 +1,56 @@
+"""`advantage eval MODEL DATASET`: held-out accuracy and pass@k of any model on any dataset."""
+
+from __future__ import annotations
+
+import torch
+
+from ..engine.data import check_rows
+from ..engine.evaluation import evaluate
+from ..engine.models import load_causal_lm, load_tokenizer, quiet_transformers
+from ..engine.rewards import RewardComputer, load_function
+from ..engine.rollout import TransformersBackend
+from ..tasks import dataset_rows, model_path, task_of
+
+
+def evaluate_model(
+    model: str,
+    dataset: str,
+    *,
+    reward_functions: list[str] | None = None,
+    prompt_field: str = "prompt",
+    max_new_tokens: int = 64,
+    pass_k: int = 0,
+    size: int | None = None,
+    threshold: float = 1.0,
+    temperature: float = 1.0,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> dict[str, float]:
+    """`advantage eval MODEL DATASET`: greedy accuracy and pass@k of any model on any dataset,
+    judged by reward functions (default: the built-in task's verifier for `builtin:` data,
+    else `exact_match` against an `answer` column)."""
+    quiet_transformers()
+    path = model_path(model, "MODEL")
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    policy = load_causal_lm(path, trust_remote_code).eval()
+    rows = dataset_rows(dataset, "DATASET")
+    check_rows(rows, prompt_field, "DATASET")
+    rows = rows[:size] if size else rows
+    task = task_of(dataset, "DATASET")
+    task_reward = task.reward_fn if task is not None else None
+    specs = reward_functions or (["builtin"] if task_reward else ["exact_match"])
+    rewards = RewardComputer([load_function(s, task_reward) for s in specs])
+    rewards.check_columns(set(rows[0]) - {prompt_field})
+    torch.manual_seed(seed)
+    return evaluate(
+        TransformersBackend(policy, tokenizer),
+        tokenizer,
+        rows,
+        rewards,
+        prompt_field=prompt_field,
+        max_new_tokens=max_new_tokens,
+        pass_k=pass_k,
+        threshold=threshold,
+        temperature=temperature,
+        seed=seed,
+    )

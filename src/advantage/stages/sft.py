@@ -1,0 +1,87 @@
+"""Supervised fine-tuning (`advantage sft CONFIG.yaml`), loss on completion tokens only.
+
+Rows are `{"prompt", "completion"}` (strings, or a conversational prompt and an assistant
+message) or `{"messages": [...]}` ending with the assistant turn to learn. The training itself
+is `advantage.engine.supervised.supervised_finetune`, which the demo's warm start runs too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..engine.configlib import ConfigError
+from ..engine.data import load_rows
+from ..engine.logger import MetricsLogger
+from ..engine.models import load_causal_lm, load_tokenizer, quiet_transformers
+from ..engine.supervised import (
+    PairColumns,
+    SFTSettings,
+    encode_pair,
+    eval_loss,
+    rows_to_pairs,
+    supervised_finetune,
+)
+from ..rl.config import LogConfig, ModelConfig
+from ..tasks import model_path, task_of
+
+
+@dataclass
+class SupervisedData(PairColumns):
+    train: str = "builtin:reverse"
+    """Rows: .jsonl, a local `datasets` folder/file, or builtin:TASK (teacher demonstrations)."""
+    eval: str | None = None
+    """Held-out rows (loss is reported on them at the end)."""
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SupervisedData = field(default_factory=SupervisedData)
+    train: SFTSettings = field(default_factory=SFTSettings)
+    log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/sft"))
+
+
+def run_sft(cfg: SFTConfig) -> dict:
+    """`advantage sft`: load, train with logging, report the held-out loss, save RUN_DIR/final."""
+    quiet_transformers()
+    path = model_path(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or path, cfg.model.trust_remote_code)
+    model = load_causal_lm(path, cfg.model.trust_remote_code)
+    rows = _supervised_rows(cfg.data.train, cfg, "data.train")
+    eval_rows = _supervised_rows(cfg.data.eval, cfg, "data.eval") if cfg.data.eval else []
+    logger = MetricsLogger(
+        cfg.log.run_dir, cfg.train.steps, cfg.log.tensorboard, cfg.log.wandb, cfg.log.progress
+    )
+    logger.start(0)
+
+    def on_step(step: int, metrics: dict) -> None:
+        if step % cfg.log.every == 0:
+            logger.log(step, metrics)
+
+    try:
+        stats = supervised_finetune(model, tokenizer, rows, cfg.train, on_step=on_step)
+    finally:
+        logger.close()
+    if eval_rows:
+        pairs = [
+            encode_pair(tokenizer, r["prompt"], r["completion"], cfg.train.max_length)
+            for r in eval_rows
+        ]
+        stats["eval_loss"] = eval_loss(model, tokenizer, pairs)
+        logger.log(cfg.train.steps, {"eval/loss": stats["eval_loss"]})
+    final = Path(cfg.log.run_dir) / "final"
+    model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    stats["final"] = str(final)
+    return stats
+
+
+def _supervised_rows(spec: str, cfg: SFTConfig, field_name: str) -> list[dict]:
+    task = task_of(spec, field_name)
+    if task is not None:
+        return task.sft_rows(cfg.train.steps * cfg.train.batch_size, seed=cfg.train.seed)
+    rows = load_rows(spec, field_name)
+    if not rows:
+        raise ConfigError(f"{field_name}: the dataset is empty")
+    return [{"prompt": p, "completion": c} for p, c in rows_to_pairs(rows, cfg.data, field_name)]
