@@ -148,3 +148,46 @@ class RunningMoments:
             float(state["mean"]),
             float(state["m2"]),
         )
+
+
+def masked_std(
+    x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, global_stats: bool = True
+) -> torch.Tensor:
+    """Std of the valid elements of `x`: `sqrt(Σ (x-μ)²·m / (n-1 if unbiased else n))`.
+
+    x, mask bool of the same shape → 0-dim float64; 0 when n ≤ 1 (n - 1 ≤ 0 with Bessel).
+    With `global_stats` μ, the mean square deviation and n are all-reduced across ranks
+    (three sync points), so N ranks give exactly the single-process std of the whole batch.
+    """
+    mask = mask.bool()
+    mean = masked_mean(x, mask, global_stats)
+    biased_var = masked_mean((x.double() - mean).square(), mask, global_stats)
+    n = mask.sum().double()
+    if global_stats:
+        n = all_reduce_sum(n)
+    dof = n - 1 if unbiased else n
+    var = torch.where(dof > 0, biased_var * n / dof.clamp(min=1), torch.zeros_like(biased_var))
+    return var.sqrt()
+
+
+def batch_std_normalize(
+    advantages: torch.Tensor,
+    scores: torch.Tensor,
+    valid_mask: torch.Tensor | None = None,
+    eps: float = 1e-4,
+    unbiased: bool = True,
+    global_stats: bool = True,
+) -> torch.Tensor:
+    """`advantages / (σ_batch(scores) + ε)` — the `batch_std` scope, all `[B]`.
+
+    With the `group_mean` baseline this is "group mean, batch std": `Â_i = (s_i - mean_g(s)) /
+    (σ(s over the whole batch) + ε)` (TRL `scale_rewards="batch"`; "Tricks or Traps",
+    arXiv:2508.08221, the normalisation of its Lite PPO). The std is over the valid scores of
+    the global batch (all-reduced across ranks, see `masked_std`), Bessel by default, ε outside
+    the square root, as TRL (`nanstd`, 1e-4). Unlike the `batch` scope (`masked_whiten`), it
+    does not re-centre and it works on sequence scores, not on token advantages.
+    Invalid samples get 0.
+    """
+    valid = torch.ones_like(scores, dtype=torch.bool) if valid_mask is None else valid_mask.bool()
+    sigma = masked_std(scores, valid, unbiased, global_stats)
+    return torch.where(valid, advantages / (sigma + eps), 0.0).to(advantages.dtype)
