@@ -71,20 +71,6 @@ def _random(F=3, P=4, G=4, seed=0):
     return values, present, torch.tensor([1.0, 0.5, 2.0][:F]), G
 
 
-def test_same_numbers_as_the_old_rewards_combine():
-    from advantage import rewards
-
-    combine = getattr(rewards, "combine", None)
-    if combine is None:
-        pytest.skip("rewards.combine is gone; the hand-computed tests pin its numbers")
-    values, present, w, G = _random()
-    for mode in ("sum_then_normalize", "normalize_then_sum"):
-        old_scores, old_mask = combine(torch.where(present, values, NAN), w, G, mode, clip=1.5)
-        scores, mask = combine_rewards(values, present, w, G, mode, clip=1.5)
-        torch.testing.assert_close(scores, old_scores, rtol=0, atol=0)
-        assert torch.equal(mask, old_mask)
-
-
 def test_absent_values_are_never_read():
     values, present, w, G = _random()
     poisoned = torch.where(present, values, torch.tensor(float("inf")))

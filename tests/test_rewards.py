@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
+from advantage.core.scores import combine_rewards
 from advantage.engine.rewards import (
     RewardComputer,
     RewardError,
     RewardSource,
     call_reward_function,
-    combine,
 )
 
 PROMPTS = ["ab>", "ab>", "cd>", "cd>"]
@@ -21,7 +21,7 @@ IDS = [[1], [2], [3], [4]]
 def test_combine_sum_then_normalize_with_none_and_weights():
     per_source = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.0, 0.0, 2.0]])
     present = torch.tensor([[True, True, False, True], [True, False, False, True]])  # None = False
-    scores, mask = combine(
+    scores, mask = combine_rewards(
         per_source, present, torch.tensor([1.0, 2.0]), group_size=2, mode="sum_then_normalize"
     )
     # sample 0: 1 + 2·0.5 = 2; sample 1: 0; sample 2: nobody scored it; sample 3: 1 + 4 = 5
@@ -32,14 +32,14 @@ def test_combine_sum_then_normalize_with_none_and_weights():
 def test_combine_normalize_then_sum_and_clip():
     per_source = torch.tensor([[1.0, 0.0, 3.0, 3.0], [10.0, 20.0, 0.0, 1.0]])
     present = torch.ones(2, 4, dtype=torch.bool)
-    scores, _ = combine(per_source, present, torch.ones(2), 2, "normalize_then_sum")
+    scores, _ = combine_rewards(per_source, present, torch.ones(2), 2, "normalize_then_sum")
     # each function within each group of 2, (r - mean)/(σ + 1e-4) with σ over n-1:
     # f1 [1, 0 | 3, 3] → [z, -z | 0, 0] with z = 0.5/(sqrt(0.5) + 1e-4)
     # f2 [10, 20 | 0, 1] → [-y, y | -z, z] with y = 5/(sqrt(50) + 1e-4)
     z = 0.5 / (0.5**0.5 + 1e-4)
     y = 5.0 / (50**0.5 + 1e-4)
     torch.testing.assert_close(scores, torch.tensor([z - y, y - z, -z, z]), atol=1e-6, rtol=0)
-    clipped, _ = combine(
+    clipped, _ = combine_rewards(
         torch.tensor([[5.0, -7.0]]),
         torch.ones(1, 2, dtype=torch.bool),
         torch.ones(1),

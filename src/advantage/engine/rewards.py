@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..core import group_mean_advantages, group_normalize
+from ..core.scores import combine_rewards
 from .configlib import ConfigError
 
 
@@ -212,34 +212,6 @@ class Scores:
         )
 
 
-def combine(
-    per_source: torch.Tensor,
-    present: torch.Tensor,
-    weights: torch.Tensor,
-    group_size: int,
-    mode: str,
-    clip: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`s_i = Σ_f w_f·r_f(i)` over the sources that scored i (`present[f, i]`).
-
-    `normalize_then_sum` first normalises each source within its group, `(r - mean_g)/(std_g + ε)`
-    over the group's scored samples (seed 004's tip). Optional clip to [-c, c].
-    per_source `[F, B]`, present bool `[F, B]`, weights `[F]` → (scores `[B]`, score_mask `[B]`).
-    """
-    values = torch.where(present, per_source, 0.0)
-    if mode == "normalize_then_sum":
-        values = torch.stack(
-            [
-                group_normalize(group_mean_advantages(v, group_size, m), v, group_size, m)
-                for v, m in zip(values, present, strict=True)
-            ]
-        )
-    scores = (weights.unsqueeze(-1) * torch.where(present, values, 0.0)).sum(0)
-    if clip is not None:
-        scores = scores.clamp(-clip, clip)
-    return scores, present.any(0)
-
-
 class RewardComputer:
     """All reward sources of a run, called in order, combined into one score per sample."""
 
@@ -282,7 +254,9 @@ class RewardComputer:
         )
         present = torch.tensor([[v is not None for v in values] for values in raw])
         weights = torch.tensor([s.weight for s in self.sources], dtype=torch.float32)
-        scores, score_mask = combine(per_source, present, weights, group_size, self.mode, self.clip)
+        scores, score_mask = combine_rewards(
+            per_source, present, weights, group_size, self.mode, self.clip
+        )
         names = [s.name for s in self.sources]
         return Scores(scores, score_mask, per_source, present, names)
 
