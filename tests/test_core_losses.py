@@ -192,13 +192,14 @@ def test_policy_objective_composes_clip_kl_entropy_and_tis():
         entropy=ent,
         entropy_coef=0.01,
         engine_logprobs=engine,
-        tis_cap=2.0,
+        correction="tis",
+        correction_high=2.0,
     )
     # L = w·(-A·ρ) + β·k3 - c·H, w = min([1, 3], 2) = [1, 2]
     k3 = kl_k3(logp.detach(), ref)
     expected = torch.tensor([[1 * -2.0, 2 * 1.0]]) + 0.1 * k3 - 0.01 * ent
     torch.testing.assert_close(loss.detach(), expected)
-    assert metrics["tis_weight"].item() == pytest.approx(1.5)
+    assert metrics["rollout/is_weight_mean"].item() == pytest.approx(1.5)
     assert metrics["rollout/logprob_gap"].item() == pytest.approx(math.log(3.0) / 2)
     # the KL term carries gradient: d(β·k3)/dlogp = β·(1 - exp(-lr)), lr = logp - ref
     loss.sum().backward()

@@ -50,7 +50,7 @@ def test_axis_overrides_and_options_run(run_dir):
             "train.minibatches=2",
             "train.micro_batch_size=2",
             "rollout.mask_truncated=true",
-            "rollout.dynamic_sampling=true",
+            "algo.dynamic_sampling=true",
             "model.ref_sync_steps=1",
             "model.ref_sync_alpha=0.5",
         ),

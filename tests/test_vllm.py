@@ -48,13 +48,34 @@ def test_engine_logprobs_follow_pushed_weights(engine):
     assert stale > 1e-2 and fresh < 1e-4
 
 
+def test_engine_logprobs_mean_the_trainers_under_top_p_and_top_k(engine):
+    """One behaviour distribution on both engines: log softmax(z / T) over the full vocabulary
+    (README conventions). vLLM's processed log-probs were renormalised over the top-k / top-p
+    set, off by the log of the kept mass."""
+    path, tokenizer, backend = engine
+    policy = load_causal_lm(path)
+    backend.sync_weights(policy)
+    prompts = [tokenizer("abc>")["input_ids"], tokenizer("fedab>")["input_ids"]]
+    for temperature in (0.7, 1.3):
+        params = SamplingParams(
+            max_new_tokens=8, temperature=temperature, top_p=0.9, top_k=5, seed=0
+        )
+        out = backend.generate(prompts, 8, params)
+        with torch.no_grad():
+            trainer_lp, _ = completion_logprobs(policy, out, temperature=temperature)
+        gap = (trainer_lp - out.logprobs)[out.completion_mask].abs().max().item()
+        print(f"T={temperature} top_p=0.9 top_k=5: max |engine - trainer| {gap:.2e}")
+        assert gap <= 1e-5
+
+
 def test_training_with_vllm_backend_and_tis(run_dir):
     cfg = load_config(
         None,
         small_config(
             run_dir,
             "rollout.backend=vllm",
-            "rollout.tis_cap=2.0",
+            "algo.correction=tis",
+            "algo.correction_high=2.0",
             "rollout.vllm={max_model_len: 128}",
         ),
     )
@@ -62,4 +83,4 @@ def test_training_with_vllm_backend_and_tis(run_dir):
     result = trainer.fit()
     for m in result.metrics:
         assert m["rollout/logprob_gap"] < 1e-3, m  # weights were pushed after every update
-        assert 0 < m["tis_weight"] <= 2.0
+        assert 0 < m["rollout/is_weight_mean"] <= 2.0

@@ -1,7 +1,7 @@
 """The one advantage pipeline every preset runs (SPEC §3, "order of operations").
 
     1. scores s → subtract the baseline
-    2. `group` scope: divide by the group's std + ε
+    2. `group` scope: divide by the group's std + ε (`batch_std`: the whole batch's std + ε)
     3. token rewards: the result of 2 on the last completion token, -β·KL on every token
        when the KL is in the reward
     4. return-to-go with γ, or GAE with the critic's values
@@ -19,7 +19,13 @@ import torch
 from .algorithm import Algorithm
 from .baselines import Baseline, as_groups
 from .kl import kl_penalty
-from .normalize import group_normalize, group_std, masked_mean, masked_whiten
+from .normalize import (
+    batch_std_normalize,
+    group_normalize,
+    group_std,
+    masked_mean,
+    masked_whiten,
+)
 from .returns import discounted_returns, gae, token_rewards
 
 
@@ -75,10 +81,14 @@ def compute_advantages(
 
     # 1. baseline
     centred = baseline(scores, G, score_mask)
-    # 2. group scope: / (σ_g(s) + ε)
+    # 2. score scope: / (σ_g(s) + ε) of the group, or / (σ(s) + ε) of the whole batch
     if algo.scope == "group":
         centred = group_normalize(
             centred, scores, G, score_mask, algo.group_std_eps, algo.group_std_unbiased
+        )
+    elif algo.scope == "batch_std":
+        centred = batch_std_normalize(
+            centred, scores, score_mask, algo.group_std_eps, algo.group_std_unbiased
         )
     # 3. token rewards: centred score on the last token, -β·KL(old ‖ ref) on every token
     kl = None

@@ -1,5 +1,6 @@
-"""Algorithms as points on three axes (SPEC §3): presets are plain data, `resolve` turns a
-preset name plus overrides into an `Algorithm`, and `Algorithm.card()` prints the resolution.
+"""Algorithms as points on four axes (SPEC §3, §7): baseline × normalisation scope × KL
+placement × policy objective. Presets are plain data, `resolve` turns a preset name plus
+overrides into an `Algorithm`, and `Algorithm.card()` prints the resolution.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from .kl import KL_ESTIMATORS
 from .kl_control import KL_CONTROLLERS
 from .losses import AGGREGATIONS
 from .normalize import SCOPES
+from .objectives import RATIO_LEVELS, objective_name
+from .offpolicy import CORRECTION_LEVELS, CORRECTION_MODES
 
 KL_PLACEMENTS = ("reward", "loss", "none")
 
@@ -25,7 +28,8 @@ class Algorithm:
     baseline: str = "group_mean"
     """none | moving_average | ema | group_mean | leave_one_out | critic."""
     scope: str = "group"
-    """Normalisation scope: none | group | batch."""
+    """Normalisation scope: none | group (/ σ of the group's scores) | batch_std (/ σ of the
+    whole batch's scores) | batch (whitening of the token advantages over the batch)."""
     kl_placement: str = "loss"
     """Where β·KL goes: reward (per-token reward shaping) | loss (added to the loss) | none."""
     kl_estimator: str = "k3"
@@ -66,6 +70,26 @@ class Algorithm:
     """Weight of the entropy bonus (loss -= coef·entropy)."""
     ema_alpha: float = 0.9
     """α of the `ema` baseline."""
+    objective: str = "ppo_clip"
+    """Policy objective: ppo_clip (clipped surrogate) | cispo (clipped IS weight × log π,
+    MiniMax-M1) | pg (plain policy gradient, no ratio)."""
+    ratio_level: str = "token"
+    """Importance ratio of ppo_clip: token | sequence (GSPO) | sequence_token (GSPO-token)."""
+    correction: str = "none"
+    """Off-policy correction between the sampling engine and the trainer: none | tis
+    (truncated IS) | mis (masked IS: drop what leaves [correction_low, correction_high])."""
+    correction_level: str = "token"
+    """token | sequence (product of the token ratios) | sequence_mean (their geometric mean)."""
+    correction_low: float | None = None
+    """Lower bound of the correction's ratio (null = none)."""
+    correction_high: float | None = None
+    """Upper bound (cap) of the correction's ratio (null = none)."""
+    dynamic_sampling: bool = False
+    """Drop groups whose scores are all equal and refill from new prompts (DAPO)."""
+    overlong_fraction: float | None = None
+    """DAPO's soft overlong punishment (arXiv:2503.14476 eq. 13), added to the score: 0 up to
+    L_max - L_cache tokens, then linearly down to -1 at L_max = rollout.max_new_tokens, with
+    L_cache = this fraction of L_max (DAPO: 4096 / 20480 = 0.2; null = off)."""
 
     def __post_init__(self) -> None:
         BASELINES.check(self.baseline, "algo.baseline")
@@ -86,6 +110,23 @@ class Algorithm:
             raise ValueError(f"algo.dual_clip must be > 1 (or null), got {self.dual_clip}")
         if self.kl_controller == "adaptive" and not self.kl_target:
             raise ValueError("algo.kl_target must be set (> 0) for kl_controller=adaptive")
+        _one_of(self.ratio_level, RATIO_LEVELS, "algo.ratio_level")
+        objective_name(self.objective, self.ratio_level)  # raises on an undefined pair
+        if self.dual_clip is not None and self.objective != "ppo_clip":
+            raise ValueError(f"algo.dual_clip applies to ppo_clip only, not {self.objective}")
+        CORRECTION_MODES.check(self.correction, "algo.correction")
+        CORRECTION_LEVELS.check(self.correction_level, "algo.correction_level")
+        low, high = self.correction_low, self.correction_high
+        if (low is not None and low < 0) or (high is not None and high <= 0):
+            raise ValueError("algo.correction_low must be >= 0 and algo.correction_high > 0")
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"algo.correction_low={low} exceeds algo.correction_high={high}")
+        if self.correction == "mis" and low is None and high is None:
+            raise ValueError("algo.correction=mis needs algo.correction_low and/or _high")
+        if self.overlong_fraction is not None and not 0 < self.overlong_fraction <= 1:
+            raise ValueError(
+                f"algo.overlong_fraction must be in (0, 1] (or null), got {self.overlong_fraction}"
+            )
 
     # Every decision the loop takes from the algorithm is asked here, in one place.
 
@@ -110,6 +151,11 @@ class Algorithm:
         """`+β·k(π, ref)` is a term of the per-token loss, with its gradient (SPEC §2)."""
         return self.kl_placement == "loss" and self.kl_coef > 0
 
+    @property
+    def loss_name(self) -> str:
+        """The registered per-token objective (`core.objectives.OBJECTIVES`) of this algorithm."""
+        return objective_name(self.objective, self.ratio_level)
+
     @staticmethod
     def needs_old_logprobs(epochs: int, minibatches: int) -> bool:
         """The weights move before the rollout batch is used up (μ > 1 or several minibatches),
@@ -127,11 +173,12 @@ class Algorithm:
         baseline = BASELINES[self.baseline].__doc__.strip().splitlines()[0]
         if self.baseline == "ema":
             baseline += f" (α={self.ema_alpha:g})"
-        scope_group = (
-            f"/ (σ_g(s) + {self.group_std_eps:g}), σ with {bessel(self.group_std_unbiased)}"
-            if self.scope == "group"
-            else "off"
-        )
+        scope_group = {
+            "group": f"/ (σ_g(s) + {self.group_std_eps:g}), σ of the group's scores, "
+            f"{bessel(self.group_std_unbiased)}",
+            "batch_std": f"/ (σ(s) + {self.group_std_eps:g}), σ of the whole batch's scores, "
+            f"{bessel(self.group_std_unbiased)}, all-reduced across ranks",
+        }.get(self.scope, "off")
         kl_reward = (
             f"-β·{self.kl_estimator}(old, ref) on every token, {beta}"
             if self.kl_placement == "reward" and self.kl_coef > 0
@@ -154,15 +201,37 @@ class Algorithm:
             else "off"
         )
         dual = f"dual-clip c={self.dual_clip:g}" if self.dual_clip else "no dual-clip"
+        objective = {
+            "ppo_clip": f"clip(ρ, 1-{self.clip_low:g}, 1+{self.clip_high:g}), {dual}",
+            "gspo": f"GSPO: sequence ratio exp(mean_t log ρ) clipped to "
+            f"[1-{self.clip_low:g}, 1+{self.clip_high:g}], {dual}",
+            "gspo_token": f"GSPO-token: sg[s_i]·π_t/sg[π_t] clipped to "
+            f"[1-{self.clip_low:g}, 1+{self.clip_high:g}], {dual}",
+            "cispo": f"CISPO: -sg(clip(ρ, 1-{self.clip_low:g}, 1+{self.clip_high:g}))·A·log π",
+            "pg": "plain policy gradient -A·log π (no ratio)",
+        }[self.loss_name]
+        bounds = f"[{_bound(self.correction_low)}, {_bound(self.correction_high)}]"
+        correction = (
+            "none"
+            if self.correction == "none"
+            else f"{self.correction} at {self.correction_level} level, ratio bounds {bounds}"
+        )
+        sampling = "dynamic sampling (drop groups of equal scores)" if self.dynamic_sampling else ""
+        if self.overlong_fraction:
+            sampling += ("; " if sampling else "") + (
+                f"overlong shaping over the last {self.overlong_fraction:g} of the token budget"
+            )
         rows = [
             f"algorithm: {self.name}",
+            f"  0. scores        {sampling or 'as the reward sources give them'}",
             f"  1. baseline      {self.baseline}: {baseline}",
-            f"  2. group scope   {scope_group}",
+            f"  2. score scope   {scope_group}",
             f"  3. token reward  score on the last completion token; KL in reward: {kl_reward}",
             f"  4. advantages    {adv}",
             f"  5. batch scope   {whiten}",
-            f"  policy loss      clip(ρ, 1-{self.clip_low:g}, 1+{self.clip_high:g}), {dual}; "
-            f"KL in loss: {kl_loss}; entropy coef {self.entropy_coef:g}",
+            f"  policy loss      {objective}; KL in loss: {kl_loss}; "
+            f"entropy coef {self.entropy_coef:g}",
+            f"  engine/trainer   off-policy correction: {correction}",
             f"  aggregation      {self.aggregation}",
             "  critic           "
             + (
@@ -176,6 +245,10 @@ class Algorithm:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _bound(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
 
 
 def _one_of(value: str, allowed: tuple[str, ...], field_name: str) -> None:
@@ -212,6 +285,22 @@ PRESETS: dict[str, dict] = {
     "reinforce_pp_baseline": dict(
         baseline="group_mean", scope="batch", kl_placement="reward", kl_estimator="k1",
         kl_coef=0.01, aggregation="token_mean",
+    ),
+    # GSPO (arXiv:2507.18071 §5): sequence ratio, its clip range 3e-4 / 4e-4, no KL
+    "gspo": dict(
+        baseline="group_mean", scope="group", kl_placement="none", kl_coef=0.0,
+        aggregation="seq_mean_token_mean", ratio_level="sequence", clip_low=3e-4, clip_high=4e-4,
+    ),
+    # CISPO (arXiv:2506.13585 §3.1): clipped IS weight, no lower bound, weight ≤ 5 (ScaleRL / TRL)
+    "cispo": dict(
+        baseline="group_mean", scope="group", kl_placement="none", kl_coef=0.0,
+        aggregation="token_mean", objective="cispo", clip_low=1.0, clip_high=4.0,
+    ),
+    # DAPO (arXiv:2503.14476): clip-higher, token-level loss, dynamic sampling, overlong shaping
+    "dapo": dict(
+        baseline="group_mean", scope="group", kl_placement="none", kl_coef=0.0,
+        aggregation="token_mean", clip_low=0.2, clip_high=0.28, dynamic_sampling=True,
+        overlong_fraction=0.2,
     ),
 }  # fmt: skip
 
@@ -252,6 +341,9 @@ PRESET_TABLE_COLUMNS = (
     ("dual clip", "dual_clip"),
     ("ε_v", "value_clip"),
     ("EMA α", "ema_alpha"),
+    ("objective", "loss_name"),
+    ("dynamic sampling", "dynamic_sampling"),
+    ("overlong fraction", "overlong_fraction"),
 )
 
 

@@ -29,7 +29,7 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
-def _masked_fraction(flags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_fraction(flags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (flags & mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -68,12 +68,12 @@ def policy_loss(
         bound = -dual_clip * advantages
         dual_clipped = (advantages < 0) & (loss > bound)
         loss = torch.where(advantages < 0, torch.minimum(loss, bound), loss)
-        metrics["clip_frac/dual"] = _masked_fraction(dual_clipped, mask).detach()
+        metrics["clip_frac/dual"] = masked_fraction(dual_clipped, mask).detach()
     with torch.no_grad():
-        metrics["clip_frac/low"] = _masked_fraction(
+        metrics["clip_frac/low"] = masked_fraction(
             (ratio < 1.0 - clip_low) & (advantages < 0), mask
         )
-        metrics["clip_frac/high"] = _masked_fraction(
+        metrics["clip_frac/high"] = masked_fraction(
             (ratio > 1.0 + clip_high) & (advantages > 0), mask
         )
         # k3 estimate of KL(old ‖ new), the usual "approx_kl" diagnostic
@@ -105,7 +105,7 @@ def value_loss(
         v_clipped = old_values + (values - old_values).clamp(-clip, clip)
         clipped = (v_clipped - returns).square()
         loss = 0.5 * torch.maximum(unclipped, clipped)
-        metrics["value_clip_frac"] = _masked_fraction(clipped > unclipped, mask).detach()
+        metrics["value_clip_frac"] = masked_fraction(clipped > unclipped, mask).detach()
     return torch.where(mask, loss, 0.0), metrics
 
 
@@ -185,59 +185,3 @@ def bradley_terry_loss(
     softplus(-(Δ - m)), exact for large |Δ|.
     """
     return torch.nn.functional.softplus(-(chosen_rewards - rejected_rewards - margin)).mean()
-
-
-def policy_objective(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = None,
-    ref_logprobs: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    entropy: torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
-    engine_logprobs: torch.Tensor | None = None,
-    tis_cap: float | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The per-token loss the update aggregates (SPEC §2, §4):
-
-        L[i,t] = w[i,t]·L_clip[i,t] + β·k(logp, ref_logp)[i,t] - c_H·H[i,t]
-
-    with `L_clip` from `policy_loss`, the KL term only when `ref_logprobs` is given and β > 0
-    (KL in the loss; the gradient flows through it), the entropy bonus when `entropy_coef` > 0,
-    and `w = min(exp(old_logp - engine_logp), tis_cap)` — truncated importance sampling between
-    the trainer and the rollout engine — when `tis_cap` is set. All tensors `[B, T]`.
-    Returns (L `[B, T]`, detached metrics; `rollout/logprob_gap` = mean |old - engine|).
-    """
-    from .kl import kl_penalty
-
-    mask = mask.bool()
-    per_token, metrics = policy_loss(
-        logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip
-    )
-    count = mask.sum().clamp(min=1)
-    with torch.no_grad():
-        metrics["loss/policy"] = (per_token * mask).sum() / count
-    if engine_logprobs is not None:
-        with torch.no_grad():
-            metrics["rollout/logprob_gap"] = (
-                torch.where(mask, (old_logprobs - engine_logprobs).abs(), 0.0).sum() / count
-            )
-        if tis_cap is not None:
-            tis = torch.exp(old_logprobs - engine_logprobs).clamp(max=tis_cap).detach()
-            per_token = per_token * tis
-            metrics["tis_weight"] = torch.where(mask, tis, 0.0).sum() / count
-    if ref_logprobs is not None and kl_coef > 0:
-        kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)
-        per_token = per_token + kl_coef * kl
-        metrics["kl_loss"] = (torch.where(mask, kl, 0.0).sum() / count).detach()
-    if entropy is not None:
-        metrics["entropy"] = (torch.where(mask, entropy, 0.0).sum() / count).detach()
-        if entropy_coef:
-            per_token = per_token - entropy_coef * entropy
-    return torch.where(mask, per_token, 0.0), metrics

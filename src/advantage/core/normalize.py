@@ -15,7 +15,7 @@ import torch
 from .baselines import as_groups
 from .distributed import all_reduce_sum
 
-SCOPES = ("none", "group", "batch")
+SCOPES = ("none", "group", "batch_std", "batch")
 
 
 def group_std(

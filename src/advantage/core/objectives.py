@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from .kl import LOG_RATIO_CLAMP
-from .losses import _masked_fraction, policy_loss
+from .kl import LOG_RATIO_CLAMP, kl_penalty
+from .losses import masked_fraction, policy_loss
+from .offpolicy import rollout_correction
 from .registry import Registry
 
 OBJECTIVES: Registry = Registry("policy objective")
@@ -210,8 +211,8 @@ def cispo(
     weight = ratio.clamp(1.0 - clip_low, 1.0 + clip_high).detach()  # sg(r̂), eq. 5
     loss = -weight * advantages * logprobs  # eq. 4
     metrics = {
-        "clip_frac/low": _masked_fraction(ratio < 1.0 - clip_low, mask).detach(),
-        "clip_frac/high": _masked_fraction(ratio > 1.0 + clip_high, mask).detach(),
+        "clip_frac/low": masked_fraction(ratio < 1.0 - clip_low, mask).detach(),
+        "clip_frac/high": masked_fraction(ratio > 1.0 + clip_high, mask).detach(),
         "approx_kl": _approx_kl(log_ratio, mask),
     }
     return torch.where(mask, loss, 0.0), metrics
@@ -241,3 +242,100 @@ def pg(
     loss = -_as_token_advantages(advantages, logprobs) * logprobs
     metrics = {"approx_kl": _approx_kl(token_log_ratio(logprobs, old_logprobs, mask), mask)}
     return torch.where(mask, loss, 0.0), metrics
+
+
+# The objective axis as (objective, ratio level) pairs → the registered loss.
+RATIO_LEVELS = ("token", "sequence", "sequence_token")
+_OBJECTIVE_BY_AXES = {
+    ("ppo_clip", "token"): "ppo_clip",
+    ("ppo_clip", "sequence"): "gspo",
+    ("ppo_clip", "sequence_token"): "gspo_token",
+    ("cispo", "token"): "cispo",
+    ("pg", "token"): "pg",
+}
+
+
+def objective_name(objective: str, ratio_level: str = "token") -> str:
+    """The registered loss of an (objective, ratio level) pair: ("ppo_clip", "sequence") → "gspo".
+
+    `cispo` and `pg` are token-level only; a wrong pair raises naming the valid ones."""
+    try:
+        return _OBJECTIVE_BY_AXES[(objective, ratio_level)]
+    except KeyError:
+        valid = ", ".join(f"{o}/{r}" for o, r in _OBJECTIVE_BY_AXES)
+        raise ValueError(
+            f"algo.objective={objective!r} with algo.ratio_level={ratio_level!r} is not defined; "
+            f"valid objective/ratio_level pairs: {valid}"
+        ) from None
+
+
+def policy_objective(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    objective: str = "ppo_clip",
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    engine_logprobs: torch.Tensor | None = None,
+    correction: str = "none",
+    correction_level: str = "token",
+    correction_low: float | None = None,
+    correction_high: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The per-token loss the update aggregates (SPEC §2, §4, §7):
+
+        L[i,t] = w[i,t]·L_obj[i,t] + β·k(logp, ref_logp)[i,t] - c_H·H[i,t]
+
+    with `L_obj` the registered objective `OBJECTIVES[objective]`, the KL term only when
+    `ref_logprobs` is given and β > 0 (KL in the loss; the gradient flows through it), the
+    entropy bonus when `entropy_coef` > 0, and `w` the engine/trainer correction
+    (`core.offpolicy.rollout_correction` of `old_logprobs` against `engine_logprobs`;
+    w = 1 for `correction="none"`; `mis` gives w = 0 on dropped tokens, which keep their place
+    in the aggregation's denominators). All tensors `[B, T]`.
+    Returns (L `[B, T]`, detached metrics; `rollout/logprob_gap` = mean |old - engine|).
+    """
+    mask = mask.bool()
+    per_token, metrics = OBJECTIVES[objective](
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+    )
+    count = mask.sum().clamp(min=1)
+    with torch.no_grad():
+        metrics["loss/policy"] = (per_token * mask).sum() / count
+    if engine_logprobs is not None:
+        weights, _keep, correction_metrics = rollout_correction(
+            old_logprobs,
+            engine_logprobs,
+            mask,
+            mode=correction,
+            level=correction_level,
+            low=correction_low,
+            high=correction_high,
+        )
+        if correction == "none":
+            metrics["rollout/logprob_gap"] = correction_metrics["rollout/logprob_gap"]
+        else:
+            per_token = per_token * weights
+            metrics.update(correction_metrics)
+    if ref_logprobs is not None and kl_coef > 0:
+        kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)
+        per_token = per_token + kl_coef * kl
+        metrics["kl_loss"] = (torch.where(mask, kl, 0.0).sum() / count).detach()
+    if entropy is not None:
+        metrics["entropy"] = (torch.where(mask, entropy, 0.0).sum() / count).detach()
+        if entropy_coef:
+            per_token = per_token - entropy_coef * entropy
+    return torch.where(mask, per_token, 0.0), metrics

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import re
 
+import torch
+
+from ..core import shaping
+
 
 def completion_text(completion) -> str:
     """The text of a completion: a string, or the last message of a conversation."""
@@ -52,18 +56,9 @@ def overlong_penalty(
     **kwargs,
 ) -> list[float]:
     """DAPO's soft overlong punishment (arXiv:2503.14476 eq. 13): 0 up to L_max - L_buffer,
-    then linearly down to -1 at L_max, and -1 beyond."""
-    start = max_completion_length - overlong_buffer
-    out = []
-    for ids in completion_ids:
-        n = len(ids)
-        if n <= start:
-            out.append(0.0)
-        elif n <= max_completion_length:
-            out.append((start - n) / overlong_buffer)
-        else:
-            out.append(-1.0)
-    return out
+    then linearly down to -1 at L_max, and -1 beyond (`advantage.core.shaping`)."""
+    lengths = torch.tensor([len(ids) for ids in completion_ids])
+    return shaping.overlong_penalty(lengths, max_completion_length, overlong_buffer).tolist()
 
 
 def math_answer(prompts, completions, answer=None, **kwargs) -> list[float | None]:

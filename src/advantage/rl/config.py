@@ -80,6 +80,22 @@ class AlgoConfig:
     """Weight of the entropy bonus."""
     ema_alpha: float | None = None
     """α of the ema baseline."""
+    objective: str | None = None
+    """ppo_clip | cispo | pg."""
+    ratio_level: str | None = None
+    """token | sequence (GSPO) | sequence_token (GSPO-token)."""
+    correction: str | None = None
+    """Engine/trainer off-policy correction: none | tis | mis."""
+    correction_level: str | None = None
+    """token | sequence | sequence_mean."""
+    correction_low: float | None = None
+    """Lower ratio bound of the correction."""
+    correction_high: float | None = None
+    """Upper ratio bound (cap) of the correction."""
+    dynamic_sampling: bool | None = None
+    """Drop groups of equal scores and refill (DAPO)."""
+    overlong_fraction: float | None = None
+    """DAPO's overlong shaping over this fraction of rollout.max_new_tokens."""
 
 
 @dataclass

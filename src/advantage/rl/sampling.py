@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import time
 
+import torch
+
+from ..core import overlong_penalty
 from ..engine.data import encode_prompt
 from ..engine.parallel import global_sums
 from ..engine.rewards import score_rollout
@@ -25,7 +28,8 @@ def rollout_and_score(run: Run) -> ScoredRollout:
     kept: list[ScoredRollout] = []
     reserve: list[ScoredRollout] = []
     n_groups, tries, dropped, seconds, reward_seconds = 0, 0, 0, 0.0, 0.0
-    max_tries = cfg.rollout.max_sampling_tries if cfg.rollout.dynamic_sampling else 1
+    dynamic = run.algo.dynamic_sampling
+    max_tries = cfg.rollout.max_sampling_tries if dynamic else 1
     while tries < max_tries:
         if not global_sums([float(n_groups < P_local)])[0]:  # no rank is short
             break
@@ -46,7 +50,7 @@ def rollout_and_score(run: Run) -> ScoredRollout:
         t0 = time.perf_counter()
         part = score(run, rollout, rows)
         reward_seconds += time.perf_counter() - t0
-        if cfg.rollout.dynamic_sampling:
+        if dynamic:
             part, constant = part.split_constant_groups(G)
             if constant is not None:
                 dropped += len(constant.rows)
@@ -62,11 +66,18 @@ def rollout_and_score(run: Run) -> ScoredRollout:
 
 
 def score(run: Run, rollout: Rollout, rows: list[dict]) -> ScoredRollout:
-    """The reward sources on the G completions of each row, and the missing-EOS penalty."""
+    """The reward sources on the G completions of each row, then the shaping of the scores:
+    the missing-EOS penalty and DAPO's overlong punishment (`algo.overlong_fraction`)."""
     cfg = run.config
     scores, texts = score_rollout(
         run.rewards, run.tokenizer, rollout, rows, cfg.data.prompt_field, run.sizes.G
     )
     if cfg.reward.missing_eos_penalty:  # completions that never ended
         scores.scores = scores.scores - cfg.reward.missing_eos_penalty * rollout.truncated.float()
+    if run.algo.overlong_fraction:
+        max_len = cfg.rollout.max_new_tokens
+        penalty = overlong_penalty(
+            rollout.completion_lengths, max_len, run.algo.overlong_fraction * max_len
+        )
+        scores.scores = scores.scores + torch.where(scores.score_mask, penalty, 0.0)
     return ScoredRollout(rollout=rollout, rows=rows, scores=scores, completions=texts)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..core.scores import REWARD_COMBINATIONS
 from ..engine.configlib import ConfigError
 from ..engine.optim import LR_SCHEDULES
 from ..engine.precision import BF16_MATMUL_CHOICES
@@ -107,14 +108,10 @@ class RolloutConfig:
     """Generate exactly max_new_tokens, ignoring EOS (for benchmarks: equal work everywhere)."""
     mask_truncated: bool = False
     """Leave completions that hit max_new_tokens without EOS out of the loss (DAPO)."""
-    dynamic_sampling: bool = False
-    """Drop groups whose rewards are all equal and refill from new prompts (DAPO)."""
     max_sampling_tries: int = 4
-    """Cap on rollout rounds per step under dynamic sampling."""
+    """Cap on rollout rounds per step under dynamic sampling (`algo.dynamic_sampling`)."""
     vllm: dict = field(default_factory=dict)
     """Extra arguments of the vLLM engine (gpu_memory_utilization, dtype, ...)."""
-    tis_cap: float | None = None
-    """Truncated importance sampling: weight tokens by min(π_train/π_engine, cap) (null = off)."""
 
     def __post_init__(self) -> None:
         _choice("rollout.backend", self.backend, ("transformers", "vllm"))
@@ -124,8 +121,6 @@ class RolloutConfig:
             raise ConfigError(f"rollout.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
-        if self.tis_cap is not None and not self.tis_cap > 0:
-            raise ConfigError(f"rollout.tis_cap must be > 0 (or null), got {self.tis_cap}")
 
 
 @dataclass
@@ -136,7 +131,9 @@ class RewardConfig:
     weights: list[float] | None = None
     """One weight per reward source (functions, then the reward model); default all 1."""
     multi_reward: str = "sum_then_normalize"
-    """sum_then_normalize | normalize_then_sum (normalise each function within its group first)."""
+    """sum_then_normalize | normalize_then_sum (normalise each function within its group first)
+    | trl_normalize_then_sum (TRL's: then re-normalise the weighted sum over the whole batch;
+    its result is already TRL's advantage: use it with algo.baseline=none algo.scope=none)."""
     clip: float | None = None
     """Clip the combined score to [-clip, clip]."""
     model: str | None = None
@@ -153,9 +150,7 @@ class RewardConfig:
     """Extra keyword arguments passed to every reward function."""
 
     def __post_init__(self) -> None:
-        _choice(
-            "reward.multi_reward", self.multi_reward, ("sum_then_normalize", "normalize_then_sum")
-        )
+        _choice("reward.multi_reward", self.multi_reward, tuple(REWARD_COMBINATIONS))
         if not self.functions and not self.model:
             raise ConfigError("reward: give at least one of reward.functions or reward.model")
         # (reward.weights is checked against the sources when they are built: the Python API

@@ -135,7 +135,7 @@ def step_metrics(run: Run, batch: ScoredRollout, times: dict[str, float]) -> dic
         scores.names, scores.per_source, scores.per_source_mask, strict=True
     ):
         metrics[f"reward/{name}"] = float(values[present].mean()) if present.any() else float("nan")
-    if run.config.rollout.dynamic_sampling:
+    if run.algo.dynamic_sampling:
         metrics["dynamic_sampling/tries"] = batch.tries
         metrics["dynamic_sampling/dropped_groups"] = batch.dropped_groups
     return metrics

@@ -111,6 +111,7 @@ def policy_micro_step(run: Run, part: TokenBatch, num_tokens: float, num_seqs: f
         old,
         part.advantages,
         part.mask,
+        objective=algo.loss_name,
         clip_low=algo.clip_low,
         clip_high=algo.clip_high,
         dual_clip=algo.dual_clip,
@@ -120,7 +121,10 @@ def policy_micro_step(run: Run, part: TokenBatch, num_tokens: float, num_seqs: f
         entropy=entropy,
         entropy_coef=algo.entropy_coef,
         engine_logprobs=part.engine_logprobs,
-        tis_cap=cfg.rollout.tis_cap,
+        correction=algo.correction,
+        correction_level=algo.correction_level,
+        correction_low=algo.correction_low,
+        correction_high=algo.correction_high,
     )
     loss = aggregate_global(run, per_token, part.mask, num_tokens, num_seqs)
     finite = backward(run, loss, run.policy)

