@@ -1,6 +1,7 @@
 """Behaviour unchanged? Run the demo recipe with `train.deterministic=true` on this tree and on
 another commit (a temporary `git worktree`), and compare their `metrics.jsonl` record by
-record, wall-clock fields excluded (`time*`, `tokens_per_s/*`).
+record, wall-clock fields excluded (`time*`, `tokens_per_s/*`). Metrics that only one side
+logs (added or removed since) are listed, not compared.
 
     .venv/bin/python benchmarks/same_metrics.py --ref 4790fb3 [key=value ...]
 
@@ -61,8 +62,18 @@ def main() -> int:
                 ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False
             )
         after = demo_metrics(ROOT / "src", Path(tmp) / "after", args.overrides)
-    differing = [(a, b) for a, b in zip(before, after, strict=False) if a != b]
+    only = sorted({k for r in before for k in r} ^ {k for r in after for k in r})
+    common = [
+        (
+            {k: v for k, v in a.items() if k not in only},
+            {k: v for k, v in b.items() if k not in only},
+        )
+        for a, b in zip(before, after, strict=False)
+    ]
+    differing = [(a, b) for a, b in common if a != b]
     print(f"{len(before)} records at {args.ref}, {len(after)} here; {len(differing)} differ")
+    if only:
+        print(f"  logged on one side only (not compared): {', '.join(only)}")
     for a, b in differing[:3]:
         keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         print(

@@ -42,22 +42,29 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMOS = {"reverse": "demo.yaml", "calculator": "calculator.yaml"}
+
+
 def _demo(args: argparse.Namespace) -> int:
     import time
     from importlib.resources import files
 
     from .rl.trainer import train
 
-    start = time.perf_counter()
-    recipe = files("advantage") / "recipes" / "demo.yaml"
-    result = train(str(recipe), overrides=args.overrides)
-    before = result.eval_before["eval/accuracy"]
-    after = result.eval_after["eval/accuracy"]
-    print(
-        f"wall time {time.perf_counter() - start:.0f}s (warm start included when it was built); "
-        f"run folder {result.run_dir}"
-    )
-    print(f"held-out accuracy: {100 * before:.1f}% -> {100 * after:.1f}%")
+    for task in DEMOS if args.task == "all" else [args.task]:
+        start = time.perf_counter()
+        recipe = files("advantage") / "recipes" / DEMOS[task]
+        result = train(str(recipe), overrides=args.overrides)
+        before, after = result.eval_before, result.eval_after
+        print(
+            f"{task}: wall time {time.perf_counter() - start:.0f}s (warm start included when it "
+            f"was built); run folder {result.run_dir}"
+        )
+        if "eval/tool_call_rate" in before:
+            rate = before["eval/tool_call_rate"], after["eval/tool_call_rate"]
+            print(f"{task}: tool-call rate: {100 * rate[0]:.1f}% -> {100 * rate[1]:.1f}%")
+        accuracy = before["eval/accuracy"], after["eval/accuracy"]
+        print(f"{task}: held-out accuracy: {100 * accuracy[0]:.1f}% -> {100 * accuracy[1]:.1f}%")
     return 0
 
 
@@ -168,8 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train: advantage train [CONFIG.yaml] [key=value ...]")
     p.add_argument("args", nargs="*", metavar="CONFIG.yaml key=value")
     p.set_defaults(func=_train)
-    p = sub.add_parser("demo", help="warm-start the tiny model and train it on the built-in task")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the demo recipe")
+    p = sub.add_parser(
+        "demo", help="warm-start tiny models and train them on the built-in tasks (both by default)"
+    )
+    p.add_argument("--task", choices=["all", *DEMOS], default="all")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the demo recipes")
     p.set_defaults(func=_demo)
     p = sub.add_parser(
         "sft", help="supervised fine-tuning: advantage sft [CONFIG.yaml] [key=value ...]"

@@ -3,7 +3,7 @@
     1. scores s → subtract the baseline
     2. `group` scope: divide by the group's std + ε (`batch_std`: the whole batch's std + ε)
     3. token rewards: the result of 2 on the last completion token, -β·KL on every token
-       when the KL is in the reward
+       when the KL is in the reward, and an episode's per-turn rewards where they fell
     4. return-to-go with γ, or GAE with the critic's values
     5. `batch` scope: masked whitening over the global batch
 
@@ -47,6 +47,9 @@ class AdvantageInputs:
     """`[B, T]` log-probs of the reference (needed for KL in the reward)."""
     values: torch.Tensor | None = None
     """`[B, T]` critic values (needed when the baseline is `critic`)."""
+    turn_rewards: torch.Tensor | None = None
+    """`[B, T]` per-turn rewards of multi-turn episodes, already on the last token of their
+    turn; added to the token rewards as they are (after the baseline and the score scope)."""
 
 
 @dataclass
@@ -98,6 +101,8 @@ def compute_advantages(
         kl = kl_penalty(inputs.old_logprobs, inputs.ref_logprobs, algo.kl_estimator)
         metrics["kl_reward"] = masked_mean(kl, mask)
     rewards = token_rewards(centred, mask, kl, kl_coef)
+    if inputs.turn_rewards is not None:
+        rewards = rewards + torch.where(mask, inputs.turn_rewards.float(), 0.0)
     # 4. return-to-go, or GAE with the critic
     returns = None
     if algo.uses_critic:

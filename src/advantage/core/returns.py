@@ -1,8 +1,11 @@
-"""Token rewards, return-to-go and GAE (SPEC §2–§3, seed 002).
+"""Token rewards, return-to-go and GAE (SPEC §2–§3, §7; seed 002).
 
 Shapes: `B` sequences (prompts × group size, prompt-major), `T` completion positions.
-`mask` is bool `[B, T]`, True on completion tokens that count. Completions are right-padded,
-so the last True of a row is its last completion token.
+`mask` is bool `[B, T]`, True on the tokens that are actions (the model's tokens that count).
+Positions where the mask is False are **not time steps**: right padding, and in multi-turn
+episodes the environment's tokens between two model turns. Return-to-go and GAE skip them —
+the next state of a model token is the next model token — so γ and λ discount per action, and an
+episode's returns do not depend on how many tokens the environment wrote in between.
 """
 
 from __future__ import annotations
@@ -42,9 +45,10 @@ def token_rewards(
 def discounted_returns(
     rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0
 ) -> torch.Tensor:
-    """Return-to-go `G_t = r_t + γ·G_{t+1}` (REINFORCE), zero on masked positions.
+    """Return-to-go `G_t = r_t + γ·G_{t'}` (REINFORCE), t' the next action after t; zero on
+    masked positions, which are skipped (not time steps).
 
-    rewards `[B, T]`, mask bool `[B, T]` → `[B, T]`. The loop runs over the T time steps,
+    rewards `[B, T]`, mask bool `[B, T]` → `[B, T]`. The loop runs over the T positions,
     vectorised over the B sequences.
     """
     mask = mask.bool()
@@ -52,7 +56,7 @@ def discounted_returns(
     returns = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
-        running = rewards[:, t] + gamma * running
+        running = torch.where(mask[:, t], rewards[:, t] + gamma * running, running)
         returns[:, t] = running
     return torch.where(mask, returns, 0.0)
 
@@ -66,10 +70,12 @@ def gae(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2015, arXiv:1506.02438, eq. 16).
 
-        δ_t = r_t + γ·V_{t+1} - V_t        (V = 0 after the last valid token)
-        A_t = Σ_l (γλ)^l · δ_{t+l}         computed as A_t = δ_t + γλ·A_{t+1}
+        δ_t = r_t + γ·V_{t'} - V_t         (t' the next action after t; V = 0 after the last)
+        A_t = Σ_l (γλ)^l · δ_{t+l}         computed as A_t = δ_t + γλ·A_{t'}
         R_t = A_t + V_t                    (the critic's regression target)
 
+    Masked positions are skipped: an environment's tokens between two model turns are not
+    time steps, so the value that bootstraps a turn's last token is the next turn's first.
     rewards, values `[B, T]`, mask bool `[B, T]` → (advantages `[B, T]`, returns `[B, T]`),
     both zero on masked positions.
     """
@@ -80,10 +86,11 @@ def gae(
     next_value = torch.zeros_like(rewards[:, 0])
     next_advantage = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
+        step = mask[:, t]
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_advantage = delta + gamma * lam * next_advantage
+        next_advantage = torch.where(step, delta + gamma * lam * next_advantage, next_advantage)
         advantages[:, t] = next_advantage
-        next_value = values[:, t]
+        next_value = torch.where(step, values[:, t], next_value)
     advantages = torch.where(mask, advantages, 0.0)
     returns = torch.where(mask, advantages + values, 0.0)
     return advantages, returns

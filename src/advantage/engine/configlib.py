@@ -159,6 +159,33 @@ def load_config(
     return load(cls, data)
 
 
+def import_object(spec: str, field: str):
+    """User code named in a config: `module:name`, `module.name` or `path/to/file.py:name`
+    (configs name code that is imported and run: trust them like scripts)."""
+    import importlib
+    import importlib.util
+
+    if ":" in spec:
+        module_name, name = spec.rsplit(":", 1)
+    elif "." in spec:
+        module_name, name = spec.rsplit(".", 1)
+    else:
+        raise ConfigError(f"{field}: {spec!r} is not a dotted path like my_module:name")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise ConfigError(f"{field}: file {module_name!r} does not exist")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+        return getattr(module, name)
+    except (ImportError, AttributeError, SyntaxError) as e:
+        raise ConfigError(f"{field}: cannot load {spec!r}: {e}") from None
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -87,10 +87,15 @@ def is_conversational(prompt) -> bool:
 
 
 def encode_prompt(
-    tokenizer, prompt, system_prompt: str | None = None, max_tokens: int | None = None
+    tokenizer,
+    prompt,
+    system_prompt: str | None = None,
+    max_tokens: int | None = None,
+    tools: list | None = None,
 ) -> list[int]:
     """Token ids of a prompt: strings with the tokenizer's special tokens, conversations through
-    the chat template with the generation prompt. Truncated from the left to `max_tokens`."""
+    the chat template with the generation prompt (and the `tools`' schemas). Truncated from the
+    left to `max_tokens`."""
     if is_conversational(prompt):
         messages = list(prompt)
         if system_prompt and messages[0]["role"] != "system":
@@ -99,7 +104,9 @@ def encode_prompt(
             raise ConfigError(
                 "conversational prompts need a tokenizer with a chat template (model.tokenizer)"
             )
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=True, tokenize=False
+        )
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]

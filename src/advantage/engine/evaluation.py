@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import torch
 
-from .data import encode_prompt
-from .rewards import score_rollout
+from .rewards import score_samples
 from .rollout import SamplingParams
 
 
-def _scores(backend, tokenizer, rows, rewards, prompt_field, params, n, system_prompt):
-    prompts = [encode_prompt(tokenizer, r[prompt_field], system_prompt) for r in rows]
-    rollout = backend.generate(prompts, n, params)
-    scored, texts = score_rollout(rewards, tokenizer, rollout, rows, prompt_field, n)
-    return scored.scores.view(len(rows), n), texts
+def _scores(sampler, rows, rewards, prompt_field, params, n) -> tuple[torch.Tensor, list]:
+    sampled = sampler.sample(rows, [r[prompt_field] for r in rows], n, params)
+    scored = score_samples(rewards, rows, prompt_field, n, sampled)
+    return scored.scores.view(len(rows), n), sampled.completions
+
+
+def _calls_tools(completion) -> bool:
+    return isinstance(completion, list) and any(m.get("role") == "tool" for m in completion)
 
 
 @torch.no_grad()
 def evaluate(
-    backend,
-    tokenizer,
+    sampler,
     rows: list[dict],
     rewards,
     *,
@@ -28,7 +29,6 @@ def evaluate(
     pass_k: int = 0,
     threshold: float = 1.0,
     temperature: float = 1.0,
-    system_prompt: str | None = None,
     batch_size: int = 256,
     seed: int = 0,
     rank: int = 0,
@@ -36,7 +36,8 @@ def evaluate(
     reduce=None,
 ) -> dict[str, float]:
     """{"eval/accuracy": greedy accuracy, "eval/pass@k": fraction of prompts with a correct
-    sample among k, "eval/reward": mean greedy score}.
+    sample among k, "eval/reward": mean greedy score; for episodes "eval/tool_call_rate": the
+    share of greedy episodes with a tool call}.
 
     With several ranks each evaluates every world_size-th row and `reduce` (a sum over ranks)
     combines the counts; shards are padded to equal length so every rank runs the same passes.
@@ -46,27 +47,26 @@ def evaluate(
     n_real = len(shard)
     shard = shard + [rows[0]] * (per_rank - n_real)  # padding rows are not counted
     greedy = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
-    correct = total_score = passed = 0.0
+    correct = total_score = passed = calls = 0.0
     for start in range(0, len(shard), batch_size):
         chunk = shard[start : start + batch_size]
         real = max(0, min(len(chunk), n_real - start))
-        scores, _ = _scores(
-            backend, tokenizer, chunk, rewards, prompt_field, greedy, 1, system_prompt
-        )
+        scores, completions = _scores(sampler, chunk, rewards, prompt_field, greedy, 1)
         correct += float((scores[:real, 0] >= threshold).sum())
+        calls += sum(_calls_tools(c) for c in completions[:real])
         total_score += float(scores[:real].sum())
         if pass_k:
             sampled = SamplingParams(
                 max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + start
             )
-            k_scores, _ = _scores(
-                backend, tokenizer, chunk, rewards, prompt_field, sampled, pass_k, system_prompt
-            )
+            k_scores, _ = _scores(sampler, chunk, rewards, prompt_field, sampled, pass_k)
             passed += float((k_scores[:real] >= threshold).any(-1).sum())
     if reduce is not None:
-        correct, total_score, passed = reduce([correct, total_score, passed])
+        correct, total_score, passed, calls = reduce([correct, total_score, passed, calls])
     n = max(len(rows), 1)
     out = {"eval/accuracy": correct / n, "eval/reward": total_score / n}
     if pass_k:
         out[f"eval/pass@{pass_k}"] = passed / n
+    if getattr(sampler, "episodic", False):
+        out["eval/tool_call_rate"] = calls / n
     return out

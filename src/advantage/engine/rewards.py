@@ -241,11 +241,19 @@ class RewardComputer:
                 )
 
     def __call__(
-        self, prompts: list, completions: list, completion_ids: list, columns: dict, group_size: int
+        self,
+        prompts: list,
+        completions: list,
+        completion_ids: list,
+        columns: dict,
+        group_size: int,
+        extra: dict | None = None,
     ) -> Scores:
+        """Every source on the batch (`extra`: more keyword arguments, after `reward.kwargs`)."""
+        kwargs = {**self.extra, **(extra or {})}
         raw = [
             call_reward_function(
-                s, prompts, completions, completion_ids, columns, self.timeout, self.extra
+                s, prompts, completions, completion_ids, columns, self.timeout, kwargs
             )
             for s in self.sources
         ]
@@ -261,28 +269,22 @@ class RewardComputer:
         return Scores(scores, score_mask, per_source, present, names)
 
 
-def score_rollout(
-    rewards: RewardComputer,
-    tokenizer,
-    rollout,
-    rows: list[dict],
-    prompt_field: str,
-    group_size: int,
-) -> tuple[Scores, list[str]]:
-    """Score the G completions of each row (prompt-major): TRL's arguments — prompts as the
-    dataset has them, completions as text (or an assistant message for conversational prompts),
-    their token ids, and every other column repeated per completion. Returns (scores, texts)."""
-    completion_ids = [
-        ids[m].tolist()
-        for ids, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)
-    ]
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+def score_samples(
+    rewards: RewardComputer, rows: list[dict], prompt_field: str, group_size: int, sampled
+) -> Scores:
+    """Score the G samples of each row (prompt-major, a `engine.sampling.Sampled`) with TRL's
+    arguments: prompts as the dataset has them, the completions (text, or messages), their
+    token ids, every other column repeated per sample, and the sampler's extra arguments
+    (`environments` for episodes)."""
     prompts = [r[prompt_field] for r in rows for _ in range(group_size)]
-    completions = [
-        [{"role": "assistant", "content": t}] if isinstance(p, list) else t
-        for p, t in zip(prompts, texts, strict=True)
-    ]
     columns = {
         k: [r.get(k) for r in rows for _ in range(group_size)] for k in rows[0] if k != prompt_field
     }
-    return rewards(prompts, completions, completion_ids, columns, group_size=group_size), texts
+    return rewards(
+        prompts,
+        sampled.completions,
+        sampled.completion_ids,
+        columns,
+        group_size=group_size,
+        extra=sampled.reward_kwargs,
+    )

@@ -52,6 +52,8 @@ class ScoredRollout:
     scores: Scores
     completions: list[str]
     """Decoded completion texts `[B]`."""
+    conversations: list[list[dict]] | None = None
+    """`[B]` the episodes' messages after the prompt (multi-turn), else None."""
     rollout_seconds: float = 0.0
     reward_seconds: float = 0.0
     tries: int = 1
@@ -67,6 +69,9 @@ class ScoredRollout:
             rows=[self.rows[g] for g in groups],
             scores=self.scores.select(rows_idx),
             completions=[self.completions[i] for i in rows_idx.tolist()],
+            conversations=None
+            if self.conversations is None
+            else [self.conversations[i] for i in rows_idx.tolist()],
         )
 
     def split_constant_groups(self, G: int) -> tuple[ScoredRollout | None, ScoredRollout | None]:
@@ -93,6 +98,9 @@ class ScoredRollout:
             rows=[r for p in parts for r in p.rows],
             scores=Scores.concat([p.scores for p in parts]),
             completions=[c for p in parts for c in p.completions],
+            conversations=None
+            if parts[0].conversations is None
+            else [c for p in parts for c in p.conversations],
         )
         if len(merged.rows) > keep_groups:
             merged = merged.select_groups(list(range(keep_groups)), G)

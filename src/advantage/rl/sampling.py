@@ -13,10 +13,9 @@ import time
 import torch
 
 from ..core import overlong_penalty
-from ..engine.data import encode_prompt
 from ..engine.parallel import global_sums
-from ..engine.rewards import score_rollout
-from ..engine.rollout import Rollout
+from ..engine.rewards import score_samples
+from ..engine.sampling import Sampled
 from .records import ScoredRollout
 from .setup import Run
 
@@ -36,19 +35,11 @@ def rollout_and_score(run: Run) -> ScoredRollout:
         tries += 1
         rows = run.prompts.take(sizes.P)[rank * P_local : (rank + 1) * P_local]
         t0 = time.perf_counter()
-        prompt_ids = [
-            encode_prompt(
-                run.tokenizer,
-                r[cfg.data.prompt_field],
-                cfg.data.system_prompt,
-                cfg.data.max_prompt_tokens,
-            )
-            for r in rows
-        ]
-        rollout = run.backend.generate(prompt_ids, G, run.sampling)
+        prompts = [r[cfg.data.prompt_field] for r in rows]
+        sampled = run.sampler.sample(rows, prompts, G, run.sampling)
         seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
-        part = score(run, rollout, rows)
+        part = score(run, sampled, rows)
         reward_seconds += time.perf_counter() - t0
         if dynamic:
             part, constant = part.split_constant_groups(G)
@@ -65,13 +56,11 @@ def rollout_and_score(run: Run) -> ScoredRollout:
     return batch
 
 
-def score(run: Run, rollout: Rollout, rows: list[dict]) -> ScoredRollout:
-    """The reward sources on the G completions of each row, then the shaping of the scores:
+def score(run: Run, sampled: Sampled, rows: list[dict]) -> ScoredRollout:
+    """The reward sources on the G samples of each row, then the shaping of the scores:
     the missing-EOS penalty and DAPO's overlong punishment (`algo.overlong_fraction`)."""
-    cfg = run.config
-    scores, texts = score_rollout(
-        run.rewards, run.tokenizer, rollout, rows, cfg.data.prompt_field, run.sizes.G
-    )
+    cfg, rollout = run.config, sampled.rollout
+    scores = score_samples(run.rewards, rows, cfg.data.prompt_field, run.sizes.G, sampled)
     if cfg.reward.missing_eos_penalty:  # completions that never ended
         scores.scores = scores.scores - cfg.reward.missing_eos_penalty * rollout.truncated.float()
     if run.algo.overlong_fraction:
@@ -80,4 +69,10 @@ def score(run: Run, rollout: Rollout, rows: list[dict]) -> ScoredRollout:
             rollout.completion_lengths, max_len, run.algo.overlong_fraction * max_len
         )
         scores.scores = scores.scores + torch.where(scores.score_mask, penalty, 0.0)
-    return ScoredRollout(rollout=rollout, rows=rows, scores=scores, completions=texts)
+    return ScoredRollout(
+        rollout=rollout,
+        rows=rows,
+        scores=scores,
+        completions=sampled.texts,
+        conversations=sampled.completions if run.episodic else None,
+    )

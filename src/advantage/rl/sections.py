@@ -110,13 +110,52 @@ class RolloutConfig:
     """Leave completions that hit max_new_tokens without EOS out of the loss (DAPO)."""
     max_sampling_tries: int = 4
     """Cap on rollout rounds per step under dynamic sampling (`algo.dynamic_sampling`)."""
+    tools: list[str] = field(default_factory=list)
+    """Tools of multi-turn episodes (TRL's `tools=`): `module:function` / `file.py:function`
+    (type hints and a docstring give the schema), `python` (the sandboxed interpreter), or
+    `builtin` (the built-in task's). Empty, and no environment: single-turn rollouts."""
+    environment: str | None = None
+    """A class per episode (TRL's `environment_factory`): `reset(**row)` and public methods as
+    tools (optional `get_reward()`), or gym-style `reset(row)` + `step(message) -> (reply,
+    reward, done)`. Given as `module:Class` / `file.py:Class`."""
+    max_turns: int = 4
+    """Model turns per episode at most (episodes only); still acting after it: truncated."""
+    max_episode_tokens: int | None = None
+    """Tokens after the prompt per episode at most, the model's and the environment's
+    (null = max_turns × max_new_tokens plus the replies); `max_new_tokens` bounds each turn."""
+    tool_call_format: str = "hermes"
+    """How tool calls are read from a turn: hermes (`<tool_call>{"name": ..., "arguments":
+    {...}}</tool_call>`, Qwen's) or a regex with the groups `arguments` (JSON or the one
+    argument as text) and optionally `name`."""
+    tool_call_stop: str | None = None
+    """Text that ends a model turn which makes a call (e.g. `</calc>`; hermes: none, the turn
+    ends with the model's end-of-turn token)."""
+    reply_template: str = "{content}"
+    """Without a chat template: how a tool result / environment reply is written into the
+    episode (fields: role, content, name)."""
+    tool_timeout: float | None = 10.0
+    """Seconds a tool call may take; then its reply is an error text (null = no limit)."""
+    tool_max_output: int = 4000
+    """Characters of a tool's output kept in the reply."""
     vllm: dict = field(default_factory=dict)
     """Extra arguments of the vLLM engine (gpu_memory_utilization, dtype, ...)."""
 
     def __post_init__(self) -> None:
         _choice("rollout.backend", self.backend, ("transformers", "vllm"))
-        for name in ("num_generations", "prompts_per_step", "max_new_tokens", "max_sampling_tries"):
+        for name in (
+            "num_generations",
+            "prompts_per_step",
+            "max_new_tokens",
+            "max_sampling_tries",
+            "max_turns",
+            "max_episode_tokens",
+            "tool_max_output",
+        ):
             _at_least(f"rollout.{name}", getattr(self, name), 1)
+        if self.tool_timeout is not None and not self.tool_timeout > 0:
+            raise ConfigError(
+                f"rollout.tool_timeout must be > 0 (or null), got {self.tool_timeout}"
+            )
         if not self.temperature > 0:
             raise ConfigError(f"rollout.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

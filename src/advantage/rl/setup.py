@@ -18,8 +18,9 @@ import torch
 
 from ..core import KL_CONTROLLERS, Algorithm, make_baseline
 from ..core.baselines import Baseline
-from ..engine.configlib import ConfigError
-from ..engine.data import PromptStream, check_rows
+from ..engine.configlib import ConfigError, import_object
+from ..engine.data import PromptStream, check_rows, encode_prompt
+from ..engine.episodes import Episodes, EpisodeSettings, class_tools, environment_reward
 from ..engine.models import (
     AdapterDisabled,
     add_lora,
@@ -35,6 +36,9 @@ from ..engine.precision import log_bf16_kernels, set_bf16_matmul
 from ..engine.reward_model import RewardModel
 from ..engine.rewards import RewardComputer, RewardSource, load_function
 from ..engine.rollout import SamplingParams, TransformersBackend
+from ..engine.sampling import SingleTurn
+from ..engine.sandbox import make_python_tool
+from ..engine.tools import ToolCallParser, tool_schema
 from ..tasks import dataset_rows, eval_spec, model_path, task_of
 from .config import Config
 from .records import RunSizes
@@ -64,11 +68,18 @@ class Run:
     critic_optimizer: torch.optim.Optimizer | None
     critic_scheduler: torch.optim.lr_scheduler.LRScheduler | None
     backend: object
+    sampler: SingleTurn | Episodes
+    """Turns prompts into scored-ready samples: one turn, or multi-turn episodes."""
     sampling: SamplingParams
     """Sampling parameters of the training rollouts."""
     baseline: Baseline
     kl_ctl: object
     """The KL controller; `kl_ctl.value` is the current β."""
+
+    @property
+    def episodic(self) -> bool:
+        """Rollouts are multi-turn episodes (tools or an environment)."""
+        return self.sampler.episodic
 
 
 def set_seed(seed: int) -> None:
@@ -77,7 +88,14 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_run(cfg: Config, reward_funcs: list[Callable] | None = None) -> Run:
+def build_run(
+    cfg: Config,
+    reward_funcs: list[Callable] | None = None,
+    tools: list[Callable] | None = None,
+    environment_factory: Callable | None = None,
+) -> Run:
+    """Everything the loop needs (`tools` / `environment_factory`: TRL's arguments, instead of
+    `rollout.tools` / `rollout.environment`)."""
     algo = cfg.algorithm_spec()
     quiet_transformers()
     set_bf16_matmul(cfg.model.bf16_matmul)
@@ -91,7 +109,10 @@ def build_run(cfg: Config, reward_funcs: list[Callable] | None = None) -> Run:
     train_rows = dataset_rows(cfg.data.train, "data.train")
     check_rows(train_rows, cfg.data.prompt_field, "data.train")
     eval_rows = load_eval_rows(cfg)[: cfg.eval.size]
-    rewards = make_reward_computer(cfg, reward_funcs)
+    tools = tools if tools is not None else load_tools(cfg)
+    if environment_factory is None and cfg.rollout.environment:
+        environment_factory = import_object(cfg.rollout.environment, "rollout.environment")
+    rewards = make_reward_computer(cfg, reward_funcs, environment_factory)
     rewards.check_columns(set(train_rows[0]) - {cfg.data.prompt_field})
     eval_rewards = make_eval_rewards(cfg, rewards)
     # models
@@ -122,6 +143,7 @@ def build_run(cfg: Config, reward_funcs: list[Callable] | None = None) -> Run:
     critic_optimizer = critic_scheduler = None
     if critic is not None:
         critic_optimizer, critic_scheduler = optimizer_for(critic, cfg, cfg.train.critic_lr)
+    backend = make_backend(cfg, policy, tokenizer, policy_path)
     return Run(
         config=cfg,
         algo=algo,
@@ -140,7 +162,8 @@ def build_run(cfg: Config, reward_funcs: list[Callable] | None = None) -> Run:
         scheduler=scheduler,
         critic_optimizer=critic_optimizer,
         critic_scheduler=critic_scheduler,
-        backend=make_backend(cfg, policy, tokenizer, policy_path),
+        backend=backend,
+        sampler=make_sampler(cfg, backend, tokenizer, tools, environment_factory),
         sampling=sampling_params(cfg),
         baseline=make_baseline(algo.baseline, ema_alpha=algo.ema_alpha),
         kl_ctl=KL_CONTROLLERS[algo.kl_controller](algo.kl_coef, algo.kl_target, algo.kl_horizon),
@@ -211,13 +234,61 @@ def make_backend(cfg: Config, policy, tokenizer, policy_path: str):
     return TransformersBackend(policy, tokenizer, cfg.model.precision, lockstep=is_fsdp(policy))
 
 
+def load_tools(cfg: Config) -> list[Callable]:
+    """`rollout.tools`: dotted paths, `python` (the sandbox), `builtin` (the task's tools)."""
+    tools = []
+    for spec in cfg.rollout.tools:
+        if spec == "python":
+            tools.append(make_python_tool())
+        elif spec == "builtin":
+            task = task_of(cfg.data.train)
+            if task is None or not getattr(task, "tools", None):
+                raise ConfigError("rollout.tools: 'builtin' needs a built-in task with tools")
+            tools += task.tools
+        else:
+            tools.append(import_object(spec, "rollout.tools"))
+    return tools
+
+
+def make_sampler(cfg: Config, backend, tokenizer, tools, environment_factory):
+    """One turn, or episodes when there are tools or an environment."""
+    r = cfg.rollout
+
+    def encode(prompt) -> list[int]:
+        schemas = tools or None  # the chat template renders the tools' schemas
+        return encode_prompt(
+            tokenizer, prompt, cfg.data.system_prompt, cfg.data.max_prompt_tokens, schemas
+        )
+
+    if not tools and environment_factory is None:
+        return SingleTurn(backend, tokenizer, encode)
+    functions = list(tools)
+    if environment_factory is not None and not hasattr(environment_factory, "step"):
+        functions += class_tools(environment_factory)
+    schemas = [tool_schema(f) for f in functions]
+    settings = EpisodeSettings(r.max_turns, r.max_episode_tokens, r.reply_template)
+    return Episodes(
+        backend,
+        tokenizer,
+        encode,
+        settings,
+        tools=tools,
+        environment_factory=environment_factory,
+        parser=ToolCallParser(r.tool_call_format, stop=r.tool_call_stop, schemas=schemas),
+        tool_timeout=r.tool_timeout,
+        tool_max_output=r.tool_max_output,
+    )
+
+
 def task_reward(cfg: Config) -> Callable | None:
     """The built-in task's verifier when `data.train` is a built-in task (for `builtin`)."""
     task = task_of(cfg.data.train)
     return None if task is None else task.reward_fn
 
 
-def make_reward_computer(cfg: Config, reward_funcs: list[Callable] | None) -> RewardComputer:
+def make_reward_computer(
+    cfg: Config, reward_funcs: list[Callable] | None, environment_factory=None
+) -> RewardComputer:
     r = cfg.reward
     if reward_funcs:
         sources = [
@@ -227,6 +298,8 @@ def make_reward_computer(cfg: Config, reward_funcs: list[Callable] | None) -> Re
     else:
         builtin = task_reward(cfg)
         sources = [load_function(spec, builtin) for spec in r.functions]
+    if environment_factory is not None and hasattr(environment_factory, "get_reward"):
+        sources.append(RewardSource("environment", environment_reward))  # TRL: weight 1
     if r.model:
         path = model_path(r.model, "reward.model")
         rm = RewardModel(path, r.model_batch_size, cfg.model.trust_remote_code, r.model_normalize)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from ..core import AdvantageInputs, compute_advantages
 from ..core.kl import sequence_kl
+from ..engine.episodes import episode_metrics
 from ..engine.models import sync_reference
 from ..engine.parallel import average_metrics, global_sums
 from .passes import no_grad_passes
@@ -33,7 +34,7 @@ def train_step(
     # 1–2. rollout and score
     batch = rollout_and_score(run)
     rollout = batch.rollout
-    mask = rollout.completion_mask.clone()
+    mask = rollout.model_mask.clone()  # the model's tokens: environment tokens are not actions
     if cfg.rollout.mask_truncated:
         mask &= ~rollout.truncated.unsqueeze(-1)
     # 3. old policy, reference, critic: no gradient
@@ -49,6 +50,7 @@ def train_step(
             old_logprobs=passes.behaviour_logprobs,
             ref_logprobs=passes.ref_logprobs,
             values=passes.old_values,
+            turn_rewards=rollout.turn_rewards,
         ),
         algo,
         run.baseline,
@@ -103,12 +105,12 @@ def control_kl(run: Run, passes: NoGradPasses, batch: ScoredRollout) -> dict[str
     (per token) and the adaptive controller's input (per sequence, Ziegler et al. 2019)."""
     if passes.ref_logprobs is None or passes.behaviour_logprobs is None:
         return {}
-    completion_mask = batch.rollout.completion_mask
+    model_mask = batch.rollout.model_mask
     per_token, _per_seq = sequence_kl(
-        passes.behaviour_logprobs, passes.ref_logprobs, completion_mask, run.algo.kl_estimator
+        passes.behaviour_logprobs, passes.ref_logprobs, model_mask, run.algo.kl_estimator
     )
-    kl_sum, n_tokens = global_sums([float(per_token.sum()), float(completion_mask.sum())])
-    n_seqs = completion_mask.shape[0] * run.dist.world_size
+    kl_sum, n_tokens = global_sums([float(per_token.sum()), float(model_mask.sum())])
+    n_seqs = model_mask.shape[0] * run.dist.world_size
     run.kl_ctl.update(kl_sum / n_seqs, n_seqs)  # the mean over sequences of their summed KL
     return {"kl": kl_sum / max(n_tokens, 1.0)}
 
@@ -117,7 +119,7 @@ def step_metrics(run: Run, batch: ScoredRollout, times: dict[str, float]) -> dic
     """Rewards, lengths, β, learning rate, times and throughput of this rank's batch (SPEC §5)."""
     rollout, scores = batch.rollout, batch.scores
     lengths = rollout.completion_lengths.float()
-    n_tokens = float(rollout.completion_mask.sum())
+    n_tokens = float(rollout.model_mask.sum())
     scored = scores.scores[scores.score_mask]
     metrics = {
         "reward/mean": float(scored.mean()) if scored.numel() else float("nan"),
@@ -135,6 +137,8 @@ def step_metrics(run: Run, batch: ScoredRollout, times: dict[str, float]) -> dic
         scores.names, scores.per_source, scores.per_source_mask, strict=True
     ):
         metrics[f"reward/{name}"] = float(values[present].mean()) if present.any() else float("nan")
+    if batch.conversations is not None:
+        metrics.update(episode_metrics(rollout, batch.conversations))
     if run.algo.dynamic_sampling:
         metrics["dynamic_sampling/tries"] = batch.tries
         metrics["dynamic_sampling/dropped_groups"] = batch.dropped_groups
@@ -145,11 +149,14 @@ def sample_records(run: Run, batch: ScoredRollout, n: int) -> list[dict]:
     """Up to `n` completions of the batch, spread over its groups, for `samples.jsonl`."""
     B, G = len(batch.completions), run.sizes.G
     field = run.config.data.prompt_field
-    return [
-        {
+    records = []
+    for i in list(range(0, B, max(1, B // n)))[:n]:
+        record = {
             "prompt": str(batch.rows[i // G][field]),
             "completion": batch.completions[i],
             "reward": float(batch.scores.scores[i]),
         }
-        for i in range(0, B, max(1, B // n))
-    ][:n]
+        if batch.conversations is not None:  # an episode, turn by turn
+            record["conversation"] = batch.conversations[i]
+        records.append(record)
+    return records

@@ -46,9 +46,16 @@ class RunResult:
 class Trainer:
     """`Trainer(config, reward_funcs).fit()`: set up (and resume) a run, then train it."""
 
-    def __init__(self, config: Config, reward_funcs: list[Callable] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reward_funcs: list[Callable] | None = None,
+        *,
+        tools: list[Callable] | None = None,
+        environment_factory: Callable | None = None,
+    ) -> None:
         self.config = config
-        self.run: Run = build_run(config, reward_funcs)
+        self.run: Run = build_run(config, reward_funcs, tools, environment_factory)
         self.state = TrainState()
         self.resumed_from = checkpointing.maybe_resume(self.run, self.state)
         cfg = config
@@ -135,8 +142,7 @@ class Trainer:
         cfg, run = self.config, self.run
         with torch.random.fork_rng(devices=[]):
             return evaluate(
-                run.backend,
-                run.tokenizer,
+                run.sampler,
                 run.eval_rows[: cfg.eval.size],
                 run.eval_rewards,
                 prompt_field=cfg.data.prompt_field,
@@ -144,7 +150,6 @@ class Trainer:
                 pass_k=cfg.eval.pass_k,
                 threshold=cfg.eval.correct_threshold,
                 temperature=cfg.rollout.temperature,
-                system_prompt=cfg.data.system_prompt,
                 seed=cfg.train.seed,
                 rank=run.dist.rank,
                 world_size=run.dist.world_size,
@@ -170,12 +175,23 @@ def train(
     config: Config | dict | str | Path | None = None,
     reward_funcs: list[Callable] | None = None,
     overrides: list[str] | None = None,
+    *,
+    tools: list[Callable] | None = None,
+    environment_factory: Callable | None = None,
 ) -> RunResult:
     """Train with `config` (a Config, a dict, or a YAML path) and optional `key=value` overrides.
 
-    `reward_funcs`: TRL-style reward functions to use instead of `reward.functions`.
+    `reward_funcs`: TRL-style reward functions to use instead of `reward.functions`;
+    `tools` / `environment_factory`: TRL's multi-turn arguments, instead of `rollout.tools` /
+    `rollout.environment` (either one makes every rollout a multi-turn episode).
     """
-    return Trainer(config_from(config, overrides), reward_funcs).fit()
+    trainer = Trainer(
+        config_from(config, overrides),
+        reward_funcs,
+        tools=tools,
+        environment_factory=environment_factory,
+    )
+    return trainer.fit()
 
 
 __all__ = ["NonFiniteError", "RunResult", "Trainer", "train"]

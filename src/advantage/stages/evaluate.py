@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.data import check_rows
+from ..engine.data import check_rows, encode_prompt
 from ..engine.evaluation import evaluate
 from ..engine.models import load_causal_lm, load_tokenizer, quiet_transformers
 from ..engine.rewards import RewardComputer, load_function
 from ..engine.rollout import TransformersBackend
+from ..engine.sampling import SingleTurn
 from ..tasks import dataset_rows, model_path, task_of
 
 
@@ -42,9 +43,11 @@ def evaluate_model(
     rewards = RewardComputer([load_function(s, task_reward) for s in specs])
     rewards.check_columns(set(rows[0]) - {prompt_field})
     torch.manual_seed(seed)
+    sampler = SingleTurn(
+        TransformersBackend(policy, tokenizer), tokenizer, lambda p: encode_prompt(tokenizer, p)
+    )
     return evaluate(
-        TransformersBackend(policy, tokenizer),
-        tokenizer,
+        sampler,
         rows,
         rewards,
         prompt_field=prompt_field,

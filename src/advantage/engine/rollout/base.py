@@ -40,7 +40,15 @@ class Rollout:
     truncated: torch.Tensor
     """`[B]` bool: the completion hit max_new_tokens without EOS or a stop string."""
     logprobs: torch.Tensor | None = None
-    """`[B, Tc]` the engine's log-probs of the sampled tokens under π/temperature (or None)."""
+    """`[B, Tc]` the engine's log-probs of the sampled tokens under π/temperature (or None);
+    0 on the environment's tokens."""
+    action_mask: torch.Tensor | None = None
+    """`[B, Tc]` bool: tokens the model sampled. Multi-turn episodes interleave the model's
+    turns with the environment's replies, which are context, not actions (False here).
+    None: every completion token is the model's (single turn)."""
+    turn_rewards: torch.Tensor | None = None
+    """`[B, Tc]` rewards an environment gave after a turn, on the last token of that turn
+    (0 elsewhere); None when there are none."""
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -56,8 +64,16 @@ class Rollout:
         return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
 
     @property
+    def model_mask(self) -> torch.Tensor:
+        """`[B, Tc]` bool: the model's own completion tokens (the actions)."""
+        if self.action_mask is None:
+            return self.completion_mask
+        return self.completion_mask & self.action_mask
+
+    @property
     def completion_lengths(self) -> torch.Tensor:
-        return self.completion_mask.sum(-1)
+        """`[B]` the model's tokens per sequence (environment tokens not counted)."""
+        return self.model_mask.sum(-1)
 
     def select(self, rows: torch.Tensor | slice) -> Rollout:
         """The rows `rows` (indices or a slice), trimmed to their own longest prompt/completion."""
@@ -82,6 +98,8 @@ class Rollout:
             completion_ids=self.completion_ids[:, :c_keep],
             completion_mask=self.completion_mask[:, :c_keep],
             logprobs=None if self.logprobs is None else self.logprobs[:, :c_keep],
+            action_mask=None if self.action_mask is None else self.action_mask[:, :c_keep],
+            turn_rewards=None if self.turn_rewards is None else self.turn_rewards[:, :c_keep],
         )
 
     @staticmethod
@@ -96,6 +114,19 @@ class Rollout:
         def right(x, width, value):
             return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
 
+        def stacked(name: str, value, missing) -> torch.Tensor | None:
+            """Field `name` of every part, right-padded with `value` (`missing(part)` stands in
+            for a part that lacks it); None when no part has it."""
+            tensors = [getattr(p, name) for p in parts]
+            if all(t is None for t in tensors):
+                return None
+            return torch.cat(
+                [
+                    right(t if t is not None else missing(p), Tc, value)
+                    for t, p in zip(tensors, parts, strict=True)
+                ]
+            )
+
         has_lp = all(p.logprobs is not None for p in parts)
         return Rollout(
             prompt_ids=torch.cat([left(p.prompt_ids, Tp, pad_id) for p in parts]),
@@ -103,7 +134,11 @@ class Rollout:
             completion_ids=torch.cat([right(p.completion_ids, Tc, pad_id) for p in parts]),
             completion_mask=torch.cat([right(p.completion_mask, Tc, False) for p in parts]),
             truncated=torch.cat([p.truncated for p in parts]),
-            logprobs=torch.cat([right(p.logprobs, Tc, 0.0) for p in parts]) if has_lp else None,
+            logprobs=stacked("logprobs", 0.0, None) if has_lp else None,
+            action_mask=stacked("action_mask", False, lambda p: p.completion_mask),
+            turn_rewards=stacked(
+                "turn_rewards", 0.0, lambda p: torch.zeros(p.completion_mask.shape)
+            ),
         )
 
 

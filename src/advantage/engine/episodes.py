@@ -1,0 +1,351 @@
+"""Multi-turn episodes (SPEC §7), a sampler like `engine.sampling.SingleTurn`.
+
+`Episodes`: the prompt, then the model's turns and the environment's replies, until the
+environment says done, the model ends without acting (no tool call), or a budget ends it
+(`max_turns`, `max_episode_tokens`; a per-turn `max_new_tokens` hit without an end). Every turn
+generates for the episodes still running in one batch, on either backend.
+
+**Token-exact.** The tokens trained on are the tokens sampled, with the environment's tokens
+appended between turns; the history is never re-rendered through the chat template (templates
+that rewrite history, e.g. Qwen3's removal of earlier `<think>` blocks, would change tokens).
+An environment reply is tokenized alone: with a chat template, as the text the template puts
+after an assistant turn's end token for that reply (the "bridge", found once from a dummy
+conversation); without one, through `reply_template`. Environment tokens are context: False
+in `Rollout.action_mask`, log-prob 0, and out of the loss, every statistic, the KL and the ratio.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .configlib import ConfigError
+from .rollout import Rollout, SamplingParams, pad_completions, pad_prompts
+from .sampling import Encode, Sampled
+from .tools import Toolbox, ToolCallParser, ToolResult
+
+
+class EpisodeError(RuntimeError):
+    """An environment failed; the message names the environment, the episode and its row."""
+
+
+@dataclass
+class EpisodeSettings:
+    """The budgets and formats of an episode (the `rollout.*` episode fields)."""
+
+    max_turns: int = 4
+    """Model turns at most; an episode still acting after the last one is truncated."""
+    max_episode_tokens: int | None = None
+    """Tokens after the prompt at most, the model's and the environment's (null = no limit)."""
+    reply_template: str = "{content}"
+    """Without a chat template: how a tool result or an environment reply is written."""
+
+
+@dataclass(eq=False)
+class _Episode:
+    """One episode's state while it runs (the lists grow turn by turn)."""
+
+    index: int
+    """Its place in the batch (prompt-major)."""
+    row: dict
+    prompt_ids: list[int]
+    env: object | None = None
+    tokens: list[int] = field(default_factory=list)
+    actions: list[bool] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    messages: list[dict] = field(default_factory=list)
+    done: bool = False
+    truncated: bool = False
+    turns: int = 0
+
+    def append(self, ids: list[int], action: bool, logprobs: list[float] | None = None) -> None:
+        self.tokens += ids
+        self.actions += [action] * len(ids)
+        self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
+        self.rewards += [0.0] * len(ids)
+
+
+class Episodes:
+    """Multi-turn episodes with tools (TRL's `tools=`) or an environment per episode (TRL's
+    `environment_factory`: `reset(**row)` and public methods as tools, optional `get_reward()`;
+    or gym-style `reset(row)` and `step(message) -> (reply, reward, done)`)."""
+
+    episodic = True
+
+    def __init__(
+        self,
+        backend,
+        tokenizer,
+        encode: Encode,
+        settings: EpisodeSettings,
+        *,
+        tools: list[Callable] | None = None,
+        environment_factory: Callable | None = None,
+        parser: ToolCallParser | None = None,
+        tool_timeout: float | None = 10.0,
+        tool_max_output: int = 4000,
+    ) -> None:
+        if not tools and environment_factory is None:
+            raise ConfigError("episodes need rollout.tools or rollout.environment")
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.encode = encode
+        self.settings = settings
+        self.tools = list(tools or [])
+        self.environment_factory = environment_factory
+        self.gym = environment_factory is not None and hasattr(environment_factory, "step")
+        self.parser = parser
+        self.tool_timeout, self.tool_max_output = tool_timeout, tool_max_output
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+
+    # -- the turn loop ---------------------------------------------------------------------
+
+    def sample(self, rows: list[dict], prompts: list, n: int, params: SamplingParams) -> Sampled:
+        """n episodes of each row (prompt-major), run turn by turn until every one has ended."""
+        episodes = [
+            self._start(i * n + j, rows[i], prompts[i]) for i in range(len(rows)) for j in range(n)
+        ]
+        first = True
+        while running := [e for e in episodes if not e.done]:
+            self._model_turn(running, params, n if first else 1)
+            first = False
+            for e in running:
+                if not e.done:
+                    self._environment_turn(e)
+        return self._collect(episodes)
+
+    def _start(self, index: int, row: dict, prompt) -> _Episode:
+        env = None
+        if self.environment_factory is not None:
+            env = self.environment_factory()
+            try:
+                first = env.reset(row) if self.gym else env.reset(**row)
+            except Exception as e:
+                raise EpisodeError(self._where(env, index, row, "reset", e)) from e
+            if first:  # TRL: appended to the (last user message of the) prompt
+                prompt = _append_to_prompt(prompt, str(first))
+        return _Episode(index=index, row=row, prompt_ids=self.encode(prompt), env=env)
+
+    def _model_turn(self, running: list[_Episode], params: SamplingParams, n: int) -> None:
+        """One generation for every running episode, in one batch. On the first turn (n > 1)
+        the n episodes of a prompt share it: each prompt is prefilled once."""
+        budget = max(self._tokens_left(e) for e in running)
+        params = replace(params, max_new_tokens=min(params.max_new_tokens, budget))
+        if self.parser is not None and self.parser.stop_strings:
+            params = replace(params, stop=[*params.stop, *self.parser.stop_strings])
+        shared = n > 1 and all(
+            running[k].prompt_ids == running[k - k % n].prompt_ids for k in range(len(running))
+        )
+        if shared:
+            rollout = self.backend.generate([e.prompt_ids for e in running[::n]], n, params)
+        else:
+            rollout = self.backend.generate([e.prompt_ids + e.tokens for e in running], 1, params)
+        for k, e in enumerate(running):
+            keep = rollout.completion_mask[k]
+            ids = rollout.completion_ids[k][keep].tolist()
+            logprobs = rollout.logprobs[k][keep].tolist() if rollout.logprobs is not None else None
+            left = self._tokens_left(e)
+            if len(ids) > left:  # the episode's token budget ends inside this turn
+                ids, logprobs = ids[:left], None if logprobs is None else logprobs[:left]
+                e.truncated = True
+            e.append(ids, True, logprobs)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            e.messages.append({"role": "assistant", "content": text})
+            e.turns += 1
+            if e.truncated or bool(rollout.truncated[k]):
+                e.done = e.truncated = True  # a turn cut by a budget ends the episode
+
+    def _environment_turn(self, e: _Episode) -> None:
+        """The environment answers the model's last turn (or the episode ends)."""
+        text = e.messages[-1]["content"]
+        if self.gym:
+            try:
+                reply, reward, done = e.env.step(text)
+            except Exception as err:
+                raise EpisodeError(self._where(e.env, e.index, e.row, "step", err)) from err
+            if reward:
+                e.rewards[-1] += float(reward)  # on the last token of the turn it answers
+            replies = [] if reply is None else [{"role": "user", "content": str(reply)}]
+            if done:
+                e.done = True
+        else:
+            results = self._call_tools(e, text)
+            if not results:
+                e.done = True  # the model ended without acting
+                return
+            replies = [{"role": "tool", "name": r.name, "content": r.content} for r in results]
+        if e.done:
+            return
+        if e.turns >= self.settings.max_turns:
+            e.done = e.truncated = True  # it still acts after its last turn
+            return
+        for message in replies:
+            e.messages.append(message)
+        ids = self._reply_ids(replies)
+        left = self._tokens_left(e)
+        e.append(ids[:left], False)
+        if len(ids) >= left:
+            e.done = e.truncated = True
+
+    def _call_tools(self, e: _Episode, text: str) -> list[ToolResult]:
+        if self.parser is None:
+            return []
+        results = []
+        toolbox = self._toolbox(e)
+        for call in self.parser.parse(text):
+            results.append(call if isinstance(call, ToolResult) else toolbox.call(call))
+        return results
+
+    def _toolbox(self, e: _Episode) -> Toolbox:
+        functions = list(self.tools)
+        if e.env is not None and not self.gym:
+            functions += environment_tools(e.env)
+        return Toolbox(functions, timeout=self.tool_timeout, max_output_chars=self.tool_max_output)
+
+    def _tokens_left(self, e: _Episode) -> int:
+        limit = self.settings.max_episode_tokens
+        return 1 << 30 if limit is None else max(0, limit - len(e.tokens))
+
+    # -- the environment's tokens ------------------------------------------------------------
+
+    def _reply_ids(self, replies: list[dict]) -> list[int]:
+        """Token ids of the environment's reply messages, appended after the model's turn."""
+        if not self.chat:
+            text = "".join(self.settings.reply_template.format(**m) for m in replies)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        before, after = self._bridge(replies)
+        return self.tokenizer(after[len(before) :], add_special_tokens=False)["input_ids"]
+
+    def _bridge(self, replies: list[dict]) -> tuple[str, str]:
+        """(a dummy conversation up to the end token of its assistant turn, the same conversation
+        with `replies` and the next generation prompt): the reply's text is the difference."""
+        dummy = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        tools = [t for t in self.tools] or None
+        render = self.tokenizer.apply_chat_template
+        first = render(dummy, tools=tools, tokenize=False)
+        end = self.tokenizer.eos_token or ""
+        cut = first.rfind(end) + len(end) if end and end in first else len(first)
+        after = render(dummy + replies, tools=tools, tokenize=False, add_generation_prompt=True)
+        if after[:cut] != first[:cut]:
+            raise ConfigError(
+                "the chat template renders earlier turns differently when a reply follows; "
+                "episodes need a template that appends (set model.tokenizer to one that does)"
+            )
+        return first[:cut], after
+
+    # -- the result --------------------------------------------------------------------------
+
+    def _collect(self, episodes: list[_Episode]) -> Sampled:
+        pad = self.tokenizer.pad_token_id
+        p_ids, p_mask = pad_prompts([e.prompt_ids for e in episodes], pad)
+        c_ids, c_mask, logprobs = pad_completions(
+            [e.tokens for e in episodes], pad, [e.logprobs for e in episodes]
+        )
+        T = c_ids.shape[1]
+
+        def padded(values: list[list], fill, dtype) -> torch.Tensor:
+            return torch.tensor([v + [fill] * (T - len(v)) for v in values], dtype=dtype)
+
+        rollout = Rollout(
+            prompt_ids=p_ids,
+            prompt_mask=p_mask,
+            completion_ids=c_ids,
+            completion_mask=c_mask,
+            truncated=torch.tensor([e.truncated for e in episodes]),
+            logprobs=logprobs,
+            action_mask=padded([e.actions for e in episodes], False, torch.bool),
+            turn_rewards=padded([e.rewards for e in episodes], 0.0, torch.float32),
+        )
+        texts = [self.tokenizer.decode(e.tokens, skip_special_tokens=True) for e in episodes]
+        envs = [e.env for e in episodes]
+        return Sampled(
+            rollout=rollout,
+            completions=[e.messages for e in episodes],
+            completion_ids=[e.tokens for e in episodes],
+            texts=texts,
+            reward_kwargs={"environments": envs} if self.environment_factory else {},
+        )
+
+    @staticmethod
+    def _where(env, index: int, row: dict, method: str, error: Exception) -> str:
+        return (
+            f"environment {type(env).__name__}.{method} raised {type(error).__name__} in "
+            f"episode {index} (row {_short(row)}): {error}"
+        )
+
+
+def _append_to_prompt(prompt, text: str):
+    """A prompt with `text` appended (to the last user message of a conversation)."""
+    if isinstance(prompt, str):
+        return prompt + text
+    messages = [dict(m) for m in prompt]
+    last = max(i for i, m in enumerate(messages) if m.get("role") == "user")
+    messages[last]["content"] = f"{messages[last]['content']}{text}"
+    return messages
+
+
+def class_tools(cls: type) -> list[Callable]:
+    """The tools of a TRL-style environment class: its public methods other than reset and
+    get_reward (unbound; `environment_tools` binds them to an episode's instance)."""
+    skip = {"reset", "get_reward", "step"}
+    return [
+        member
+        for name, member in inspect.getmembers(cls, inspect.isfunction)
+        if not name.startswith("_") and name not in skip
+    ]
+
+
+def environment_tools(env) -> list[Callable]:
+    """The tools of one environment instance: its public methods, bound."""
+    return [getattr(env, f.__name__) for f in class_tools(type(env))]
+
+
+def environment_reward(prompts, completions, environments, **kwargs) -> list[float | None]:
+    """A reward function that asks each episode's environment (`get_reward()`, sync or async;
+    TRL's environment reward, weight 1)."""
+    out = []
+    for env in environments:
+        value = env.get_reward()
+        if inspect.isawaitable(value):
+            value = _run_coroutine(value)
+        out.append(value)
+    return out
+
+
+def _run_coroutine(coroutine):
+    """Await `coroutine` on a loop of its own in a helper thread (safe inside a running loop)."""
+    import asyncio
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+def episode_metrics(rollout: Rollout, conversations: list[list[dict]]) -> dict[str, float]:
+    """Statistics of B episodes: model turns, length (all tokens after the prompt), the
+    environment's share of those tokens, truncation, tool calls per episode, the share of
+    episodes with a tool call, and the shares of tool replies that are errors / timeouts."""
+    n = max(len(conversations), 1)
+    tokens = float(rollout.completion_mask.sum())
+    env_tokens = tokens - float(rollout.model_mask.sum())
+    replies = [m for c in conversations for m in c if m.get("role") == "tool"]
+    calls = max(len(replies), 1)
+    return {
+        "episode/turns": sum(m["role"] == "assistant" for c in conversations for m in c) / n,
+        "episode/length": tokens / n,
+        "episode/env_token_share": env_tokens / max(tokens, 1.0),
+        "episode/truncated": float(rollout.truncated.float().mean()),
+        "tools/calls_per_episode": len(replies) / n,
+        "tools/call_rate": sum(any(m["role"] == "tool" for m in c) for c in conversations) / n,
+        "tools/errors": sum(str(m["content"]).startswith("error") for m in replies) / calls,
+        "tools/timeouts": sum("timed out" in str(m["content"]) for m in replies) / calls,
+    }
+
+
+def _short(x, limit: int = 60) -> str:
+    text = repr(x)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

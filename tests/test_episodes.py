@@ -1,0 +1,253 @@
+"""Multi-turn episodes (SPEC §7): token-exact rollouts under a chat template that rewrites
+history, environments in TRL's and gym's shapes, budgets, and bad tools / environments."""
+
+import pytest
+import torch
+
+from advantage.engine.episodes import EpisodeError, Episodes, EpisodeSettings
+from advantage.engine.rollout import Rollout, SamplingParams, pad_completions, pad_prompts
+from advantage.engine.tools import ToolCallParser, tool_schema
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# Qwen3's rule: an assistant turn that is not the last message loses its <think> block
+QWEN3_LIKE = (
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'assistant' -%}"
+    "{%- set c = m.content -%}"
+    "{%- if not loop.last and '</think>' in c -%}{%- set c = c.split('</think>')[-1] -%}{%- endif -%}"
+    "{{ '<|im_start|>assistant\\n' + c + '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'tool' -%}"
+    "{{ '<|im_start|>user\\n<tool_response>\\n' + m.content + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else -%}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+def chat_tokenizer():
+    """One token per character, plus <|im_start|> and <|im_end|> (the end of a turn)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from advantage.tasks.tiny import CHARS
+
+    specials = ["<pad>", IM_END, "<unk>", IM_START]
+    vocab = {t: i for i, t in enumerate(specials + list(CHARS + "{}_|"))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token=IM_END, unk_token="<unk>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [IM_START]})
+    tokenizer.chat_template = QWEN3_LIKE
+    return tokenizer
+
+
+class ScriptedBackend:
+    """Returns scripted model turns (one list per turn) and records every token it 'sampled'."""
+
+    def __init__(self, tokenizer, turns: list[str]):
+        self.tokenizer, self.turns, self.sampled, self.calls = tokenizer, turns, [], 0
+
+    def generate(self, prompts, n, params):
+        text = self.turns[min(self.calls, len(self.turns) - 1)]
+        self.calls += 1
+        whole = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = whole[: params.max_new_tokens]  # the turn ends where its script ends
+        completions = [list(ids) for _ in range(len(prompts) * n)]
+        self.sampled.append(list(ids))
+        pad = self.tokenizer.pad_token_id
+        p_ids, p_mask = pad_prompts(prompts, pad)
+        lp = [[-0.5] * len(c) for c in completions]
+        c_ids, c_mask, logprobs = pad_completions(completions, pad, lp)
+        ended = len(ids) == len(whole)  # else cut by max_new_tokens
+        return Rollout(
+            prompt_ids=p_ids.repeat_interleave(n, 0),
+            prompt_mask=p_mask.repeat_interleave(n, 0),
+            completion_ids=c_ids,
+            completion_mask=c_mask,
+            truncated=torch.full((len(completions),), not ended),
+            logprobs=logprobs,
+        )
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers.
+
+    Args:
+        a: the first factor
+        b: the second factor
+    """
+    return a * b
+
+
+TURN_1 = '<think>\nI need the tool.\n</think>\n<tool_call>\n{"name": "multiply", "arguments": {"a": 3, "b": 4}}\n</tool_call><|im_end|>'
+TURN_2 = "<think>\nDone.\n</think>\n12<|im_end|>"
+
+
+def test_trained_ids_are_the_sampled_ids_plus_the_environment_ids():
+    tokenizer = chat_tokenizer()
+    backend = ScriptedBackend(tokenizer, [TURN_1, TURN_2])
+    prompt = [{"role": "user", "content": "what is 3*4?"}]
+
+    def encode(p):
+        text = tokenizer.apply_chat_template(
+            p, tools=[multiply], add_generation_prompt=True, tokenize=False
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    episodes = Episodes(
+        backend, tokenizer, encode, EpisodeSettings(max_turns=4), tools=[multiply],
+        parser=ToolCallParser("hermes", ["multiply"]),
+    )  # fmt: skip
+    out = episodes.sample([{"prompt": prompt}], [prompt], 2, SamplingParams(max_new_tokens=200))
+    r = out.rollout
+    reply = "\n<|im_start|>user\n<tool_response>\n12\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    env_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+    sampled_1, sampled_2 = backend.sampled
+    for i in range(2):
+        trained = r.completion_ids[i][r.completion_mask[i]].tolist()
+        assert trained == sampled_1 + env_ids + sampled_2  # token for token
+        assert r.action_mask[i][r.completion_mask[i]].tolist() == (
+            [True] * len(sampled_1) + [False] * len(env_ids) + [True] * len(sampled_2)
+        )
+        lp = r.logprobs[i][r.completion_mask[i]]
+        assert (lp[len(sampled_1) : len(sampled_1) + len(env_ids)] == 0).all()
+    # the messages the reward functions see, as TRL's
+    assert [m["role"] for m in out.completions[0]] == ["assistant", "tool", "assistant"]
+    assert out.completions[0][1] == {"role": "tool", "name": "multiply", "content": "12"}
+    # re-rendering the history through this template would drop turn 1's <think> block:
+    # the trainer would learn from tokens that were never sampled
+    rerendered = encode(prompt + out.completions[0][:2])
+    assert rerendered != r.prompt_ids[0][r.prompt_mask[0]].tolist() + sampled_1 + env_ids
+
+
+class CounterEnv:
+    """TRL's environment shape: reset(**row), public methods are tools, get_reward()."""
+
+    def reset(self, **row):
+        self.total = 0
+        return None
+
+    def add(self, amount: str) -> str:
+        """Add to the counter.
+
+        Args:
+            amount: how much to add
+        """
+        self.total += int(amount)
+        return str(self.total)
+
+    def get_reward(self) -> float:
+        return float(self.total)
+
+
+class GymEnv:
+    """The gym shape: reset(row) -> first message, step(message) -> (reply, reward, done)."""
+
+    def reset(self, row):
+        self.turn = 0
+        return " (go)"
+
+    def step(self, message):
+        self.turn += 1
+        return f"turn {self.turn}", 0.5, self.turn >= 2
+
+
+def plain_episodes(turns, **kwargs):
+    tokenizer = chat_tokenizer()
+    tokenizer.chat_template = None  # plain text: replies through reply_template
+    backend = ScriptedBackend(tokenizer, turns)
+    settings = kwargs.pop("settings", EpisodeSettings(max_turns=3, reply_template="[{content}]"))
+    encode = lambda p: tokenizer(p)["input_ids"]  # noqa: E731
+    return Episodes(backend, tokenizer, encode, settings, **kwargs), tokenizer
+
+
+def test_trl_environment_methods_are_its_tools_and_it_scores():
+    episodes, tok = plain_episodes(
+        ["<calc>5</calc>", "done"],
+        environment_factory=CounterEnv,
+        parser=ToolCallParser(
+            r"<calc>(?P<arguments>.*?)</calc>",
+            stop="</calc>",
+            schemas=[tool_schema(CounterEnv.add)],
+        ),
+    )
+    out = episodes.sample([{"prompt": "x"}], ["x"], 1, SamplingParams(max_new_tokens=20))
+    env = out.reward_kwargs["environments"][0]
+    assert env.total == 5 and out.completions[0][1]["content"] == "5"
+    text = tok.decode(out.rollout.completion_ids[0][out.rollout.completion_mask[0]])
+    assert text == "<calc>5</calc>[5]done"
+
+
+def test_gym_environment_rewards_sit_on_the_last_token_of_their_turn():
+    episodes, tok = plain_episodes(["ab", "cd", "ef"], environment_factory=GymEnv)
+    out = episodes.sample([{"prompt": "x"}], ["x"], 1, SamplingParams(max_new_tokens=2))
+    r = out.rollout
+    # reset's text joins the prompt; turns "ab" [turn 1] "cd" [turn 2]: done after turn 2
+    assert tok.decode(r.prompt_ids[0][r.prompt_mask[0]], skip_special_tokens=True) == "x (go)"
+    assert tok.decode(r.completion_ids[0][r.completion_mask[0]]) == "ab[turn 1]cd"
+    rewards = r.turn_rewards[0][r.completion_mask[0]].tolist()
+    assert rewards[1] == 0.5 and rewards[-1] == 0.5 and sum(rewards) == 1.0
+
+
+def test_budgets_end_and_truncate_episodes():
+    calls = ToolCallParser(
+        r"<calc>(?P<arguments>.*?)</calc>", stop="</calc>", schemas=[tool_schema(lambda_tool)]
+    )
+    # the model keeps calling: max_turns ends it, truncated
+    episodes, _ = plain_episodes(["<calc>2</calc>"], tools=[lambda_tool], parser=calls)
+    out = episodes.sample([{"prompt": "x"}], ["x"], 1, SamplingParams(max_new_tokens=20))
+    assert bool(out.rollout.truncated[0]) and len(out.completions[0]) == 5  # 3 turns, 2 replies
+    # a token budget cuts the episode inside the environment's reply
+    settings = EpisodeSettings(max_turns=3, max_episode_tokens=17, reply_template="[{content}]")
+    episodes, _ = plain_episodes(
+        ["<calc>2</calc>"], tools=[lambda_tool], parser=calls, settings=settings
+    )
+    out = episodes.sample([{"prompt": "x"}], ["x"], 1, SamplingParams(max_new_tokens=20))
+    assert bool(out.rollout.truncated[0]) and int(out.rollout.completion_mask[0].sum()) == 17
+
+
+def lambda_tool(expression: str) -> str:
+    """Echo.
+
+    Args:
+        expression: anything
+    """
+    return expression
+
+
+class Raising:
+    def reset(self, row):
+        raise KeyError("no such level")
+
+    def step(self, message):
+        return None, None, True
+
+
+def test_an_environment_that_raises_names_itself_and_the_episode():
+    episodes, _ = plain_episodes(["ab"], environment_factory=Raising)
+    with pytest.raises(EpisodeError, match=r"Raising\.reset raised KeyError in episode 0"):
+        episodes.sample([{"prompt": "x", "id": 7}], ["x"], 2, SamplingParams(max_new_tokens=2))
+
+
+def test_malformed_and_failing_tool_calls_answer_the_model():
+    def boom(expression: str) -> str:
+        """Fail.
+
+        Args:
+            expression: anything
+        """
+        raise ValueError("bad input")
+
+    parser = ToolCallParser("hermes", ["boom"], schemas=[tool_schema(boom)])
+    episodes, _ = plain_episodes(
+        ['<tool_call>{"name": "boom", "arguments": {"expression": "1"}}</tool_call>',
+         "<tool_call>{not json</tool_call>", "bye"],
+        tools=[boom], parser=parser,
+    )  # fmt: skip
+    out = episodes.sample([{"prompt": "x"}], ["x"], 1, SamplingParams(max_new_tokens=80))
+    replies = [m["content"] for m in out.completions[0] if m["role"] == "tool"]
+    assert "bad input" in replies[0] and replies[1].startswith("error")
+    assert out.completions[0][-1]["content"] == "bye"
