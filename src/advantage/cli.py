@@ -121,6 +121,7 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.presets:  # `--presets grpo rloo key=value` took the overrides after it
         overrides += [p for p in args.presets if "=" in p]
         presets = [p for p in args.presets if "=" not in p] or None
+    overrides += args.extra
     manifest = run_sweep(
         path,
         presets=presets,
@@ -300,8 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not (args.command == "sweep" and all("=" in e for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "sweep":  # key=value overrides may also follow the options
-        args.args += extra
-        args.argv = argv
+        args.extra, args.argv = extra, argv
     try:
         return args.func(args)
     except (ConfigError, RewardError) as e:

@@ -28,16 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import yaml
-
 from ..engine.checkpoint import latest_checkpoint
 from ..engine.configlib import ConfigError
 from ..engine.report import read_jsonl
-from ..rl.config import Config, load_config
+from ..rl.config import AlgoConfig, Config, load_config
 from ..rl.setup import held_out_spec
 from .compare import make_compare
 
-ALGO_AXES = {f.name for f in dataclasses.fields(Config().algo)}
+ALGO_AXES = {f.name for f in dataclasses.fields(AlgoConfig)}
 
 
 @dataclass(frozen=True)
@@ -59,11 +57,11 @@ class SweepRun:
     """The run's validated config (what `advantage train` will build from the same overrides)."""
 
 
-def parse_grid(items: list[str]) -> dict[str, list]:
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
     """`["scope=group,batch", "train.lr=1e-4,3e-4"]` → {"algo.scope": ["group", "batch"],
-    "train.lr": [0.0001, 0.0003]}. A key without a section is an algorithm axis (`algo.`);
-    values are read as YAML, one by one."""
-    grid: dict[str, list] = {}
+    "train.lr": ["1e-4", "3e-4"]}. A key without a section is an algorithm axis (`algo.`);
+    values stay text, read like any `key=value` override when the run's config is loaded."""
+    grid: dict[str, list[str]] = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key or not text:
@@ -75,11 +73,11 @@ def parse_grid(items: list[str]) -> dict[str, list]:
                     f"{', '.join(sorted(ALGO_AXES))} (or give a section: train.lr=...)"
                 )
             key = f"algo.{key}"
-        grid[key] = [yaml.safe_load(v) for v in text.split(",")]
+        grid[key] = text.split(",")
     return grid
 
 
-def combinations(presets: list[str], grid: dict[str, list]) -> list[Combination]:
+def combinations(presets: list[str], grid: dict[str, list[str]]) -> list[Combination]:
     """Every preset × grid point. An axis of one value is a setting of every run, left out of
     the folder names."""
     fixed = [f"{key}={values[0]}" for key, values in grid.items() if len(values) == 1]
