@@ -33,6 +33,7 @@ from ..engine.configlib import ConfigError
 from ..engine.report import read_jsonl
 from ..rl.config import AlgoConfig, Config, load_config
 from ..rl.setup import held_out_spec
+from ..tasks import model_path
 from .compare import make_compare
 
 ALGO_AXES = {f.name for f in dataclasses.fields(AlgoConfig)}
@@ -249,6 +250,10 @@ def run_sweep(
     manifest["rejected"] = [{"name": k, "reason": v} for k, v in rejected.items()]
     manifest.update(parallel=parallel, threads_per_run=threads)
     _write_json(out / "sweep.json", manifest)
+    for spec in sorted({r.config.model.name_or_path for r in todo}):
+        model_path(
+            spec
+        )  # a built-in model is built (warm-started) here once, not by N runs at once
     results = execute(todo, config_path, overrides, parallel, threads)
     for entry in manifest["configurations"]:
         for run in entry["runs"]:
