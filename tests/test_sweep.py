@@ -6,7 +6,6 @@ Also: every series of a report plot has its own style, and evaluating changes no
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -22,8 +21,7 @@ from advantage.rl.config import load_config
 from advantage.rl.trainer import Trainer
 from advantage.stages.compare import find_configurations, summarize, t_975
 from advantage.stages.sweep import combinations, parse_grid
-from helpers import small_config
-from test_users import chromium
+from helpers import rendered_page, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # 2 presets × 2 seeds × 3 steps on the warm-started tiny model (held-out accuracy is not 0);
@@ -236,29 +234,8 @@ def test_compare_page_renders_with_every_image(swept, tmp_path):
     assert main(["compare", *runs, "--out", str(tmp_path / "cmp")]) == 0
     assert [c.name for c in find_configurations([Path(r) for r in runs])[0]] == NAMES
     for page in (out / "compare" / "index.html", tmp_path / "cmp" / "index.html"):
-        dom = subprocess.run(
-            [
-                chromium(),
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={tmp_path / 'chrome'}",
-                "--virtual-time-budget=5000",
-                "--dump-dom",
-                page.as_uri(),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        ).stdout
-        loaded = re.search(r'data-images-loaded="(\d+)"', dom)
-        total = re.search(r'data-images-total="(\d+)"', dom)
-        assert loaded and total, dom[:500]
-        assert int(loaded.group(1)) == int(total.group(1)) == 6
+        dom, loaded, total = rendered_page(page, tmp_path / "chrome")
+        assert loaded == total == 6
         assert "95% t-interval" in dom and "algorithm: grpo" in dom
 
 
