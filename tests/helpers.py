@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -30,3 +34,37 @@ def small_config(run_dir, *overrides: str, model: str = "builtin:tiny-random") -
         "data.eval=null",
         *overrides,
     ]
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert found, "Debian's chromium is needed (make test installs it)"
+    return found
+
+
+def rendered_page(page: Path, profile: Path) -> tuple[str, int, int]:
+    """(DOM, images loaded, images) of an HTML page rendered in headless Chromium; the counts
+    are what the page's script wrote after its load event (engine/report.py `page_html`)."""
+    dom = subprocess.run(
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    loaded = re.search(r'data-images-loaded="(\d+)"', dom)
+    total = re.search(r'data-images-total="(\d+)"', dom)
+    assert loaded and total, dom[:500]
+    return dom, int(loaded.group(1)), int(total.group(1))

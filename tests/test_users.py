@@ -2,8 +2,6 @@
 templates, `advantage eval`, built-in reward helpers, and the generated config reference."""
 
 import json
-import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +17,9 @@ from advantage.engine.reward_helpers import (
 )
 from advantage.rl.config import load_config
 from advantage.rl.trainer import Trainer
-from helpers import length_reward, small_config
+from helpers import length_reward, rendered_page, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert found, "Debian's chromium is needed (make test installs it)"
-    return found
 
 
 @pytest.mark.slow
@@ -44,29 +36,8 @@ def test_report_page_renders_with_every_plot(run_dir):
         "clip.png",
         "advantages.png",
     } <= set(pngs)
-    dom = subprocess.run(
-        [
-            chromium(),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={run_dir / 'chrome'}",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-            page.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
-    loaded = re.search(r'data-images-loaded="(\d+)"', dom)
-    total = re.search(r'data-images-total="(\d+)"', dom)
-    assert loaded and total, dom[:500]
-    assert int(loaded.group(1)) == int(total.group(1)) == len(pngs)
+    dom, loaded, total = rendered_page(page, run_dir / "chrome")
+    assert loaded == total == len(pngs)
     assert "Sample completions" in dom and dom.count("<tr>") > 2
 
 

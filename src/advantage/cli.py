@@ -118,6 +118,47 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .stages.sweep import run_sweep
+
+    path, overrides = _split_config_arg(args.args)
+    presets = None
+    if args.presets:  # `--presets grpo rloo key=value` took the overrides after it
+        overrides += [p for p in args.presets if "=" in p]
+        presets = [p for p in args.presets if "=" not in p] or None
+    overrides += args.extra
+    manifest = run_sweep(
+        path,
+        presets=presets,
+        grid=args.grid,
+        seeds=args.seeds,
+        out=args.out,
+        overrides=overrides,
+        parallel=args.parallel,
+        cores=args.cores,
+        target=args.target,
+        command="advantage " + shlex.join(args.argv),
+    )
+    failed = [
+        run["run_dir"]
+        for c in manifest["configurations"]
+        for run in c["runs"]
+        if run["status"] != "finished"
+    ]
+    if failed:
+        print(f"error: {len(failed)} runs did not finish: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .stages.compare import make_compare
+
+    print(f"wrote {make_compare(args.dirs, args.out, target=args.target)}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     import json
 
@@ -202,6 +243,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="PNG plots and an HTML page of a run (RUN_DIR/report)")
     p.add_argument("run_dir")
     p.set_defaults(func=_report)
+    p = sub.add_parser(
+        "sweep",
+        help="every preset × grid point × seed as an ordinary run, then the comparison page",
+        description="Example: advantage sweep CONFIG.yaml --presets grpo rloo "
+        "--grid scope=group,batch --seeds 3 --parallel 2 --out runs/sweep train.steps=60. "
+        "Runs go to OUT/NAME/seed-S; a rerun skips finished runs and resumes the others.",
+    )
+    p.add_argument("args", nargs="*", metavar="CONFIG.yaml key=value")
+    p.add_argument("--presets", nargs="+", help="presets to compare (default: the config's)")
+    p.add_argument(
+        "--grid",
+        nargs="+",
+        default=[],
+        metavar="AXIS=V1,V2",
+        help="more axes: scope=group,batch (an algorithm axis) or train.lr=1e-4,3e-4; "
+        "an axis of one value is a setting of every run",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every configuration")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once (subprocesses)")
+    p.add_argument(
+        "--cores", type=int, default=None, help="cores to share (default: all this process may use)"
+    )
+    p.add_argument("--out", default="runs/sweep", help="the sweep folder")
+    p.add_argument("--target", type=float, default=0.9, help="held-out accuracy to reach")
+    p.set_defaults(func=_sweep)
+    p = sub.add_parser(
+        "compare", help="a page comparing runs or sweeps over seeds (DIR/compare/index.html)"
+    )
+    p.add_argument("dirs", nargs="+", metavar="RUN_OR_SWEEP_DIR")
+    p.add_argument("--out", default=None, help="output folder (default: the first DIR/compare)")
+    p.add_argument("--target", type=float, default=0.9, help="held-out accuracy to reach")
+    p.set_defaults(func=_compare)
     p = sub.add_parser("eval", help="greedy accuracy and pass@k of MODEL on DATASET")
     p.add_argument("model", help="model folder, hub id, or builtin:NAME")
     p.add_argument("dataset", help=".jsonl, a local datasets folder/file, or builtin:TASK[:eval]")
@@ -232,7 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     from .engine.configlib import ConfigError
     from .engine.rewards import RewardError
 
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not (args.command == "sweep" and all("=" in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "sweep":  # key=value overrides may also follow the options
+        args.extra, args.argv = extra, argv
     try:
         return args.func(args)
     except (ConfigError, RewardError) as e:

@@ -1,5 +1,8 @@
 """`advantage report RUN_DIR`: PNG plots of a run's metrics and one HTML page with the plots and
-sample completions with their rewards per step. Reads `metrics.jsonl` and `samples.jsonl`."""
+sample completions with their rewards per step. Reads `metrics.jsonl` and `samples.jsonl`.
+
+The plotting and page helpers (`series_style`, `save_figure`, `figures_html`, `page_html`) are
+shared with the comparison page of several runs (`advantage.stages.compare`)."""
 
 from __future__ import annotations
 
@@ -57,13 +60,96 @@ def _series(records: list[dict], patterns: list[str]) -> dict[str, tuple[list[in
     return out
 
 
-def make_report(run_dir: str | Path) -> Path:
-    """Write RUN_DIR/report/index.html and its PNG plots; return the page's path."""
+# Series of one plot are told apart by colour, line style and marker together, and the first
+# is drawn thickest and lowest: two identical series (`eval/accuracy` and `eval/reward` on a
+# 0/1 reward) then show as a thin line inside a thick one, with their markers side by side.
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf", "#7f7f7f")
+LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "x", "P", "*")
+
+
+def series_style(i: int, n_series: int, n_points: int) -> dict:
+    """Matplotlib keyword arguments of series `i` (of `n_series`) with `n_points` points."""
+    every = max(1, n_points // 12)  # about 12 markers a line, staggered between the series
+    return dict(
+        color=COLORS[i % len(COLORS)],
+        linestyle=LINESTYLES[i % len(LINESTYLES)],
+        linewidth=3.4 - 2.2 * i / max(1, n_series - 1),
+        alpha=0.55 if i == 0 and n_series > 1 else 1.0,
+        marker=MARKERS[i % len(MARKERS)],
+        markersize=max(3.0, 8.0 - 1.5 * i),
+        markerfacecolor="none" if i % 2 else COLORS[i % len(COLORS)],
+        markevery=(i * every // max(1, n_series), every),
+        zorder=2 + i,
+    )
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, ax, path: Path, title: str, xlabel: str) -> None:
+    """Title, axis label, grid and legend, then write the PNG and free the figure."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    if xlabel == "step":
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    pyplot().close(fig)
+
+
+def figures_html(figures: list[tuple[str, str]]) -> str:
+    """A wrapping grid of `(file stem, caption)` PNGs beside the page."""
+    cells = "\n".join(
+        f'<figure><img src="{stem}.png" alt="{html.escape(title)}">'
+        f"<figcaption>{html.escape(title)}</figcaption></figure>"
+        for stem, title in figures
+    )
+    return f'<div class="grid">\n{cells}\n</div>'
+
+
+def page_html(title: str, body: str) -> str:
+    """A self-contained page: the report's style, and a script that counts the images that
+    loaded (read by the tests that render pages in Chromium)."""
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 12px; }}
+figure {{ margin: 0; border: 1px solid #ddd; padding: 6px; }}
+figcaption {{ font-size: 12px; color: #555; }}
+table {{ border-collapse: collapse; font-size: 13px; }}
+td, th {{ border: 1px solid #ddd; padding: 3px 8px; text-align: left; }}
+pre {{ font-size: 12px; background: #f6f6f6; padding: 6px; }}
+</style></head><body>
+{body}
+<script>
+// how many plots actually loaded (read by the tests that render pages in Chromium)
+window.addEventListener("load", () => {{
+  const imgs = [...document.images];
+  document.body.dataset.imagesLoaded = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.imagesTotal = imgs.length;
+}});
+</script>
+</body></html>
+"""
+
+
+def make_report(run_dir: str | Path) -> Path:
+    """Write RUN_DIR/report/index.html and its PNG plots; return the page's path."""
+    plt = pyplot()
     run_dir = Path(run_dir)
     records = read_jsonl(run_dir / "metrics.jsonl")
     if not records:
@@ -78,15 +164,9 @@ def make_report(run_dir: str | Path) -> Path:
         if not series:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-        for key, (x, y) in series.items():
-            ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=key)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / f"{stem}.png")
-        plt.close(fig)
+        for i, (key, (x, y)) in enumerate(series.items()):
+            ax.plot(x, y, label=key, **series_style(i, len(series), len(x)))
+        save_figure(fig, ax, out / f"{stem}.png", title, "step")
         figures.append((stem, title))
     samples = read_jsonl(run_dir / "samples.jsonl")
     page = out / "index.html"
@@ -105,10 +185,6 @@ def _html(
             f"; held-out accuracy {100 * evals[0]['eval/accuracy']:.1f}% → "
             f"{100 * evals[-1]['eval/accuracy']:.1f}%"
         )
-    imgs = "\n".join(
-        f'<figure><img src="{stem}.png" alt="{html.escape(title)}"><figcaption>{html.escape(title)}</figcaption></figure>'
-        for stem, title in figures
-    )
     by_step: dict[int, list[dict]] = {}
     for s in samples:
         by_step.setdefault(s["step"], []).append(s)
@@ -120,32 +196,11 @@ def _html(
         for step in dict.fromkeys(shown)
         for s in by_step[step]
     )
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>advantage report: {html.escape(run_dir.name)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; }}
-.grid {{ display: flex; flex-wrap: wrap; gap: 12px; }}
-figure {{ margin: 0; border: 1px solid #ddd; padding: 6px; }}
-figcaption {{ font-size: 12px; color: #555; }}
-table {{ border-collapse: collapse; font-size: 13px; }}
-td, th {{ border: 1px solid #ddd; padding: 3px 8px; text-align: left; }}
-</style></head><body>
-<h1>advantage run: {html.escape(str(run_dir))}</h1>
+    body = f"""<h1>advantage run: {html.escape(str(run_dir))}</h1>
 <p>{html.escape(summary)}; last step {last.get("step")}.</p>
-<div class="grid">
-{imgs}
-</div>
+{figures_html(figures)}
 <h2>Sample completions</h2>
 <table><tr><th>step</th><th>prompt</th><th>completion</th><th>reward</th></tr>
 {rows}
-</table>
-<script>
-// how many plots actually loaded (read by the test that renders this page in Chromium)
-window.addEventListener("load", () => {{
-  const imgs = [...document.images];
-  document.body.dataset.imagesLoaded = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
-  document.body.dataset.imagesTotal = imgs.length;
-}});
-</script>
-</body></html>
-"""
+</table>"""
+    return page_html(f"advantage report: {run_dir.name}", body)

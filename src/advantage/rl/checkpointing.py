@@ -65,7 +65,9 @@ def save(run: Run, state: TrainState) -> Path:
 
 
 def maybe_resume(run: Run, state: TrainState) -> Path | None:
-    """Find the checkpoint to resume from (`checkpoint.resume`), load it into `run` and `state`."""
+    """Find the checkpoint to resume from (`checkpoint.resume`), load it into `run` and `state`.
+    Records logged after the checkpoint (all of them when the run starts from step 0) are
+    dropped: the steps are redone and logged again."""
     resume = run.config.checkpoint.resume
     existing = ckpt.latest_checkpoint(run.run_dir)
     if resume == "none":
@@ -78,6 +80,9 @@ def maybe_resume(run: Run, state: TrainState) -> Path | None:
         return None
     path = existing if resume == "auto" else Path(resume)
     if path is None:
+        if run.dist.is_main:  # an earlier attempt that died before its first checkpoint
+            _truncate_jsonl(run.run_dir / "metrics.jsonl", -1)
+            _truncate_jsonl(run.run_dir / "samples.jsonl", -1)
         return None
     try:
         saved = ckpt.load_checkpoint(path, modules(run), optimizers(run), rank=run.dist.rank)

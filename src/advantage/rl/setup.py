@@ -192,8 +192,16 @@ def sampling_params(cfg: Config) -> SamplingParams:
     )
 
 
+def held_out_spec(cfg: Config) -> str | None:
+    """The held-out data the run evaluates on: `data.eval`, or the built-in task's held-out
+    split; None when the run does not evaluate (no such data, or `eval.size=0`)."""
+    if cfg.eval.size <= 0:
+        return None
+    return cfg.data.eval if cfg.data.eval is not None else eval_spec(cfg.data.train)
+
+
 def load_eval_rows(cfg: Config) -> list[dict]:
-    spec = cfg.data.eval if cfg.data.eval is not None else eval_spec(cfg.data.train)
+    spec = held_out_spec(cfg)
     if spec is None:
         return []
     rows = dataset_rows(spec, "data.eval")
