@@ -14,6 +14,7 @@ The math lives in `advantage.core`; models, data, rewards and engines in `advant
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,9 +49,11 @@ class Trainer:
 
     def __init__(self, config: Config, reward_funcs: list[Callable] | None = None) -> None:
         self.config = config
+        is_main = os.environ.get("RANK", "0") == "0"
+        candidates = checkpointing.resume_candidates(config, is_main=is_main)
         self.run: Run = build_run(config, reward_funcs)
         self.state = TrainState()
-        self.resumed_from = checkpointing.maybe_resume(self.run, self.state)
+        self.resumed_from = checkpointing.resume(self.run, self.state, candidates)
         cfg = config
         self.logger = MetricsLogger(
             self.run.run_dir,
