@@ -9,7 +9,12 @@ were not asked to. (Signals and the SIGKILL loop are in test_resume.py.)
 
 import dataclasses
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -246,3 +251,49 @@ def test_a_torn_metrics_line_is_trimmed_on_resume_and_skipped_by_report(run_copy
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
     trainer.fit()
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+
+
+# 9. one run per run_dir ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_run_dir_is_refused_naming_the_first(run_dir):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), *sys.path]))
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "advantage",
+            "train",
+            *small_config(run_dir, "train.steps=1000", "reward.functions=[helpers:length_reward]"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "metrics.jsonl").is_file():  # the first run is training
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        with pytest.raises(
+            ConfigError,
+            match=rf"log.run_dir '{run_dir}' is in use by another run \(pid {first.pid}\); wait "
+            "for it to end or choose another log.run_dir",
+        ):
+            _trainer(run_dir, "train.steps=1000")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # the kernel released the lock of the killed run: the folder can be resumed at once
+    _trainer(run_dir, "train.steps=1000").close()
+
+
+def test_a_second_lock_in_the_same_process_says_so(run_dir):
+    from advantage.engine.runlock import RunDirLock
+
+    held = RunDirLock(run_dir)
+    with pytest.raises(ConfigError, match=r"another Trainer in this process \(pid \d+\)"):
+        RunDirLock(run_dir)
+    held.release()
+    RunDirLock(run_dir).release()

@@ -1,7 +1,7 @@
 """The one training loop every preset runs (SPEC §1–§5).
 
     setup     `build_run`: one `Run` record (models, optimizers, engine, resolved Algorithm, sizes)
-    resume    the newest complete checkpoint, if any
+    resume    lock the run directory; the newest complete checkpoint, if any
     for each step:
       `train_step` (step.py): 1 rollout · 2 score · 3 no-grad passes · 4 advantages · 5 update ·
                               6 bookkeeping
@@ -26,6 +26,7 @@ from ..engine.evaluation import evaluate
 from ..engine.logger import MetricsLogger
 from ..engine.models import count_parameters
 from ..engine.parallel import global_sums
+from ..engine.runlock import RunDirLock
 from . import checkpointing
 from .config import Config, config_from
 from .records import ScoredRollout, TrainState
@@ -49,11 +50,16 @@ class Trainer:
 
     def __init__(self, config: Config, reward_funcs: list[Callable] | None = None) -> None:
         self.config = config
-        is_main = os.environ.get("RANK", "0") == "0"
-        candidates = checkpointing.resume_candidates(config, is_main=is_main)
-        self.run: Run = build_run(config, reward_funcs)
-        self.state = TrainState()
-        self.resumed_from = checkpointing.resume(self.run, self.state, candidates)
+        # one run per run_dir, held until `fit` ends (or `close()`); rank 0 under torchrun
+        self._lock = RunDirLock(config.log.run_dir) if os.environ.get("RANK", "0") == "0" else None
+        try:
+            candidates = checkpointing.resume_candidates(config, is_main=self._lock is not None)
+            self.run: Run = build_run(config, reward_funcs)
+            self.state = TrainState()
+            self.resumed_from = checkpointing.resume(self.run, self.state, candidates)
+        except BaseException:
+            self.close()
+            raise
         cfg = config
         self.logger = MetricsLogger(
             self.run.run_dir,
@@ -104,22 +110,28 @@ class Trainer:
                 result.metrics.append(metrics)
                 if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
                     checkpointing.save(run, state)
+            if not cfg.checkpoint.every or state.step % cfg.checkpoint.every:
+                checkpointing.save(run, state)
+            if run.eval_rows:
+                result.eval_after = self.evaluate()
+                self.logger.log(state.step, result.eval_after)
+                self.logger.print(_eval_line("after RL", result.eval_after))
+            if cfg.checkpoint.save_final:
+                checkpointing.save_final(run)
+            if cfg.log.report and run.dist.is_main:
+                from ..engine.report import make_report
+
+                self.logger.print(f"report: {make_report(run.run_dir)}")
         finally:
             self.logger.close()
-        if not cfg.checkpoint.every or state.step % cfg.checkpoint.every:
-            checkpointing.save(run, state)
-        if run.eval_rows:
-            result.eval_after = self.evaluate()
-            self.logger.log(state.step, result.eval_after)
-            self.logger.print(_eval_line("after RL", result.eval_after))
-        if cfg.checkpoint.save_final:
-            checkpointing.save_final(run)
-        if cfg.log.report and run.dist.is_main:
-            from ..engine.report import make_report
-
-            self.logger.print(f"report: {make_report(run.run_dir)}")
+            self.close()
         result.seconds = time.perf_counter() - start
         return result
+
+    def close(self) -> None:
+        """Release the run directory (done by `fit` at its end)."""
+        if self._lock is not None:
+            self._lock.release()
 
     def train_step(self) -> dict[str, float]:
         """One training step (the state's step counter is advanced by `fit`)."""
