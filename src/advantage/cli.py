@@ -228,3 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RewardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # TrainingStopped says where its checkpoint is
+        print(str(e) or "interrupted", file=sys.stderr)
+        return getattr(e, "exit_code", 130)

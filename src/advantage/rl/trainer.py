@@ -6,6 +6,7 @@
       `train_step` (step.py): 1 rollout · 2 score · 3 no-grad passes · 4 advantages · 5 update ·
                               6 bookkeeping
       log, evaluate every `eval.every`, checkpoint every `checkpoint.every`
+      on SIGINT / SIGTERM: checkpoint at the step boundary and stop (`TrainingStopped`)
     evaluate, save the final policy, write the report
 
 The math lives in `advantage.core`; models, data, rewards and engines in `advantage.engine`.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from .records import ScoredRollout, TrainState
 from .sampling import rollout_and_score
 from .setup import Run, build_run
 from .step import sample_records, train_step
+from .stopping import StopSignals, TrainingStopped
 from .update import NonFiniteError
 
 
@@ -99,17 +102,8 @@ class Trainer:
             self.logger.log(0, result.eval_before)
         self.logger.start(state.step)
         try:
-            while state.step < cfg.train.steps:
-                metrics = self.train_step()
-                state.step += 1
-                last = state.step == cfg.train.steps
-                if run.eval_rows and _every(cfg.eval.every, state.step) and not last:
-                    metrics.update(self.evaluate())
-                if state.step % cfg.log.every == 0 or last:
-                    self.logger.log(state.step, metrics)
-                result.metrics.append(metrics)
-                if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
-                    checkpointing.save(run, state)
+            with StopSignals(run.dist.is_main) as stop:
+                self._loop(result, stop)
             if not cfg.checkpoint.every or state.step % cfg.checkpoint.every:
                 checkpointing.save(run, state)
             if run.eval_rows:
@@ -127,6 +121,32 @@ class Trainer:
             self.close()
         result.seconds = time.perf_counter() - start
         return result
+
+    def _loop(self, result: RunResult, stop: StopSignals) -> None:
+        """The steps, each logged, evaluated and checkpointed on its schedule. On SIGINT or
+        SIGTERM: finish the step, save a checkpoint, raise `TrainingStopped`."""
+        cfg, run, state = self.config, self.run, self.state
+        while state.step < cfg.train.steps:
+            metrics = self.train_step()
+            state.step += 1
+            last = state.step == cfg.train.steps
+            if run.eval_rows and _every(cfg.eval.every, state.step) and not last:
+                metrics.update(self.evaluate())
+            if state.step % cfg.log.every == 0 or last:
+                self.logger.log(state.step, metrics)
+            result.metrics.append(metrics)
+            saved = None
+            if _every(cfg.checkpoint.every, state.step):
+                saved = checkpointing.save(run, state)
+            signum = stop.agreed()
+            if signum:
+                saved = saved or checkpointing.save(run, state)
+                raise TrainingStopped(
+                    f"stopped by {signal.Signals(signum).name} after step {state.step} of "
+                    f"{cfg.train.steps}: checkpoint saved in {saved}; run the same command again "
+                    "to continue from it",
+                    signum,
+                )
 
     def close(self) -> None:
         """Release the run directory (done by `fit` at its end)."""
@@ -193,4 +213,4 @@ def train(
     return Trainer(config_from(config, overrides), reward_funcs).fit()
 
 
-__all__ = ["NonFiniteError", "RunResult", "Trainer", "train"]
+__all__ = ["NonFiniteError", "RunResult", "Trainer", "TrainingStopped", "train"]
