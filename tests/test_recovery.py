@@ -297,3 +297,58 @@ def test_a_second_lock_in_the_same_process_says_so(run_dir):
         RunDirLock(run_dir)
     held.release()
     RunDirLock(run_dir).release()
+
+
+# 11. log.every=0; `advantage docs` writes only where it is asked to -----------------------------
+
+
+def test_log_every_zero_fails_at_load():
+    with pytest.raises(ConfigError, match=r"log.every must be >= 1, got 0"):
+        load_config(None, ["log.every=0"])
+
+
+def test_docs_never_write_into_a_users_project(tmp_path, monkeypatch, capsys):
+    import advantage.docs
+
+    project = tmp_path / "project"
+    (project / "docs").mkdir(parents=True)
+    (project / "docs" / "config.md").write_text("the user's own notes")
+    monkeypatch.chdir(project)
+    # an installed copy, not the source checkout
+    monkeypatch.setattr(advantage.docs, "source_checkout", lambda: None, raising=False)
+    assert main(["docs"]) == 2
+    assert "error: advantage docs: give --out FOLDER" in capsys.readouterr().err
+    assert main(["docs", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "config.md").is_file()
+    checkout = tmp_path / "checkout"
+    monkeypatch.setattr(advantage.docs, "source_checkout", lambda: checkout)
+    assert main(["docs"]) == 0
+    assert (checkout / "docs" / "config.md").is_file()
+    assert (project / "docs" / "config.md").read_text() == "the user's own notes"
+
+
+# 12. `advantage consolidate` runs no code from the checkpoint ----------------------------------
+
+
+@pytest.mark.slow
+def test_consolidate_trusts_remote_code_only_when_asked(trained, tmp_path, monkeypatch):
+    from advantage.rl import checkpointing
+
+    checkpoint = Path(shutil.copytree(trained / "checkpoints" / "step-000002", tmp_path / "c"))
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state["config"]["model"]["trust_remote_code"] = True  # written by whoever shared it
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    asked = []
+    for name in ("load_causal_lm", "load_tokenizer"):
+        real = getattr(checkpointing, name)
+
+        def spy(path, trust_remote_code=False, real=real, name=name):
+            asked.append((name, trust_remote_code))
+            return real(path, False)
+
+        monkeypatch.setattr(checkpointing, name, spy)
+    assert main(["consolidate", str(checkpoint), str(tmp_path / "out")]) == 0
+    assert asked == [("load_causal_lm", False), ("load_tokenizer", False)]
+    asked.clear()
+    assert main(["consolidate", str(checkpoint), str(tmp_path / "o2"), "--trust-remote-code"]) == 0
+    assert asked == [("load_causal_lm", True), ("load_tokenizer", True)]

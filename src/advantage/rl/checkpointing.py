@@ -217,18 +217,24 @@ def save_final(run: Run) -> Path:
     return final
 
 
-def consolidate(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """A checkpoint (sharded or not) → a plain Hugging Face model folder (`from_pretrained`)."""
+def consolidate(
+    checkpoint: str | Path, out_dir: str | Path, *, trust_remote_code: bool = False
+) -> Path:
+    """A checkpoint (sharded or not) → a plain Hugging Face model folder (`from_pretrained`).
+
+    The base model is the one the checkpoint names; code from it runs only when the caller
+    passes `trust_remote_code=True`: a checkpoint's own trainer_state.json (which anyone who
+    shares the checkpoint wrote) never enables it."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     state_path = checkpoint / "trainer_state.json"
     if not state_path.is_file():
         raise FileNotFoundError(f"{str(checkpoint)!r} is not a complete checkpoint folder")
     model_cfg = json.loads(state_path.read_text())["config"]["model"]
     base = model_path(model_cfg["name_or_path"])
-    model = load_causal_lm(base, model_cfg.get("trust_remote_code", False))
+    model = load_causal_lm(base, trust_remote_code)
     model.load_state_dict(ckpt.load_policy_weights(checkpoint, model))
     model.save_pretrained(out_dir)
-    load_tokenizer(model_cfg.get("tokenizer") or base).save_pretrained(out_dir)
+    load_tokenizer(model_cfg.get("tokenizer") or base, trust_remote_code).save_pretrained(out_dir)
     return out_dir
 
 
