@@ -106,7 +106,7 @@ def _chain(args: argparse.Namespace) -> int:
 def _consolidate(args: argparse.Namespace) -> int:
     from .rl.checkpointing import consolidate
 
-    out = consolidate(args.checkpoint, args.out)
+    out = consolidate(args.checkpoint, args.out, trust_remote_code=args.trust_remote_code)
     print(f"wrote a Hugging Face model folder: {out}")
     return 0
 
@@ -192,11 +192,9 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _docs(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from .docs import GENERATED, docs_folder
 
-    from .docs import GENERATED
-
-    out = Path(args.out)
+    out = docs_folder(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, make in GENERATED.items():
         (out / name).write_text(make())
@@ -239,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("consolidate", help="a checkpoint (sharded or not) → a Hugging Face folder")
     p.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-NNNNNN")
     p.add_argument("out", help="output folder (loads with from_pretrained)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the base model's own code run (never taken from the checkpoint)",
+    )
     p.set_defaults(func=_consolidate)
     p = sub.add_parser("report", help="PNG plots and an HTML page of a run (RUN_DIR/report)")
     p.add_argument("run_dir")
@@ -296,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.set_defaults(func=_merge)
     p = sub.add_parser("docs", help="write the generated docs (config reference, algorithm cards)")
-    p.add_argument("--out", default="docs")
+    p.add_argument("--out", help="output folder (default: docs/ of the source checkout)")
     p.set_defaults(func=_docs)
     return parser
 
@@ -317,3 +320,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RewardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # TrainingStopped says where its checkpoint is
+        print(str(e) or "interrupted", file=sys.stderr)
+        return getattr(e, "exit_code", 130)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from pathlib import Path
 
 from .core.algorithm import Algorithm
-from .engine.configlib import field_docs
+from .engine.configlib import ConfigError, field_docs
 from .rl.config import Config
 
 
@@ -81,3 +82,27 @@ def algorithm_cards() -> str:
 
 
 GENERATED = {"config.md": config_reference, "algorithms.md": algorithm_cards}
+
+
+def docs_folder(out: str | None) -> Path:
+    """Where `advantage docs` writes: `out` if given, else docs/ of the source checkout this
+    package runs from; anywhere else (an installed copy) `out` is required, so that running it
+    in a user's project never overwrites their ./docs."""
+    if out is not None:
+        return Path(out)
+    checkout = source_checkout()
+    if checkout is None:
+        raise ConfigError(
+            "advantage docs: give --out FOLDER (this is an installed copy, not the source "
+            "checkout, so there is no docs/ folder of ours to update; nothing was written)"
+        )
+    return checkout / "docs"
+
+
+def source_checkout() -> Path | None:
+    """The repository root when this package runs from its source checkout (src/advantage)."""
+    root = Path(__file__).resolve().parents[2]
+    project = root / "pyproject.toml"
+    if project.is_file() and 'name = "advantage"' in project.read_text():
+        return root
+    return None

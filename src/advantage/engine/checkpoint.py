@@ -9,6 +9,10 @@ are safetensors, the rest is JSON or `torch.load(weights_only=True)`.
         rng-rank{r}.pt            Python, NumPy and torch RNG states of each rank
         trainer_state.json        step, data position, baseline and KL-controller state, config;
                                   written last: its presence marks a complete checkpoint
+
+A checkpoint that is replaced (the same step saved again) or pruned is first renamed aside to a
+dot-folder (`.replaced-…`, `.pruned-…`) and deleted there, so a folder killed half-way through its
+deletion never looks complete.
 """
 
 from __future__ import annotations
@@ -46,6 +50,24 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def _set_aside(folder: Path, prefix: str) -> Path:
+    """Rename `folder` to a dot-folder beside it (atomic), which `list_checkpoints` ignores."""
+    aside = folder.with_name(prefix + folder.name)
+    shutil.rmtree(aside, ignore_errors=True)
+    folder.rename(aside)
+    return aside
+
+
+def remove_stale(run_dir: str | Path) -> list[str]:
+    """Delete the dot-folders a killed run left behind (half-written, replaced or pruned
+    checkpoints); return their names. Call it only while holding the run directory's lock."""
+    root = checkpoint_root(run_dir)
+    stale = sorted(p for p in root.glob(".*") if p.is_dir()) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in stale]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -137,12 +159,13 @@ def save_checkpoint(
             trainer_state = {**trainer_state, "format": "sharded" if sharded else "safetensors"}
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
             _fsync_tree(tmp)
-            if final.exists():  # the same step saved again (a resumed run): replace it
-                shutil.rmtree(final)
+            replaced = _set_aside(final, ".replaced-") if final.exists() else None
             tmp.rename(final)
             _fsync_dir(root)
+            if replaced is not None:
+                shutil.rmtree(replaced)
             for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(_set_aside(old, ".pruned-"), ignore_errors=True)
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -151,24 +174,38 @@ def save_checkpoint(
     return final
 
 
+class CheckpointError(Exception):
+    """A checkpoint file is missing, truncated or unreadable; the message names the file."""
+
+
+def read_file(path: Path, load=None):
+    """`load(path)` (default: parse JSON); a failure becomes a `CheckpointError` naming the file."""
+    try:
+        return load(path) if load is not None else json.loads(path.read_text())
+    except Exception as e:  # missing, truncated, torn: anything that stops us reading it
+        why = "missing" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{path.name}: {why.splitlines()[0][:160]}") from e
+
+
 def load_checkpoint(
     path: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict, *, rank: int = 0
 ) -> dict:
     """Load weights and optimizer/scheduler states in place (every rank) and this rank's RNG
-    state; return the trainer state. Nothing is unpickled."""
+    state; return the trainer state. Nothing is unpickled. A damaged file raises
+    `CheckpointError` (the modules may then be partly loaded: load another checkpoint)."""
     path = Path(path)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(
             f"checkpoint.resume: {str(path)!r} is not a complete checkpoint folder"
         )
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
-    small = torch.load(path / "optimizer.pt", weights_only=True)
+    trainer_state = read_file(path / "trainer_state.json")
+    small = read_file(path / "optimizer.pt", lambda f: torch.load(f, weights_only=True))
     if trainer_state.get("format") == "sharded":
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         state = _sharded_state(modules, optimizers)
-        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        read_file(path / "dcp", lambda f: dcp.load(state, checkpoint_id=str(f)))
         for name, module in modules.items():
             opt = optimizers.get(f"{name}_optimizer")
             set_state_dict(
@@ -179,12 +216,14 @@ def load_checkpoint(
             )
     else:
         for name, module in modules.items():
-            module.load_state_dict(load_file(str(path / f"{name}.safetensors")), strict=True)
+            weights = read_file(path / f"{name}.safetensors", lambda f: load_file(str(f)))
+            module.load_state_dict(weights, strict=True)
     for name, obj in optimizers.items():
         if name in small:
             obj.load_state_dict(small[name])
     rng = path / f"rng-rank{rank}.pt"
-    set_rng_state(torch.load(rng if rng.exists() else path / "rng-rank0.pt", weights_only=True))
+    rng = rng if rng.exists() else path / "rng-rank0.pt"
+    set_rng_state(read_file(rng, lambda f: torch.load(f, weights_only=True)))
     return trainer_state
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -28,11 +29,40 @@ PLOTS = [
     ("speed", "Step time (s)", ["time/step", "time/rollout", "time/update"]),
 ]
 
+log = logging.getLogger("advantage")
+
+
+def parse_jsonl(path: Path) -> tuple[list[tuple[str, dict]], list[int]]:
+    """(line, record) of each JSON line of `path`, and the 1-based numbers of the lines that
+    are not JSON objects (a write torn by a crash or a full disk) and were left out."""
+    records, torn = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and "step" in record:
+            records.append((line, record))
+        else:
+            torn.append(number)
+    return records, torn
+
+
+def lines_text(numbers: list[int]) -> str:
+    """ "line 7" / "lines 7, 9"."""
+    return f"line{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}"
+
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The records of a metrics or samples file; lines torn by a crash are skipped, saying so."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, torn = parse_jsonl(path)
+    if torn:
+        log.warning(f"{path}: skipped {lines_text(torn)}, not valid JSON (a torn write)")
+    return [record for _, record in records]
 
 
 def _series(records: list[dict], patterns: list[str]) -> dict[str, tuple[list[int], list[float]]]:

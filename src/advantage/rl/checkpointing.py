@@ -7,7 +7,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -15,10 +17,15 @@ import torch
 from ..engine import checkpoint as ckpt
 from ..engine.configlib import ConfigError
 from ..engine.models import load_causal_lm, load_tokenizer
-from ..engine.parallel import barrier, is_fsdp, unwrap
+from ..engine.parallel import barrier, global_sums, is_fsdp, unwrap
+from ..engine.report import lines_text, parse_jsonl
 from ..tasks import model_path
+from .config import Config
+from .config_changes import ON_OPTIMIZER, Change, config_changes, resume_view, saved_algorithm
 from .records import TrainState
 from .setup import Run
+
+log = logging.getLogger("advantage")
 
 
 def modules(run: Run) -> dict[str, torch.nn.Module]:
@@ -51,6 +58,7 @@ def save(run: Run, state: TrainState) -> Path:
         },
         "nonfinite_in_a_row": state.nonfinite_in_a_row,
         "config": dataclasses.asdict(run.config),
+        "algorithm": dataclasses.asdict(run.algo),
     }
     return ckpt.save_checkpoint(
         run.run_dir,
@@ -64,30 +72,93 @@ def save(run: Run, state: TrainState) -> Path:
     )
 
 
-def maybe_resume(run: Run, state: TrainState) -> Path | None:
-    """Find the checkpoint to resume from (`checkpoint.resume`), load it into `run` and `state`.
-    Records logged after the checkpoint (all of them when the run starts from step 0) are
-    dropped: the steps are redone and logged again."""
-    resume = run.config.checkpoint.resume
-    existing = ckpt.latest_checkpoint(run.run_dir)
+def resume_candidates(config: Config, *, is_main: bool = True) -> list[Path]:
+    """The checkpoints to try, newest first (`checkpoint.resume`). Needs no model: it refuses a
+    new run over old checkpoints, and a config the newest checkpoint cannot continue under,
+    before anything loads. Rank 0 (holding the run's lock) also deletes what killed runs left
+    half-written (dot-folders)."""
+    run_dir, resume = Path(config.log.run_dir), config.checkpoint.resume
+    if is_main:
+        ckpt.remove_stale(run_dir)
+    found = ckpt.list_checkpoints(run_dir)
     if resume == "none":
-        if existing is not None:
+        if found:
             raise ConfigError(
-                f"log.run_dir {str(run.run_dir)!r} already holds checkpoints ({existing.name}); "
+                f"log.run_dir {str(run_dir)!r} already holds checkpoints ({found[-1].name}); "
                 "set checkpoint.resume=auto to continue that run, or choose a new log.run_dir "
                 "(nothing is overwritten)"
             )
-        return None
-    path = existing if resume == "auto" else Path(resume)
-    if path is None:
-        if run.dist.is_main:  # an earlier attempt that died before its first checkpoint
-            _truncate_jsonl(run.run_dir / "metrics.jsonl", -1)
-            _truncate_jsonl(run.run_dir / "samples.jsonl", -1)
-        return None
-    try:
-        saved = ckpt.load_checkpoint(path, modules(run), optimizers(run), rank=run.dist.rank)
-    except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
+        return []
+    candidates = found[::-1] if resume == "auto" else [Path(resume)]
+    for path in candidates:  # the newest whose trainer_state.json reads
+        try:
+            saved = ckpt.read_file(path / "trainer_state.json")
+        except ckpt.CheckpointError:
+            continue
+        check_config(saved, config, path)
+        break
+    return candidates
+
+
+def check_config(saved: dict, config: Config, path: Path) -> list[Change]:
+    """Refuse (ConfigError, one line) what the saved state cannot follow; return the rest."""
+    now = resume_view(dataclasses.asdict(config), dataclasses.asdict(config.algorithm_spec()))
+    refused, applied = config_changes(resume_view(saved["config"], saved_algorithm(saved)), now)
+    if refused:
+        raise ConfigError(
+            f"checkpoint.resume: {path} was saved with a different setup, which its state cannot "
+            f"continue under: {', '.join(map(str, refused))}; undo these changes to resume, or "
+            "start a new run (checkpoint.resume=none and a new log.run_dir)"
+        )
+    return applied
+
+
+def resume(run: Run, state: TrainState, candidates: list[Path]) -> Path | None:
+    """Load the newest loadable candidate into `run` and `state`; a damaged one (truncated,
+    torn, missing file) is moved to `damaged-step-N` and the previous one is tried, on every
+    rank together. Reports config changes applied on resume."""
+    damaged = []
+    for path in candidates:
+        try:
+            saved = ckpt.load_checkpoint(path, modules(run), optimizers(run), rank=run.dist.rank)
+            error = ""
+        except FileNotFoundError as e:  # an explicit checkpoint.resume that is not one
+            raise ConfigError(str(e)) from None
+        except ckpt.CheckpointError as e:
+            saved, error = None, str(e)
+        if global_sums([float(saved is None)])[0]:  # every rank falls back together
+            damaged.append(f"{path.name} is damaged ({error or 'on another rank'})")
+            if run.dist.is_main and run.config.checkpoint.resume == "auto":
+                kept = path.with_name("damaged-" + path.name)
+                shutil.rmtree(kept, ignore_errors=True)  # an older damaged copy of this step
+                path.rename(kept)
+            continue
+        _restore(run, state, saved)
+        say = log.warning if run.dist.is_main else (lambda text: None)
+        if damaged:
+            say(
+                f"checkpoint {'; '.join(damaged)}; resuming from the previous complete one, "
+                f"{path.name} (a damaged checkpoint is kept as damaged-step-…)"
+            )
+        applied = check_config(saved, run.config, path)
+        if applied:
+            _set_optimizers(run, applied)
+            say(f"resuming {path.name} with config changes: {', '.join(map(str, applied))}")
+        return path
+    if damaged:
+        raise ConfigError(
+            f"checkpoint.resume: no checkpoint could be loaded: {'; '.join(damaged)}; "
+            "start a new run (checkpoint.resume=none and a new log.run_dir)"
+        )
+    if run.dist.is_main:  # an earlier attempt that died before its first checkpoint
+        _truncate_jsonl(run.run_dir / "metrics.jsonl", -1)
+        _truncate_jsonl(run.run_dir / "samples.jsonl", -1)
+    return None
+
+
+def _restore(run: Run, state: TrainState, saved: dict) -> None:
+    """Everything beside the weights and optimizers: step, data position, baseline, KL
+    controller, reward sources; drop the metrics of steps the run will redo."""
     state.step = int(saved["step"])
     state.nonfinite_in_a_row = int(saved["nonfinite_in_a_row"])
     run.prompts.load_state_dict(saved["data"])
@@ -99,7 +170,28 @@ def maybe_resume(run: Run, state: TrainState) -> Path | None:
     if run.dist.is_main:
         _truncate_jsonl(run.run_dir / "metrics.jsonl", state.step)
         _truncate_jsonl(run.run_dir / "samples.jsonl", state.step)
-    return path
+
+
+def _set_optimizers(run: Run, applied: list[Change]) -> None:
+    """Write changed optimizer settings into the restored optimizers (their saved values would
+    win): the rate through the schedule's factor at the restored position, betas, ε, decay."""
+    if not any(c.key in ON_OPTIMIZER for c in applied):
+        return
+    t = run.config.train
+    pairs = [(run.optimizer, run.scheduler, t.lr)]
+    if run.critic_optimizer is not None:
+        pairs.append((run.critic_optimizer, run.critic_scheduler, t.critic_lr))
+    for optimizer, scheduler, lr in pairs:
+        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            group.update(
+                initial_lr=lr,
+                lr=lr * factor(scheduler.last_epoch),
+                betas=tuple(t.adam_betas),
+                eps=t.adam_eps,
+                weight_decay=t.weight_decay,
+            )
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # get_last_lr()
 
 
 def save_final(run: Run) -> Path:
@@ -128,30 +220,38 @@ def save_final(run: Run) -> Path:
     return final
 
 
-def consolidate(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """A checkpoint (sharded or not) → a plain Hugging Face model folder (`from_pretrained`)."""
+def consolidate(
+    checkpoint: str | Path, out_dir: str | Path, *, trust_remote_code: bool = False
+) -> Path:
+    """A checkpoint (sharded or not) → a plain Hugging Face model folder (`from_pretrained`).
+
+    The base model is the one the checkpoint names; code from it runs only when the caller
+    passes `trust_remote_code=True`: a checkpoint's own trainer_state.json (which anyone who
+    shares the checkpoint wrote) never enables it."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     state_path = checkpoint / "trainer_state.json"
     if not state_path.is_file():
         raise FileNotFoundError(f"{str(checkpoint)!r} is not a complete checkpoint folder")
     model_cfg = json.loads(state_path.read_text())["config"]["model"]
     base = model_path(model_cfg["name_or_path"])
-    model = load_causal_lm(base, model_cfg.get("trust_remote_code", False))
+    model = load_causal_lm(base, trust_remote_code)
     model.load_state_dict(ckpt.load_policy_weights(checkpoint, model))
     model.save_pretrained(out_dir)
-    load_tokenizer(model_cfg.get("tokenizer") or base).save_pretrained(out_dir)
+    load_tokenizer(model_cfg.get("tokenizer") or base, trust_remote_code).save_pretrained(out_dir)
     return out_dir
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop records logged after `last_step` (steps that the resumed run will redo); atomic."""
+    """Drop records logged after `last_step` (steps that the resumed run will redo), and lines
+    that are not JSON (a write torn by a crash or a full disk), saying so; atomic."""
     if not path.is_file():
         return
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line and json.loads(line)["step"] <= last_step
-    ]
+    records, torn = parse_jsonl(path)
+    if torn:
+        log.warning(
+            f"{path}: removed {lines_text(torn)} that {'is' if len(torn) == 1 else 'are'} not valid JSON (a torn write)"
+        )
+    keep = [line for line, record in records if record["step"] <= last_step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)

@@ -253,6 +253,9 @@ class LogConfig:
     report: bool = True
     """Write RUN_DIR/report (PNG plots and an HTML page) at the end of training."""
 
+    def __post_init__(self) -> None:
+        _at_least("log.every", self.every, 1)
+
 
 @dataclass
 class EvalConfig:

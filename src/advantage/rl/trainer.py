@@ -1,11 +1,12 @@
 """The one training loop every preset runs (SPEC §1–§5).
 
     setup     `build_run`: one `Run` record (models, optimizers, engine, resolved Algorithm, sizes)
-    resume    the newest complete checkpoint, if any
+    resume    lock the run directory; the newest complete checkpoint, if any
     for each step:
       `train_step` (step.py): 1 rollout · 2 score · 3 no-grad passes · 4 advantages · 5 update ·
                               6 bookkeeping
       log, evaluate every `eval.every`, checkpoint every `checkpoint.every`
+      on SIGINT / SIGTERM: checkpoint at the step boundary and stop (`TrainingStopped`)
     evaluate, save the final policy, write the report
 
 The math lives in `advantage.core`; models, data, rewards and engines in `advantage.engine`.
@@ -14,6 +15,8 @@ The math lives in `advantage.core`; models, data, rewards and engines in `advant
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,12 +28,14 @@ from ..engine.evaluation import evaluate
 from ..engine.logger import MetricsLogger
 from ..engine.models import count_parameters
 from ..engine.parallel import global_sums
+from ..engine.runlock import RunDirLock
 from . import checkpointing
 from .config import Config, config_from
 from .records import ScoredRollout, TrainState
 from .sampling import rollout_and_score
 from .setup import Run, build_run
 from .step import sample_records, train_step
+from .stopping import StopSignals, TrainingStopped
 from .update import NonFiniteError
 
 
@@ -55,9 +60,16 @@ class Trainer:
         environment_factory: Callable | None = None,
     ) -> None:
         self.config = config
-        self.run: Run = build_run(config, reward_funcs, tools, environment_factory)
-        self.state = TrainState()
-        self.resumed_from = checkpointing.maybe_resume(self.run, self.state)
+        # one run per run_dir, held until `fit` ends (or `close()`); rank 0 under torchrun
+        self._lock = RunDirLock(config.log.run_dir) if os.environ.get("RANK", "0") == "0" else None
+        try:
+            candidates = checkpointing.resume_candidates(config, is_main=self._lock is not None)
+            self.run: Run = build_run(config, reward_funcs, tools, environment_factory)
+            self.state = TrainState()
+            self.resumed_from = checkpointing.resume(self.run, self.state, candidates)
+        except BaseException:
+            self.close()
+            raise
         cfg = config
         self.logger = MetricsLogger(
             self.run.run_dir,
@@ -97,33 +109,56 @@ class Trainer:
             self.logger.log(0, result.eval_before)
         self.logger.start(state.step)
         try:
-            while state.step < cfg.train.steps:
-                metrics = self.train_step()
-                state.step += 1
-                last = state.step == cfg.train.steps
-                if run.eval_rows and _every(cfg.eval.every, state.step) and not last:
-                    metrics.update(self.evaluate())
-                if state.step % cfg.log.every == 0 or last:
-                    self.logger.log(state.step, metrics)
-                result.metrics.append(metrics)
-                if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
-                    checkpointing.save(run, state)
+            with StopSignals(run.dist.is_main) as stop:
+                self._loop(result, stop)
+            if not cfg.checkpoint.every or state.step % cfg.checkpoint.every:
+                checkpointing.save(run, state)
+            if run.eval_rows:
+                result.eval_after = self.evaluate()
+                self.logger.log(state.step, result.eval_after)
+                self.logger.print(_eval_line("after RL", result.eval_after))
+            if cfg.checkpoint.save_final:
+                checkpointing.save_final(run)
+            if cfg.log.report and run.dist.is_main:
+                from ..engine.report import make_report
+
+                self.logger.print(f"report: {make_report(run.run_dir)}")
         finally:
             self.logger.close()
-        if not cfg.checkpoint.every or state.step % cfg.checkpoint.every:
-            checkpointing.save(run, state)
-        if run.eval_rows:
-            result.eval_after = self.evaluate()
-            self.logger.log(state.step, result.eval_after)
-            self.logger.print(_eval_line("after RL", result.eval_after))
-        if cfg.checkpoint.save_final:
-            checkpointing.save_final(run)
-        if cfg.log.report and run.dist.is_main:
-            from ..engine.report import make_report
-
-            self.logger.print(f"report: {make_report(run.run_dir)}")
+            self.close()
         result.seconds = time.perf_counter() - start
         return result
+
+    def _loop(self, result: RunResult, stop: StopSignals) -> None:
+        """The steps, each logged, evaluated and checkpointed on its schedule. On SIGINT or
+        SIGTERM: finish the step, save a checkpoint, raise `TrainingStopped`."""
+        cfg, run, state = self.config, self.run, self.state
+        while state.step < cfg.train.steps:
+            metrics = self.train_step()
+            state.step += 1
+            last = state.step == cfg.train.steps
+            if run.eval_rows and _every(cfg.eval.every, state.step) and not last:
+                metrics.update(self.evaluate())
+            if state.step % cfg.log.every == 0 or last:
+                self.logger.log(state.step, metrics)
+            result.metrics.append(metrics)
+            saved = None
+            if _every(cfg.checkpoint.every, state.step):
+                saved = checkpointing.save(run, state)
+            signum = stop.agreed()
+            if signum:
+                saved = saved or checkpointing.save(run, state)
+                raise TrainingStopped(
+                    f"stopped by {signal.Signals(signum).name} after step {state.step} of "
+                    f"{cfg.train.steps}: checkpoint saved in {saved}; run the same command again "
+                    "to continue from it",
+                    signum,
+                )
+
+    def close(self) -> None:
+        """Release the run directory (done by `fit` at its end)."""
+        if self._lock is not None:
+            self._lock.release()
 
     def train_step(self) -> dict[str, float]:
         """One training step (the state's step counter is advanced by `fit`)."""
@@ -194,4 +229,4 @@ def train(
     return trainer.fit()
 
 
-__all__ = ["NonFiniteError", "RunResult", "Trainer", "train"]
+__all__ = ["NonFiniteError", "RunResult", "Trainer", "TrainingStopped", "train"]
