@@ -27,6 +27,7 @@ PLOTS = [
     ("advantages", "Advantage std and zero-std groups", ["advantages/std", "frac_zero_std_groups"]),
     ("loss", "Losses", ["loss", "loss/policy", "loss/value"]),
     ("speed", "Step time (s)", ["time/step", "time/rollout", "time/update"]),
+    ("episodes", "Episodes: turns, tool calls, environment token share", ["episode/*", "tools/*"]),
 ]
 
 log = logging.getLogger("advantage")
@@ -163,6 +164,7 @@ figcaption {{ font-size: 12px; color: #555; }}
 table {{ border-collapse: collapse; font-size: 13px; }}
 td, th {{ border: 1px solid #ddd; padding: 3px 8px; text-align: left; }}
 pre {{ font-size: 12px; background: #f6f6f6; padding: 6px; }}
+.turn {{ margin: 2px 0; }} .turn.tool {{ color: #0b5; }} .turn.user {{ color: #05b; }}
 </style></head><body>
 {body}
 <script>
@@ -204,6 +206,20 @@ def make_report(run_dir: str | Path) -> Path:
     return page
 
 
+def _completion_html(sample: dict) -> str:
+    """A completion; an episode turn by turn: the model's turns, each tool call's result."""
+    if not sample.get("conversation"):
+        return f"<code>{html.escape(str(sample['completion']))}</code>"
+    turns = []
+    for m in sample["conversation"]:
+        who = m.get("role", "?") + (f" {m['name']}" if m.get("name") else "")
+        turns.append(
+            f"<div class='turn {html.escape(m.get('role', ''))}'><b>{html.escape(who)}</b> "
+            f"<code>{html.escape(str(m.get('content', '')))}</code></div>"
+        )
+    return "".join(turns)
+
+
 def _html(
     run_dir: Path, records: list[dict], figures: list[tuple[str, str]], samples: list[dict]
 ) -> str:
@@ -222,7 +238,7 @@ def _html(
     shown = steps if len(steps) <= 20 else [*steps[:: max(1, len(steps) // 20)], steps[-1]]
     rows = "\n".join(
         f"<tr><td>{step}</td><td><code>{html.escape(str(s['prompt']))}</code></td>"
-        f"<td><code>{html.escape(str(s['completion']))}</code></td><td>{s['reward']:.3f}</td></tr>"
+        f"<td>{_completion_html(s)}</td><td>{s['reward']:.3f}</td></tr>"
         for step in dict.fromkeys(shown)
         for s in by_step[step]
     )
