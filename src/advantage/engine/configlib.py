@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import inspect
 import itertools
+import math
 import textwrap
 import types
 import typing
@@ -24,6 +25,41 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the field and what to change."""
+
+
+# Range checks of numeric fields, used by every section's `__post_init__`. `not (...)` also
+# catches NaN, which fails every comparison.
+
+
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def check_at_least(name: str, value: float | None, low: float) -> None:
+    """`value` >= `low` (and finite), or None."""
+    if value is not None and not (value >= low and math.isfinite(value)):
+        raise ConfigError(f"{name} must be >= {low:g}, got {value}")
+
+
+def check_positive(name: str, value: float | None) -> None:
+    """`value` > 0 and finite, or None."""
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{name} must be a finite number > 0, got {value}")
+
+
+def check_finite(name: str, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+
+
+def check_fraction(name: str, value: float, closed_low: bool = True, closed_high: bool = False):
+    """`value` in [0, 1) by default; `closed_*` choose which ends are allowed."""
+    low_ok = value >= 0 if closed_low else value > 0
+    high_ok = value <= 1 if closed_high else value < 1
+    if not (low_ok and high_ok):
+        interval = f"{'[' if closed_low else '('}0, 1{']' if closed_high else ')'}"
+        raise ConfigError(f"{name} must be in {interval}, got {value}")
 
 
 def _type_name(tp: Any) -> str:

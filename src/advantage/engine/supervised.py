@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .configlib import ConfigError
+from .configlib import ConfigError, check_at_least, check_positive
 from .data import encode_prompt
 from .optim import make_optimizer
 from .reward_helpers import completion_text
@@ -38,6 +38,14 @@ class StageSettings:
     seed: int = 0
     """Seed of the batch order and of torch."""
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            check_at_least(f"train.{name}", getattr(self, name), 1)
+        for name in ("warmup_steps", "weight_decay", "seed"):
+            check_at_least(f"train.{name}", getattr(self, name), 0)
+        check_positive("train.lr", self.lr)
+        check_positive("train.max_grad_norm", self.max_grad_norm)
+
     def optimizer(self, model: torch.nn.Module):
         """AdamW and its warm-up + cosine schedule (one scheduler step per optimizer step)."""
         return make_optimizer(
@@ -59,6 +67,11 @@ class SFTSettings(StageSettings):
     """Sequences longer than this (prompt + completion tokens) are cut on the right."""
     log_every: int = 100
     """Print the loss every N steps (0 = silent)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_at_least("train.max_length", self.max_length, 1)
+        check_at_least("train.log_every", self.log_every, 0)
 
 
 @dataclass

@@ -5,27 +5,18 @@ its own fields when it is built, so a bad value fails at load, naming the field.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from ..engine.configlib import ConfigError
+from ..engine.configlib import (
+    ConfigError,
+    check_at_least,
+    check_choice,
+    check_finite,
+    check_fraction,
+    check_positive,
+)
 from ..engine.optim import LR_SCHEDULES
 from ..engine.precision import BF16_MATMUL_CHOICES
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
-
-
-def _at_least(name: str, value: float | None, low: float) -> None:
-    if value is not None and not value >= low:  # `not >=` also catches NaN
-        raise ConfigError(f"{name} must be >= {low:g}, got {value}")
-
-
-def _positive(name: str, value: float | None) -> None:
-    if value is not None and not (value > 0 and math.isfinite(value)):
-        raise ConfigError(f"{name} must be a finite number > 0, got {value}")
 
 
 @dataclass
@@ -56,12 +47,10 @@ class ModelConfig:
     with the adapters disabled (no second copy in memory)."""
 
     def __post_init__(self) -> None:
-        _choice("model.precision", self.precision, ("fp32", "bf16"))
-        _choice("model.bf16_matmul", self.bf16_matmul, BF16_MATMUL_CHOICES)
-        if self.ref_sync_steps < 0 or not 0 < self.ref_sync_alpha <= 1:
-            raise ConfigError(
-                "model.ref_sync_steps must be >= 0 and model.ref_sync_alpha in (0, 1]"
-            )
+        check_choice("model.precision", self.precision, ("fp32", "bf16"))
+        check_choice("model.bf16_matmul", self.bf16_matmul, BF16_MATMUL_CHOICES)
+        check_at_least("model.ref_sync_steps", self.ref_sync_steps, 0)
+        check_fraction("model.ref_sync_alpha", self.ref_sync_alpha, False, True)
         if self.lora is not None and self.ref_sync_steps:
             raise ConfigError(
                 "model.ref_sync_steps needs a separate reference; with model.lora the reference is "
@@ -83,6 +72,9 @@ class DataConfig:
     """Shuffle the prompts each epoch (seeded)."""
     max_prompt_tokens: int | None = None
     """Prompts longer than this are truncated from the left (null = no limit)."""
+
+    def __post_init__(self) -> None:
+        check_at_least("data.max_prompt_tokens", self.max_prompt_tokens, 1)
 
 
 @dataclass
@@ -117,15 +109,19 @@ class RolloutConfig:
     """Truncated importance sampling: weight tokens by min(π_train/π_engine, cap) (null = off)."""
 
     def __post_init__(self) -> None:
-        _choice("rollout.backend", self.backend, ("transformers", "vllm"))
+        check_choice("rollout.backend", self.backend, ("transformers", "vllm"))
         for name in ("num_generations", "prompts_per_step", "max_new_tokens", "max_sampling_tries"):
-            _at_least(f"rollout.{name}", getattr(self, name), 1)
-        if not self.temperature > 0:
-            raise ConfigError(f"rollout.temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
-        if self.tis_cap is not None and not self.tis_cap > 0:
-            raise ConfigError(f"rollout.tis_cap must be > 0 (or null), got {self.tis_cap}")
+            check_at_least(f"rollout.{name}", getattr(self, name), 1)
+        check_positive("rollout.temperature", self.temperature)
+        check_fraction("rollout.top_p", self.top_p, False, True)
+        check_at_least("rollout.top_k", self.top_k, 0)
+        check_positive("rollout.tis_cap", self.tis_cap)
+        for i, stop in enumerate(self.stop):
+            if not stop:
+                raise ConfigError(
+                    f"rollout.stop[{i}] is an empty string, which would end every completion at "
+                    "its first token; remove it"
+                )
 
 
 @dataclass
@@ -153,11 +149,17 @@ class RewardConfig:
     """Extra keyword arguments passed to every reward function."""
 
     def __post_init__(self) -> None:
-        _choice(
+        check_choice(
             "reward.multi_reward", self.multi_reward, ("sum_then_normalize", "normalize_then_sum")
         )
         if not self.functions and not self.model:
             raise ConfigError("reward: give at least one of reward.functions or reward.model")
+        for i, w in enumerate(self.weights or []):
+            check_finite(f"reward.weights[{i}]", w)
+        check_positive("reward.clip", self.clip)
+        check_at_least("reward.model_batch_size", self.model_batch_size, 1)
+        check_finite("reward.missing_eos_penalty", self.missing_eos_penalty)
+        check_positive("reward.timeout", self.timeout)
         # (reward.weights is checked against the sources when they are built: the Python API
         # can pass reward functions that the config does not name)
 
@@ -196,10 +198,20 @@ class TrainConfig:
     """torch.use_deterministic_algorithms (bitwise-reproducible runs on CPU)."""
 
     def __post_init__(self) -> None:
-        _choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        for name in ("steps", "epochs", "minibatches"):
-            _at_least(f"train.{name}", getattr(self, name), 1)
-        _at_least("train.micro_batch_size", self.micro_batch_size, 1)
+        check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        for name in ("steps", "epochs", "minibatches", "micro_batch_size", "max_nonfinite_steps"):
+            check_at_least(f"train.{name}", getattr(self, name), 1)
+        check_positive("train.lr", self.lr)
+        check_positive("train.critic_lr", self.critic_lr)
+        check_at_least("train.warmup_steps", self.warmup_steps, 0)
+        check_at_least("train.weight_decay", self.weight_decay, 0)
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"train.adam_betas must be two numbers, got {self.adam_betas}")
+        for i, beta in enumerate(self.adam_betas):
+            check_fraction(f"train.adam_betas[{i}]", beta)
+        check_positive("train.adam_eps", self.adam_eps)
+        check_positive("train.max_grad_norm", self.max_grad_norm)
+        check_at_least("train.seed", self.seed, 0)
 
 
 @dataclass
@@ -219,6 +231,10 @@ class LogConfig:
     report: bool = True
     """Write RUN_DIR/report (PNG plots and an HTML page) at the end of training."""
 
+    def __post_init__(self) -> None:
+        check_at_least("log.every", self.every, 1)
+        check_at_least("log.samples", self.samples, 0)
+
 
 @dataclass
 class EvalConfig:
@@ -236,6 +252,12 @@ class EvalConfig:
     max_new_tokens: int | None = None
     """Generation budget for evaluation (default: rollout.max_new_tokens)."""
 
+    def __post_init__(self) -> None:
+        for name in ("every", "size", "pass_k"):
+            check_at_least(f"eval.{name}", getattr(self, name), 0)
+        check_finite("eval.correct_threshold", self.correct_threshold)
+        check_at_least("eval.max_new_tokens", self.max_new_tokens, 1)
+
 
 @dataclass
 class CheckpointConfig:
@@ -248,6 +270,10 @@ class CheckpointConfig:
     save_final: bool = True
     """Save the final policy as a Hugging Face folder (run_dir/final)."""
 
+    def __post_init__(self) -> None:
+        check_at_least("checkpoint.every", self.every, 0)
+        check_at_least("checkpoint.keep", self.keep, 1)
+
 
 @dataclass
 class DistributedConfig:
@@ -257,4 +283,4 @@ class DistributedConfig:
     """gloo | nccl (default: nccl with CUDA, else gloo)."""
 
     def __post_init__(self) -> None:
-        _choice("distributed.strategy", self.strategy, ("ddp", "fsdp2"))
+        check_choice("distributed.strategy", self.strategy, ("ddp", "fsdp2"))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..core import bradley_terry_loss
-from ..engine.configlib import ConfigError
+from ..engine.configlib import ConfigError, check_at_least, check_fraction
 from ..engine.data import load_rows
 from ..engine.logger import MetricsLogger
 from ..engine.models import quiet_transformers
@@ -43,6 +43,9 @@ class PreferenceData:
     margin_field: str | None = None
     """Optional column of margins m in -log σ(r_c - r_r - m)."""
 
+    def __post_init__(self) -> None:
+        check_fraction("data.eval_fraction", self.eval_fraction, closed_low=False)
+
 
 @dataclass
 class RMTrainSettings(StageSettings):
@@ -61,6 +64,9 @@ class RMConfig:
     log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/rm"))
     pairs: int = 4096
     """Pairs drawn from a builtin task."""
+
+    def __post_init__(self) -> None:
+        check_at_least("pairs", self.pairs, 1)
 
 
 def pair_scores(model, tokenizer, rows: list[dict], d: PreferenceData):

@@ -113,8 +113,8 @@ def builtin_model_path(name: str, verbose: bool = True) -> Path:
     task = get_task(spec["task"])
     tokenizer = char_tokenizer()
     model = tiny_qwen2(spec["size"], vocab_size=len(tokenizer))
-    settings = SFTSettings(**spec["sft"], log_every=100 if verbose else 0)
-    if settings.steps:
+    if spec["sft"]["steps"]:
+        settings = SFTSettings(**spec["sft"], log_every=100 if verbose else 0)
         if verbose:
             print(
                 f"building {PREFIX}{name}: warm start by SFT on an imperfect teacher "
