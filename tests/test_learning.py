@@ -15,6 +15,7 @@ def test_mean_reward_rises(preset, run_dir):
         [
             f"algorithm={preset}",
             "model.name_or_path=builtin:tiny-reverse",
+            "data.train=builtin:reverse",
             f"log.run_dir={run_dir}",
             "log.progress=false",
             "log.tensorboard=false",

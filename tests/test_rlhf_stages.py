@@ -88,6 +88,7 @@ def test_reward_model_from_rm_loads_in_train(tmp_path):
         None,
         [
             f"model.name_or_path={base}",
+            "data.train=builtin:reverse",
             f"log.run_dir={tmp_path / 'rm'}",
             "log.progress=false",
             "log.tensorboard=false",

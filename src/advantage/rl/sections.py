@@ -60,8 +60,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = "builtin:reverse"
-    """Prompts: a .jsonl file, a folder or file readable by `datasets`, or `builtin:reverse`."""
+    train: str | None = None
+    """Prompts (required): a .jsonl file, a folder or file readable by `datasets`, or
+    `builtin:reverse` (the demo's task)."""
     eval: str | None = None
     """Held-out prompts (default for builtin tasks: their held-out split; else none)."""
     prompt_field: str = "prompt"

@@ -23,13 +23,14 @@ from ..engine.models import quiet_transformers
 from ..engine.reward_model import load_reward_model, score
 from ..engine.supervised import StageSettings, batches
 from ..rl.config import LogConfig, ModelConfig
-from ..tasks import model_path, task_of
+from ..tasks import model_path, require_data, task_of
 
 
 @dataclass
 class PreferenceData:
-    train: str = "builtin:reverse"
-    """Pairs: .jsonl, a local `datasets` folder/file, or builtin:TASK (pairs from its verifier)."""
+    train: str | None = None
+    """Pairs (required): .jsonl, a local `datasets` folder/file, or builtin:TASK (pairs from its
+    verifier)."""
     eval: str | None = None
     """Held-out pairs (default for builtin tasks: pairs on the held-out strings; else a split)."""
     eval_fraction: float = 0.1
@@ -110,10 +111,10 @@ def run_rm(cfg: RMConfig) -> dict:
     quiet_transformers()
     d, t = cfg.data, cfg.train
     torch.manual_seed(t.seed)
+    rows = preference_rows(cfg, require_data(d.train), "train")  # before any model loads
     model, tokenizer = load_reward_model(
         model_path(cfg.model.name_or_path), cfg.model.trust_remote_code
     )
-    rows = preference_rows(cfg, d.train, "train")
     if d.eval is not None or task_of(d.train) is not None:
         eval_rows = preference_rows(cfg, d.eval or d.train, "eval")
     else:

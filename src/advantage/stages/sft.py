@@ -23,13 +23,14 @@ from ..engine.supervised import (
     supervised_finetune,
 )
 from ..rl.config import LogConfig, ModelConfig
-from ..tasks import model_path, task_of
+from ..tasks import model_path, require_data, task_of
 
 
 @dataclass
 class SupervisedData(PairColumns):
-    train: str = "builtin:reverse"
-    """Rows: .jsonl, a local `datasets` folder/file, or builtin:TASK (teacher demonstrations)."""
+    train: str | None = None
+    """Rows (required): .jsonl, a local `datasets` folder/file, or builtin:TASK (teacher
+    demonstrations)."""
     eval: str | None = None
     """Held-out rows (loss is reported on them at the end)."""
 
@@ -45,11 +46,12 @@ class SFTConfig:
 def run_sft(cfg: SFTConfig) -> dict:
     """`advantage sft`: load, train with logging, report the held-out loss, save RUN_DIR/final."""
     quiet_transformers()
+    # data first: a bad dataset fails before any model is loaded
+    rows = _supervised_rows(require_data(cfg.data.train), cfg, "data.train")
+    eval_rows = _supervised_rows(cfg.data.eval, cfg, "data.eval") if cfg.data.eval else []
     path = model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(cfg.model.tokenizer or path, cfg.model.trust_remote_code)
     model = load_causal_lm(path, cfg.model.trust_remote_code)
-    rows = _supervised_rows(cfg.data.train, cfg, "data.train")
-    eval_rows = _supervised_rows(cfg.data.eval, cfg, "data.eval") if cfg.data.eval else []
     logger = MetricsLogger(
         cfg.log.run_dir, cfg.train.steps, cfg.log.tensorboard, cfg.log.wandb, cfg.log.progress
     )

@@ -63,11 +63,20 @@ def task_of(spec: str | None, field: str = "data.train") -> ReverseTask | None:
         raise ConfigError(f"{field}: {e}") from None
 
 
-def dataset_rows(spec: str, field: str = "data.train") -> list[dict]:
+def require_data(spec: str | None, field: str = "data.train") -> str:
+    """`spec`, which the user must give: no stage trains on a default dataset silently."""
+    if spec is None or not str(spec).strip():
+        raise ConfigError(
+            f"{field} is required: a .jsonl file, a datasets folder, or builtin:reverse"
+        )
+    return spec
+
+
+def dataset_rows(spec: str | None, field: str = "data.train") -> list[dict]:
     """Prompt rows of `spec`: a built-in task's split, or whatever `engine.data.load_rows` reads."""
     from ..engine.data import load_rows
 
-    task = task_of(spec, field)
+    task = task_of(require_data(spec, field), field)
     if task is None:
         return load_rows(spec, field)
     return task.eval_rows() if parse_builtin(spec)[1] == "eval" else task.train_rows()
@@ -148,6 +157,7 @@ __all__ = [
     "get_task",
     "model_path",
     "parse_builtin",
+    "require_data",
     "reverse_reward",
     "task_of",
 ]
