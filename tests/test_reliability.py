@@ -161,3 +161,23 @@ def test_safe_defaults():
     cfg = load_config(None, [])
     assert cfg.model.trust_remote_code is False
     assert cfg.reward.timeout is None  # optional; see test_rewards.test_timeout
+
+
+@pytest.mark.parametrize("column", ["completions", "prompts", "completion_ids"])
+def test_column_named_like_a_reward_argument_is_refused(tmp_path, run_dir, column):
+    data = _jsonl(tmp_path / "d.jsonl", [{"prompt": "ab>", column: "ba"}])
+    with pytest.raises(
+        ConfigError,
+        match=rf"data.train: column\(s\) \['{column}'\] have the names of arguments every reward "
+        r"function receives \(prompts, completions, completion_ids\).*rename the column",
+    ):
+        _trainer(run_dir, f"data.train={data}")
+
+
+@pytest.mark.parametrize("key", ["completions", "answer"])
+def test_reward_kwargs_that_collide_are_refused(tmp_path, run_dir, key):
+    data = _jsonl(tmp_path / "d.jsonl", [{"prompt": "ab>", "answer": "ba"}])
+    with pytest.raises(
+        ConfigError, match=rf"reward.kwargs: key\(s\) \['{key}'\] collide with the reward call"
+    ):
+        _trainer(run_dir, f"data.train={data}", f"reward.kwargs={{{key}: x}}")

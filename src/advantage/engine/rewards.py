@@ -24,6 +24,10 @@ import torch
 from ..core.scores import combine_rewards
 from .configlib import ConfigError
 
+RESERVED_ARGUMENTS = ("prompts", "completions", "completion_ids")
+"""The arguments every reward call passes itself; a dataset column or a `reward.kwargs` key of
+the same name would replace them (TRL leaves such columns out; we refuse them)."""
+
 
 class RewardError(RuntimeError):
     """A reward function failed; the message names the function and the sample."""
@@ -229,9 +233,23 @@ class RewardComputer:
         self.timeout = timeout
         self.extra = extra or {}
 
-    def check_columns(self, columns: set[str]) -> None:
-        """Fail before training when a function asks for a column the dataset lacks."""
-        given = set(columns) | set(self.extra) | {"prompts", "completions", "completion_ids"}
+    def check_columns(self, columns: set[str], field: str = "data.train") -> None:
+        """Fail before training when a column or a `reward.kwargs` key would replace an argument
+        of the reward call, or when a function asks for a column the dataset lacks."""
+        reserved = ", ".join(RESERVED_ARGUMENTS)
+        clash = sorted(set(columns) & set(RESERVED_ARGUMENTS))
+        if clash:
+            raise ConfigError(
+                f"{field}: column(s) {clash} have the names of arguments every reward function "
+                f"receives ({reserved}) and would replace the model's outputs; rename the column(s)"
+            )
+        clash = sorted(set(self.extra) & (set(RESERVED_ARGUMENTS) | set(columns)))
+        if clash:
+            raise ConfigError(
+                f"reward.kwargs: key(s) {clash} collide with the reward call's own arguments "
+                f"({reserved}) or the dataset's columns; rename them"
+            )
+        given = set(columns) | set(self.extra) | set(RESERVED_ARGUMENTS)
         for source in self.sources:
             missing = [name for name in required_arguments(source.fn) if name not in given]
             if missing:

@@ -94,6 +94,8 @@ def build_run(cfg: Config, reward_funcs: list[Callable] | None = None) -> Run:
     rewards = make_reward_computer(cfg, reward_funcs)
     rewards.check_columns(set(train_rows[0]) - {cfg.data.prompt_field})
     eval_rewards = make_eval_rewards(cfg, rewards)
+    if eval_rows:
+        eval_rewards.check_columns(set(eval_rows[0]) - {cfg.data.prompt_field}, "data.eval")
     # models
     policy_path = model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(cfg.model.tokenizer or policy_path, cfg.model.trust_remote_code)

@@ -40,7 +40,7 @@ def evaluate_model(
     task_reward = task.reward_fn if task is not None else None
     specs = reward_functions or (["builtin"] if task_reward else ["exact_match"])
     rewards = RewardComputer([load_function(s, task_reward) for s in specs])
-    rewards.check_columns(set(rows[0]) - {prompt_field})
+    rewards.check_columns(set(rows[0]) - {prompt_field}, "DATASET")
     torch.manual_seed(seed)
     return evaluate(
         TransformersBackend(policy, tokenizer),
