@@ -181,3 +181,15 @@ def test_reward_kwargs_that_collide_are_refused(tmp_path, run_dir, key):
         ConfigError, match=rf"reward.kwargs: key\(s\) \['{key}'\] collide with the reward call"
     ):
         _trainer(run_dir, f"data.train={data}", f"reward.kwargs={{{key}: x}}")
+
+
+def test_reward_model_without_a_trained_head_is_refused(run_dir):
+    from advantage.tasks import builtin_model_path
+
+    causal_lm = builtin_model_path("tiny-random")  # no score head in its checkpoint
+    with pytest.raises(
+        ConfigError,
+        match=rf"reward.model: the folder '{causal_lm}' has no trained one-label score head "
+        r"\(missing from the checkpoint: score.weight; a plain causal LM\?\); train a reward model",
+    ):
+        _trainer(run_dir, f"reward.model={causal_lm}", "reward.functions=[]", reward_funcs=())

@@ -113,7 +113,7 @@ def run_rm(cfg: RMConfig) -> dict:
     torch.manual_seed(t.seed)
     rows = preference_rows(cfg, require_data(d.train), "train")  # before any model loads
     model, tokenizer = load_reward_model(
-        model_path(cfg.model.name_or_path), cfg.model.trust_remote_code
+        model_path(cfg.model.name_or_path), cfg.model.trust_remote_code, new_head=True
     )
     if d.eval is not None or task_of(d.train) is not None:
         eval_rows = preference_rows(cfg, d.eval or d.train, "eval")
