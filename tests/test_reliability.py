@@ -193,3 +193,38 @@ def test_reward_model_without_a_trained_head_is_refused(run_dir):
         r"\(missing from the checkpoint: score.weight; a plain causal LM\?\); train a reward model",
     ):
         _trainer(run_dir, f"reward.model={causal_lm}", "reward.functions=[]", reward_funcs=())
+
+
+def test_prompt_longer_than_the_model_allows_names_the_row(tmp_path, run_dir):
+    # the tiny models have max_position_embeddings=512; 600 characters are 601 tokens (+ <bos>)
+    data = _jsonl(tmp_path / "d.jsonl", [{"prompt": "ab>"}, {"prompt": "a" * 600 + ">"}])
+    with pytest.raises(
+        ConfigError,
+        match=r"data.train: row 1: the prompt has 602 tokens; the model's "
+        r"max_position_embeddings=512 minus rollout.max_new_tokens=6 leaves 506; "
+        r"set data.max_prompt_tokens=506 \(cuts prompts from the left\) or shorten it",
+    ):
+        _trainer(run_dir, f"data.train={data}")
+    with pytest.raises(
+        ConfigError, match=r"data.max_prompt_tokens=600 does not fit: .* leaves 506"
+    ):
+        _trainer(run_dir, f"data.train={data}", "data.max_prompt_tokens=600")
+    _trainer(run_dir, f"data.train={data}", "data.max_prompt_tokens=506")  # cut: trains
+
+
+def test_ragged_column_warns_and_reaches_rewards_as_none(tmp_path, run_dir, caplog):
+    rows = [{"prompt": "ab>", "answer": "ba"}, {"prompt": "cd>"}, {"prompt": "ef>"}]
+    data = _jsonl(tmp_path / "d.jsonl", [*rows, {"prompt": "gh>"}])
+    seen = []
+
+    def reads_answer(prompts, completions, answer, **kwargs):
+        seen.extend(answer)
+        return [None if a is None else 1.0 for a in answer]
+
+    with caplog.at_level("WARNING", logger="advantage"):
+        trainer = _trainer(
+            run_dir, f"data.train={data}", "train.steps=2", reward_funcs=[reads_answer]
+        )
+    assert "data.train: column 'answer' is missing from 3 of 4 rows (first: row 1)" in caplog.text
+    trainer.fit()
+    assert set(seen) == {"ba", None}

@@ -7,10 +7,14 @@ Rows are dicts. The prompt column is a string or a list of chat messages `{role,
 from __future__ import annotations
 
 import json
+import logging
 import random
+from collections import Counter
 from pathlib import Path
 
 from .configlib import ConfigError
+
+log = logging.getLogger("advantage")
 
 
 def load_rows(spec: str, field: str = "data.train") -> list[dict]:
@@ -31,8 +35,29 @@ def load_rows(spec: str, field: str = "data.train") -> list[dict]:
             if not isinstance(row, dict):
                 raise ConfigError(f"{field}: {spec} line {n} is not a JSON object")
             rows.append(row)
-        return rows
+        return fill_missing_columns(rows, field)
     return _load_with_datasets(spec, path, field)
+
+
+def fill_missing_columns(rows: list[dict], field: str) -> list[dict]:
+    """Every row with every column: a column that some rows lack is None there (as `datasets`
+    reads it), with one warning per column naming it and how many rows lack it."""
+    counts = Counter(name for row in rows for name in row)
+    ragged = [name for name, n in counts.items() if n < len(rows)]
+    for name in ragged:
+        first = next(i for i, row in enumerate(rows) if name not in row)
+        log.warning(
+            "%s: column %r is missing from %d of %d rows (first: row %d); reward functions get "
+            "None there, and a sample no function scores does not train",
+            field,
+            name,
+            len(rows) - counts[name],
+            len(rows),
+            first,
+        )
+    if not ragged:
+        return rows
+    return [{name: row.get(name) for name in counts} for row in rows]
 
 
 def _load_with_datasets(spec: str, path: Path, field: str) -> list[dict]:
@@ -80,6 +105,18 @@ def check_rows(rows: list[dict], prompt_field: str, field: str = "data.train") -
                 f"{field}: row {i}: the prompt must be a string or a list of messages, "
                 f"got {type(prompt).__name__}"
             )
+
+
+def check_prompt_lengths(
+    tokenizer, rows: list[dict], prompt_field: str, system_prompt: str | None, budget: int
+) -> tuple[int, int] | None:
+    """(row, length) of the first prompt longer than `budget` tokens, or None. One tokenizer
+    pass over the rows, once at setup."""
+    for i, row in enumerate(rows):
+        n = len(encode_prompt(tokenizer, row[prompt_field], system_prompt))
+        if n > budget:
+            return i, n
+    return None
 
 
 def is_conversational(prompt) -> bool:

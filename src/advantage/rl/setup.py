@@ -19,7 +19,7 @@ import torch
 from ..core import KL_CONTROLLERS, Algorithm, make_baseline
 from ..core.baselines import Baseline
 from ..engine.configlib import ConfigError
-from ..engine.data import PromptStream, check_rows
+from ..engine.data import PromptStream, check_prompt_lengths, check_rows
 from ..engine.models import (
     AdapterDisabled,
     add_lora,
@@ -100,6 +100,7 @@ def build_run(cfg: Config, reward_funcs: list[Callable] | None = None) -> Run:
     policy_path = model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(cfg.model.tokenizer or policy_path, cfg.model.trust_remote_code)
     policy = load_causal_lm(policy_path, cfg.model.trust_remote_code)
+    check_context(cfg, tokenizer, policy.config, train_rows, eval_rows)
     if cfg.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     ref = None
@@ -178,6 +179,41 @@ def load_eval_rows(cfg: Config) -> list[dict]:
     rows = dataset_rows(spec, "data.eval")
     check_rows(rows, cfg.data.prompt_field, "data.eval")
     return rows
+
+
+def check_context(cfg: Config, tokenizer, model_config, train_rows, eval_rows) -> None:
+    """Prompt + completion fit in the model's positions (`max_position_embeddings`), before
+    training; the error names the first row that does not."""
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context is None:
+        return
+    d, new = cfg.data, cfg.rollout.max_new_tokens
+    budget = context - new
+    where = f"the model's max_position_embeddings={context} minus rollout.max_new_tokens={new}"
+    if budget < 1:
+        raise ConfigError(f"rollout.max_new_tokens={new} leaves no room for a prompt: {where}")
+    if d.max_prompt_tokens is not None and d.max_prompt_tokens > budget:
+        raise ConfigError(
+            f"data.max_prompt_tokens={d.max_prompt_tokens} does not fit: {where} leaves {budget}"
+        )
+    if d.max_prompt_tokens is None:  # (prompts are cut to max_prompt_tokens when it is set)
+        long = check_prompt_lengths(tokenizer, train_rows, d.prompt_field, d.system_prompt, budget)
+        if long is not None:
+            raise ConfigError(
+                f"data.train: row {long[0]}: the prompt has {long[1]} tokens; {where} leaves "
+                f"{budget}; set data.max_prompt_tokens={budget} (cuts prompts from the left) or "
+                "shorten it"
+            )
+    eval_new = cfg.eval.max_new_tokens or new
+    long = check_prompt_lengths(
+        tokenizer, eval_rows, d.prompt_field, d.system_prompt, context - eval_new
+    )
+    if long is not None:
+        raise ConfigError(
+            f"data.eval: row {long[0]}: the prompt has {long[1]} tokens; the model's "
+            f"max_position_embeddings={context} minus {eval_new} new tokens leaves "
+            f"{context - eval_new}; shorten it"
+        )
 
 
 def optimizer_for(model: torch.nn.Module, cfg: Config, lr: float):
