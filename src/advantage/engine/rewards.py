@@ -3,18 +3,15 @@ combination, `None` for "not applicable", and errors that name the function and 
 
 A reward function is `f(prompts, completions, completion_ids, **columns) -> list[float | None]`
 (sync or `async def`), exactly as for TRL's `GRPOTrainer`; `columns` are the dataset's other
-fields, one value per completion.
+fields, one value per completion. Calling one function (threads, timeouts, checking what it
+returns) is `reward_call.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import importlib
 import importlib.util
 import inspect
-import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,21 +20,11 @@ import torch
 
 from ..core.scores import combine_rewards
 from .configlib import ConfigError
+from .reward_call import ON_TIMEOUT, RewardError, RewardSource, call_reward_function
 
 RESERVED_ARGUMENTS = ("prompts", "completions", "completion_ids")
 """The arguments every reward call passes itself; a dataset column or a `reward.kwargs` key of
 the same name would replace them (TRL leaves such columns out; we refuse them)."""
-
-
-class RewardError(RuntimeError):
-    """A reward function failed; the message names the function and the sample."""
-
-
-@dataclass
-class RewardSource:
-    name: str
-    fn: Callable
-    weight: float = 1.0
 
 
 def load_function(spec: str, task_reward: Callable | None = None) -> RewardSource:
@@ -86,100 +73,6 @@ def required_arguments(fn: Callable) -> list[str]:
     return [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
 
 
-def _call(source: RewardSource, timeout: float | None, kwargs: dict) -> list:
-    """Call one reward function (sync or async), with an optional timeout in seconds."""
-    fn = source.fn
-    if inspect.iscoroutinefunction(fn):
-
-        async def run():
-            return await asyncio.wait_for(fn(**kwargs), timeout)
-
-        return asyncio.run(run())
-    if timeout is None:
-        return fn(**kwargs)
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    try:
-        return pool.submit(fn, **kwargs).result(timeout=timeout)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _locate_failure(source: RewardSource, kwargs: dict, n: int) -> int | None:
-    """Index of the first sample on which `source` raises alone (None if none does)."""
-    for i in range(n):
-        one = {
-            k: (v[i : i + 1] if isinstance(v, list) and len(v) == n else v)
-            for k, v in kwargs.items()
-        }
-        try:
-            _call(source, None, one)
-        except Exception:
-            return i
-    return None
-
-
-def call_reward_function(
-    source: RewardSource,
-    prompts: list,
-    completions: list,
-    completion_ids: list,
-    columns: dict,
-    timeout: float | None = None,
-    extra: dict | None = None,
-) -> list[float | None]:
-    """Run `source` on a batch and validate what it returns (length, numbers, finiteness)."""
-    n = len(completions)
-    kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids)
-    kwargs.update(columns)
-    kwargs.update(extra or {})
-    try:
-        values = _call(source, timeout, kwargs)
-    except (TimeoutError, concurrent.futures.TimeoutError):
-        raise RewardError(
-            f"reward function '{source.name}' took longer than reward.timeout={timeout}s on a "
-            f"batch of {n} completions"
-        ) from None
-    except Exception as e:
-        index = _locate_failure(source, kwargs, n)
-        where = f" on sample {index} (prompt {_short(prompts[index])})" if index is not None else ""
-        raise RewardError(
-            f"reward function '{source.name}' raised {type(e).__name__}{where}: {e}"
-        ) from e
-    if isinstance(values, torch.Tensor):
-        values = values.tolist()
-    if not isinstance(values, (list, tuple)):
-        raise RewardError(
-            f"reward function '{source.name}' returned {type(values).__name__}; "
-            f"expected a list of {n} floats (or None)"
-        )
-    if len(values) != n:
-        raise RewardError(
-            f"reward function '{source.name}' returned {len(values)} values for {n} completions"
-        )
-    out: list[float | None] = []
-    for i, v in enumerate(values):
-        if v is None:
-            out.append(None)
-            continue
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise RewardError(
-                f"reward function '{source.name}' returned {v!r} ({type(v).__name__}) for sample "
-                f"{i}; expected a float or None"
-            )
-        if not math.isfinite(float(v)):
-            raise RewardError(
-                f"reward function '{source.name}' returned {v} for sample {i} "
-                f"(prompt {_short(prompts[i])}); rewards must be finite (use None to skip a sample)"
-            )
-        out.append(float(v))
-    return out
-
-
-def _short(x, limit: int = 60) -> str:
-    text = repr(x)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 @dataclass
 class Scores:
     """The scores of one rollout batch (B completions, prompt-major) from F reward sources."""
@@ -226,12 +119,16 @@ class RewardComputer:
         clip: float | None = None,
         timeout: float | None = None,
         extra: dict | None = None,
+        on_timeout: str = "error",
     ) -> None:
+        if on_timeout not in ON_TIMEOUT:
+            raise ValueError(f"on_timeout: {on_timeout!r} is not one of {', '.join(ON_TIMEOUT)}")
         self.sources = sources
         self.mode = mode
         self.clip = clip
         self.timeout = timeout
         self.extra = extra or {}
+        self.on_timeout = on_timeout
 
     def check_columns(self, columns: set[str], field: str = "data.train") -> None:
         """Fail before training when a column or a `reward.kwargs` key would replace an argument
@@ -263,7 +160,14 @@ class RewardComputer:
     ) -> Scores:
         raw = [
             call_reward_function(
-                s, prompts, completions, completion_ids, columns, self.timeout, self.extra
+                s,
+                prompts,
+                completions,
+                completion_ids,
+                columns,
+                self.timeout,
+                self.extra,
+                self.on_timeout,
             )
             for s in self.sources
         ]
@@ -304,3 +208,16 @@ def score_rollout(
         k: [r.get(k) for r in rows for _ in range(group_size)] for k in rows[0] if k != prompt_field
     }
     return rewards(prompts, completions, completion_ids, columns, group_size=group_size), texts
+
+
+__all__ = [
+    "RESERVED_ARGUMENTS",
+    "RewardComputer",
+    "RewardError",
+    "RewardSource",
+    "Scores",
+    "call_reward_function",
+    "load_function",
+    "required_arguments",
+    "score_rollout",
+]

@@ -17,6 +17,7 @@ from ..engine.configlib import (
 )
 from ..engine.optim import LR_SCHEDULES
 from ..engine.precision import BF16_MATMUL_CHOICES
+from ..engine.reward_call import ON_TIMEOUT
 
 
 @dataclass
@@ -146,6 +147,10 @@ class RewardConfig:
     """Subtracted from the score of completions that hit max_new_tokens without EOS."""
     timeout: float | None = None
     """Seconds allowed for one call of a reward function (null = no limit)."""
+    on_timeout: str = "error"
+    """A call longer than reward.timeout: error (stop the run with a RewardError) | skip (that
+    function scores the batch None, with a warning; the abandoned call may keep running in a
+    background thread)."""
     kwargs: dict = field(default_factory=dict)
     """Extra keyword arguments passed to every reward function."""
 
@@ -161,6 +166,7 @@ class RewardConfig:
         check_at_least("reward.model_batch_size", self.model_batch_size, 1)
         check_finite("reward.missing_eos_penalty", self.missing_eos_penalty)
         check_positive("reward.timeout", self.timeout)
+        check_choice("reward.on_timeout", self.on_timeout, ON_TIMEOUT)
         # (reward.weights is checked against the sources when they are built: the Python API
         # can pass reward functions that the config does not name)
 

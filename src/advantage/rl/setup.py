@@ -277,7 +277,7 @@ def make_reward_computer(cfg: Config, reward_funcs: list[Callable] | None) -> Re
             )
         for s, w in zip(sources, r.weights, strict=True):
             s.weight = w
-    return RewardComputer(sources, r.multi_reward, r.clip, r.timeout, r.kwargs)
+    return RewardComputer(sources, r.multi_reward, r.clip, r.timeout, r.kwargs, r.on_timeout)
 
 
 def make_eval_rewards(cfg: Config, rewards: RewardComputer) -> RewardComputer:
@@ -286,4 +286,4 @@ def make_eval_rewards(cfg: Config, rewards: RewardComputer) -> RewardComputer:
         return rewards
     judge = task_reward(cfg)
     sources = [load_function(spec, judge) for spec in cfg.eval.functions]
-    return RewardComputer(sources, timeout=cfg.reward.timeout)
+    return RewardComputer(sources, timeout=cfg.reward.timeout, on_timeout=cfg.reward.on_timeout)

@@ -1,0 +1,160 @@
+"""Calling one reward function on a batch: sync or `async def`, with a timeout, and checking what
+it returns. Errors name the function and the sample.
+
+Threads. An `async def` function runs on its own event loop in a helper thread, so it works when
+the caller already runs a loop (a notebook), and a coroutine that blocks its loop (`time.sleep`)
+is still caught by the timeout, which this thread waits for. With a timeout, sync functions run
+in a helper thread too. Helper threads are daemons: a call that never returns is abandoned (a
+thread cannot be killed) and does not keep the process alive at exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import numbers
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("advantage")
+
+ON_TIMEOUT = ("error", "skip")
+
+
+class RewardError(RuntimeError):
+    """A reward function failed; the message names the function and the sample."""
+
+
+@dataclass
+class RewardSource:
+    name: str
+    fn: Callable
+    weight: float = 1.0
+
+
+def _in_thread(work: Callable[[], object], timeout: float | None, name: str) -> object:
+    """`work()` in a daemon thread: its result, its exception re-raised, or TimeoutError."""
+    done = threading.Event()
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = work()
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"reward {name}", daemon=True).start()
+    if not done.wait(timeout):
+        raise TimeoutError
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _call(source: RewardSource, timeout: float | None, kwargs: dict) -> object:
+    """Call one reward function (sync or async), with an optional timeout in seconds."""
+    fn = source.fn
+    if inspect.iscoroutinefunction(fn):
+        return _in_thread(lambda: asyncio.run(fn(**kwargs)), timeout, source.name)
+    if timeout is None:
+        out = fn(**kwargs)
+    else:
+        out = _in_thread(lambda: fn(**kwargs), timeout, source.name)
+    if inspect.iscoroutine(out):  # e.g. an object with `async def __call__`
+        return _in_thread(lambda: asyncio.run(out), timeout, source.name)
+    return out
+
+
+def _locate_failure(
+    source: RewardSource, kwargs: dict, n: int, timeout: float | None
+) -> int | None:
+    """Index of the first sample on which `source` raises alone (None if none does)."""
+    for i in range(n):
+        one = {
+            k: (v[i : i + 1] if isinstance(v, list) and len(v) == n else v)
+            for k, v in kwargs.items()
+        }
+        try:
+            _call(source, timeout, one)
+        except TimeoutError:
+            return None
+        except Exception:
+            return i
+    return None
+
+
+def call_reward_function(
+    source: RewardSource,
+    prompts: list,
+    completions: list,
+    completion_ids: list,
+    columns: dict,
+    timeout: float | None = None,
+    extra: dict | None = None,
+    on_timeout: str = "error",
+) -> list[float | None]:
+    """Run `source` on a batch and validate what it returns (length, numbers, finiteness).
+
+    A call longer than `timeout` seconds raises a RewardError (`on_timeout="error"`) or scores
+    the batch None for this function (`"skip"`, with a warning)."""
+    n = len(completions)
+    kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids)
+    kwargs.update(columns)
+    kwargs.update(extra or {})
+    try:
+        values = _call(source, timeout, kwargs)
+    except TimeoutError:
+        late = (
+            f"reward function '{source.name}' took longer than reward.timeout={timeout}s on a "
+            f"batch of {n} completions"
+        )
+        if on_timeout == "skip":
+            log.warning("%s; its scores of this batch are None (reward.on_timeout=skip)", late)
+            return [None] * n
+        raise RewardError(late) from None
+    except Exception as e:
+        index = _locate_failure(source, kwargs, n, timeout)
+        where = f" on sample {index} (prompt {_short(prompts[index])})" if index is not None else ""
+        raise RewardError(
+            f"reward function '{source.name}' raised {type(e).__name__}{where}: {e}"
+        ) from e
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise RewardError(
+            f"reward function '{source.name}' returned {type(values).__name__}; "
+            f"expected a list of {n} floats (or None)"
+        )
+    if len(values) != n:
+        raise RewardError(
+            f"reward function '{source.name}' returned {len(values)} values for {n} completions"
+        )
+    out: list[float | None] = []
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(None)
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise RewardError(
+                f"reward function '{source.name}' returned {v!r} ({type(v).__name__}) for sample "
+                f"{i}; expected a float or None"
+            )
+        if not math.isfinite(float(v)):
+            raise RewardError(
+                f"reward function '{source.name}' returned {v} for sample {i} "
+                f"(prompt {_short(prompts[i])}); rewards must be finite (use None to skip a sample)"
+            )
+        out.append(float(v))
+    return out
+
+
+def _short(x, limit: int = 60) -> str:
+    text = repr(x)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
