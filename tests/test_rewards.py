@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,6 +115,30 @@ def test_wrong_length_nan_inf_and_non_numbers():
         _call(lambda_named("text", lambda prompts, completions, **kw: ["yes", 1.0, 1.0, 1.0]))
     with pytest.raises(RewardError, match="expected a list of 4 floats"):
         _call(lambda_named("scalar", lambda prompts, completions, **kw: 1.0))
+    with pytest.raises(RewardError, match=r"returned str; expected a list of 4 floats"):
+        _call(lambda_named("string", lambda prompts, completions, **kw: "1.0"))
+
+
+@pytest.mark.parametrize(
+    "returned",
+    [
+        np.array([1.0, 0.0, 0.5, 2.0]),  # a NumPy array
+        [np.float32(1.0), np.int64(0), np.float64(0.5), 2],  # NumPy scalars
+        torch.tensor([1.0, 0.0, 0.5, 2.0]),  # a tensor
+        [torch.tensor(1.0), torch.tensor(0), 0.5, 2.0],  # 0-d tensors
+        (1.0, 0.0, 0.5, 2.0),  # a tuple
+        (x for x in [1.0, 0.0, 0.5, 2.0]),  # a generator
+    ],
+)
+def test_what_trl_accepts_is_accepted(returned):
+    """TRL's GRPOTrainer takes any sequence that `torch.tensor(..., dtype=float32)` takes."""
+    fn = lambda_named("numpyish", lambda prompts, completions, **kw: returned)
+    assert _call(fn) == [1.0, 0.0, 0.5, 2.0]
+
+
+def test_bools_score_one_and_zero():
+    fn = lambda_named("verifier", lambda prompts, completions, **kw: [True, False, np.True_, None])
+    assert _call(fn) == [1.0, 0.0, 1.0, None]
 
 
 def test_timeout():

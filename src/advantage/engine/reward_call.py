@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 log = logging.getLogger("advantage")
@@ -125,11 +126,10 @@ def call_reward_function(
         raise RewardError(
             f"reward function '{source.name}' raised {type(e).__name__}{where}: {e}"
         ) from e
-    if isinstance(values, torch.Tensor):
-        values = values.tolist()
-    if not isinstance(values, (list, tuple)):
+    returned, values = values, _as_list(values)
+    if values is None:
         raise RewardError(
-            f"reward function '{source.name}' returned {type(values).__name__}; "
+            f"reward function '{source.name}' returned {type(returned).__name__}; "
             f"expected a list of {n} floats (or None)"
         )
     if len(values) != n:
@@ -138,21 +138,48 @@ def call_reward_function(
         )
     out: list[float | None] = []
     for i, v in enumerate(values):
-        if v is None:
-            out.append(None)
-            continue
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        value = _as_float(v)
+        if value is None and v is not None:
             raise RewardError(
                 f"reward function '{source.name}' returned {v!r} ({type(v).__name__}) for sample "
                 f"{i}; expected a float or None"
             )
-        if not math.isfinite(float(v)):
+        if value is not None and not math.isfinite(value):
             raise RewardError(
-                f"reward function '{source.name}' returned {v} for sample {i} "
+                f"reward function '{source.name}' returned {value} for sample {i} "
                 f"(prompt {_short(prompts[i])}); rewards must be finite (use None to skip a sample)"
             )
-        out.append(float(v))
+        out.append(value)
     return out
+
+
+# What a function may return is what TRL's GRPOTrainer accepts: it builds
+# `torch.tensor([nan if r is None else r for r in output], dtype=float32)`
+# (trl/trainer/grpo_trainer.py, `_calculate_rewards`), so any sequence (a list, a tuple, a
+# 1-d NumPy array or tensor, a generator) of Python or NumPy numbers, bools (1.0 / 0.0) or 0-d
+# tensors. (TRL also takes NaN, as its own "None"; here NaN is an error: return None.)
+
+
+def _as_list(values) -> list | None:
+    """The values of a returned sequence, or None when it is not one (a string, a scalar)."""
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        return values.tolist() if values.ndim == 1 else None
+    if isinstance(values, (list, tuple)):
+        return list(values)
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+        return None
+    return list(values)  # a generator, a map, ...
+
+
+def _as_float(v) -> float | None:
+    """One value as a float (bools as 1.0 / 0.0); None for None and for what is not a number."""
+    if isinstance(v, (torch.Tensor, np.ndarray)) and v.ndim == 0:
+        v = v.item()
+    if isinstance(v, (bool, np.bool_)):
+        return float(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return None
 
 
 def _short(x, limit: int = 60) -> str:
