@@ -3,7 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class WriteError(Exception):
+    """A command could not write its output (full disk, read-only folder, no permission)."""
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+
+
+@contextmanager
+def _writing(where: str | Path):
+    """Disk errors while a command writes under `where`, as one line instead of a traceback.
+    (torch.save reports a full disk as a RuntimeError of its zip writer, without the path.)"""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        reason = os.strerror(e.errno).lower()
+        raise WriteError(
+            f"cannot write {e.filename or where}: {reason}; free space or choose another folder"
+        ) from None
+    except RuntimeError as e:
+        text = str(e)
+        if "inline_container" not in text and "PytorchStreamWriter" not in text:
+            raise
+        raise WriteError(
+            f"cannot write {where}: the disk is full or not writable (torch.save: "
+            f"{text.strip().splitlines()[0]}); free space or choose another folder"
+        ) from None
 
 
 def _presets(args: argparse.Namespace) -> int:
@@ -14,17 +48,21 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _card(args: argparse.Namespace) -> int:
-    from .core import resolve
+    import dataclasses
 
-    overrides = dict(_parse_override(kv) for kv in args.overrides)
-    print(resolve(args.preset, **overrides).card())
+    from .core import PRESETS, resolve
+    from .engine.configlib import ConfigError, load_config
+    from .rl.config import AlgoConfig
+
+    if args.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {args.preset!r}; valid: {', '.join(PRESETS)}")
+    axes = load_config(AlgoConfig, None, args.overrides)  # names and types checked
+    overrides = {k: v for k, v in dataclasses.asdict(axes).items() if v is not None}
+    try:
+        print(resolve(args.preset, **overrides).card())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return 0
-
-
-def _parse_override(text: str) -> tuple[str, object]:
-    from .engine.configlib import parse_overrides
-
-    return parse_overrides([text])[0]
 
 
 def _split_config_arg(items: list[str]) -> tuple[str | None, list[str]]:
@@ -35,10 +73,12 @@ def _split_config_arg(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .rl.config import load_config
     from .rl.trainer import train
 
-    path, overrides = _split_config_arg(args.args)
-    train(path, overrides=overrides)
+    cfg = load_config(*_split_config_arg(args.args))
+    with _writing(cfg.log.run_dir):
+        train(cfg)
     return 0
 
 
@@ -46,11 +86,13 @@ def _demo(args: argparse.Namespace) -> int:
     import time
     from importlib.resources import files
 
+    from .rl.config import load_config
     from .rl.trainer import train
 
     start = time.perf_counter()
-    recipe = files("advantage") / "recipes" / "demo.yaml"
-    result = train(str(recipe), overrides=args.overrides)
+    cfg = load_config(str(files("advantage") / "recipes" / "demo.yaml"), args.overrides)
+    with _writing(cfg.log.run_dir):
+        result = train(cfg)
     before = result.eval_before["eval/accuracy"]
     after = result.eval_after["eval/accuracy"]
     print(
@@ -65,8 +107,9 @@ def _sft(args: argparse.Namespace) -> int:
     from .engine.configlib import load_config
     from .stages.sft import SFTConfig, run_sft
 
-    path, overrides = _split_config_arg(args.args)
-    stats = run_sft(load_config(SFTConfig, path, overrides))
+    cfg = load_config(SFTConfig, *_split_config_arg(args.args))
+    with _writing(cfg.log.run_dir):
+        stats = run_sft(cfg)
     print(
         f"SFT done in {stats['seconds']:.0f}s: final loss {stats['loss']:.4f}"
         + (f", held-out loss {stats['eval_loss']:.4f}" if "eval_loss" in stats else "")
@@ -79,8 +122,9 @@ def _rm(args: argparse.Namespace) -> int:
     from .engine.configlib import load_config
     from .stages.rm import RMConfig, run_rm
 
-    path, overrides = _split_config_arg(args.args)
-    stats = run_rm(load_config(RMConfig, path, overrides))
+    cfg = load_config(RMConfig, *_split_config_arg(args.args))
+    with _writing(cfg.log.run_dir):
+        stats = run_rm(cfg)
     print(
         f"reward model trained in {stats['seconds']:.0f}s: held-out pairwise accuracy "
         f"{100 * stats['eval_pairwise_accuracy_before']:.1f}% -> {100 * stats['eval_pairwise_accuracy']:.1f}% "
@@ -92,22 +136,44 @@ def _rm(args: argparse.Namespace) -> int:
 def _chain(args: argparse.Namespace) -> int:
     from .stages.chain import run_chain
 
-    run_chain(args.run_dir, args.overrides)
+    with _writing(args.run_dir):
+        run_chain(args.run_dir, args.overrides)
     return 0
 
 
 def _consolidate(args: argparse.Namespace) -> int:
+    from .engine.checkpoint import list_checkpoints
+    from .engine.configlib import ConfigError
     from .rl.checkpointing import consolidate
 
-    out = consolidate(args.checkpoint, args.out)
+    folder = Path(args.checkpoint)
+    if not (folder / "trainer_state.json").is_file():
+        found = list_checkpoints(folder) if folder.is_dir() else []
+        if found:
+            raise ConfigError(
+                f"CHECKPOINT {str(folder)!r} is a run folder, not a checkpoint; give one of its "
+                f"checkpoints: {', '.join(str(p) for p in found)}"
+            )
+        what = "is not a complete checkpoint folder" if folder.exists() else "does not exist"
+        raise ConfigError(
+            f"CHECKPOINT {str(folder)!r} {what} (expected RUN_DIR/checkpoints/step-NNNNNN)"
+        )
+    with _writing(args.out):
+        out = consolidate(folder, args.out)
     print(f"wrote a Hugging Face model folder: {out}")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
+    from .engine.configlib import ConfigError
     from .engine.report import make_report
 
-    print(f"wrote {make_report(args.run_dir)}")
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        what = "has no metrics.jsonl (not a run folder?)" if run_dir.is_dir() else "does not exist"
+        raise ConfigError(f"RUN_DIR {args.run_dir!r} {what}")
+    with _writing(run_dir / "report"):
+        print(f"wrote {make_report(run_dir)}")
     return 0
 
 
@@ -137,22 +203,22 @@ def _merge(args: argparse.Namespace) -> int:
     from .engine.models import load_tokenizer
 
     model = AutoPeftModelForCausalLM.from_pretrained(args.adapter)
-    model.merge_and_unload().save_pretrained(args.out)
-    load_tokenizer(args.adapter).save_pretrained(args.out)
+    with _writing(args.out):
+        model.merge_and_unload().save_pretrained(args.out)
+        load_tokenizer(args.adapter).save_pretrained(args.out)
     print(f"wrote a merged model folder: {args.out}")
     return 0
 
 
 def _docs(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .docs import GENERATED
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, make in GENERATED.items():
-        (out / name).write_text(make())
-        print(f"wrote {out / name}")
+    with _writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        for name, make in GENERATED.items():
+            (out / name).write_text(make())
+            print(f"wrote {out / name}")
     return 0
 
 
@@ -219,12 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .engine.configlib import ConfigError
-    from .engine.rewards import RewardError
-
+    # `module:function` reward functions in the current folder import as with `python -m`
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from .engine.configlib import ConfigError
+    from .engine.reward_call import RewardError
+
     try:
         return args.func(args)
-    except (ConfigError, RewardError) as e:
+    except (ConfigError, RewardError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,7 +12,8 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from .configlib import ConfigError
+from .configlib import ConfigError, read_text
+from .hub import local_or_hub
 
 log = logging.getLogger("advantage")
 
@@ -25,7 +26,7 @@ def load_rows(spec: str, field: str = "data.train") -> list[dict]:
         if not path.is_file():
             raise ConfigError(f"{field}: file {spec!r} does not exist")
         rows = []
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
+        for n, line in enumerate(read_text(path, f"{field}: ").splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -78,10 +79,9 @@ def _load_with_datasets(spec: str, path: Path, field: str) -> list[dict]:
             if path.is_file()
             else datasets.load_dataset(str(path), split="train")
         )
-    elif spec.startswith((".", "/", "~")):
-        raise ConfigError(f"{field}: {spec!r} does not exist")
-    else:
-        ds = datasets.load_dataset(spec, split="train")  # a hub dataset id
+    else:  # a hub dataset id, or a typo: fail at once, before any network retries
+        local_or_hub(spec, field, probe="README.md", repo_type="dataset", kind="file or folder")
+        ds = datasets.load_dataset(spec, split="train")
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"]
     return [dict(row) for row in ds]
@@ -104,6 +104,11 @@ def check_rows(rows: list[dict], prompt_field: str, field: str = "data.train") -
             raise ConfigError(
                 f"{field}: row {i}: the prompt must be a string or a list of messages, "
                 f"got {type(prompt).__name__}"
+            )
+        if isinstance(prompt, list) and not is_conversational(prompt):
+            raise ConfigError(
+                f"{field}: row {i}: the prompt is a list but not of chat messages "
+                f"{{role, content}} (got {str(prompt)[:60]}); give a string or a list of messages"
             )
 
 

@@ -27,14 +27,16 @@ RESERVED_ARGUMENTS = ("prompts", "completions", "completion_ids")
 the same name would replace them (TRL leaves such columns out; we refuse them)."""
 
 
-def load_function(spec: str, task_reward: Callable | None = None) -> RewardSource:
+def load_function(
+    spec: str, task_reward: Callable | None = None, field: str = "reward.functions"
+) -> RewardSource:
     """A reward function from `builtin` (the task's), a helper name, `module:fn`, `module.fn`
-    or `path/to/file.py:fn`."""
+    or `path/to/file.py:fn`; `field` names the setting in errors."""
     from . import reward_helpers
 
     if spec == "builtin":
         if task_reward is None:
-            raise ConfigError("reward.functions: 'builtin' needs a built-in task in data.train")
+            raise ConfigError(f"{field}: 'builtin' needs a built-in task in data.train")
         return RewardSource(task_reward.__name__, task_reward)
     if spec in reward_helpers.HELPERS:
         return RewardSource(spec, reward_helpers.HELPERS[spec])
@@ -44,14 +46,14 @@ def load_function(spec: str, task_reward: Callable | None = None) -> RewardSourc
         module_name, fn_name = spec.rsplit(".", 1)
     else:
         raise ConfigError(
-            f"reward.functions: {spec!r} is neither a helper ({', '.join(reward_helpers.HELPERS)}) "
+            f"{field}: {spec!r} is neither a helper ({', '.join(reward_helpers.HELPERS)}) "
             "nor a dotted path like my_module:my_reward"
         )
     try:
         if module_name.endswith(".py"):
             path = Path(module_name)
             if not path.is_file():
-                raise ConfigError(f"reward.functions: file {module_name!r} does not exist")
+                raise ConfigError(f"{field}: file {module_name!r} does not exist")
             module_spec = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
@@ -59,7 +61,17 @@ def load_function(spec: str, task_reward: Callable | None = None) -> RewardSourc
             module = importlib.import_module(module_name)
         fn = getattr(module, fn_name)
     except (ImportError, AttributeError) as e:
-        raise ConfigError(f"reward.functions: cannot load {spec!r}: {e}") from None
+        raise ConfigError(f"{field}: cannot load {spec!r}: {e}") from None
+    except SyntaxError as e:
+        raise ConfigError(
+            f"{field}: {e.filename} line {e.lineno}: {e.msg} (loading {spec!r})"
+        ) from None
+    except ConfigError:
+        raise
+    except Exception as e:  # the module's own code failed while it was imported
+        raise ConfigError(
+            f"{field}: importing {module_name!r} raised {type(e).__name__}: {e}"
+        ) from None
     return RewardSource(fn_name, fn)
 
 

@@ -98,7 +98,10 @@ def build_run(cfg: Config, reward_funcs: list[Callable] | None = None) -> Run:
         eval_rewards.check_columns(set(eval_rows[0]) - {cfg.data.prompt_field}, "data.eval")
     # models
     policy_path = model_path(cfg.model.name_or_path)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or policy_path, cfg.model.trust_remote_code)
+    tokenizer_path = (
+        model_path(cfg.model.tokenizer, "model.tokenizer") if cfg.model.tokenizer else None
+    )
+    tokenizer = load_tokenizer(tokenizer_path or policy_path, cfg.model.trust_remote_code)
     policy = load_causal_lm(policy_path, cfg.model.trust_remote_code)
     check_context(cfg, tokenizer, policy.config, train_rows, eval_rows)
     if cfg.model.gradient_checkpointing:
@@ -285,5 +288,5 @@ def make_eval_rewards(cfg: Config, rewards: RewardComputer) -> RewardComputer:
     if not cfg.eval.functions:
         return rewards
     judge = task_reward(cfg)
-    sources = [load_function(spec, judge) for spec in cfg.eval.functions]
+    sources = [load_function(spec, judge, "eval.functions") for spec in cfg.eval.functions]
     return RewardComputer(sources, timeout=cfg.reward.timeout, on_timeout=cfg.reward.on_timeout)

@@ -50,7 +50,10 @@ def run_sft(cfg: SFTConfig) -> dict:
     rows = _supervised_rows(require_data(cfg.data.train), cfg, "data.train")
     eval_rows = _supervised_rows(cfg.data.eval, cfg, "data.eval") if cfg.data.eval else []
     path = model_path(cfg.model.name_or_path)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or path, cfg.model.trust_remote_code)
+    tokenizer_path = (
+        model_path(cfg.model.tokenizer, "model.tokenizer") if cfg.model.tokenizer else None
+    )
+    tokenizer = load_tokenizer(tokenizer_path or path, cfg.model.trust_remote_code)
     model = load_causal_lm(path, cfg.model.trust_remote_code)
     logger = MetricsLogger(
         cfg.log.run_dir, cfg.train.steps, cfg.log.tensorboard, cfg.log.wandb, cfg.log.progress
