@@ -187,3 +187,21 @@ def test_model_and_data_typos_fail_at_once(tmp_path, capsys, monkeypatch):
         "data.train: the file or folder 'data/tran.json' does not exist"
     )
     assert time.perf_counter() - start < 20
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["eval"], ["card"], ["train", "--steps=3"]])
+def test_help_and_argument_errors_do_not_import_torch(argv):
+    """`advantage --help` in well under 0.3 s: torch (1.5–2 s to import) is imported on use."""
+    code = (
+        "import sys\nfrom advantage.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "print(sorted({'torch', 'transformers', 'numpy'} & set(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr

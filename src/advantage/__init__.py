@@ -2,11 +2,32 @@
 
 Every policy-gradient method runs the same loop and differs only in how it turns rewards into
 advantages; `advantage.core` holds that math, `advantage.train` runs the loop.
+
+The names below are imported on first use (module `__getattr__`), so `import advantage` and the
+command line's help and argument errors do not import torch.
 """
 
-from .core import PRESETS, Algorithm, resolve
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_LAZY = {  # name → the module that defines it
+    "PRESETS": "advantage.core",
+    "Algorithm": "advantage.core",
+    "resolve": "advantage.core",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'advantage' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
 
 
 def train(config=None, reward_funcs=None, overrides=None):
