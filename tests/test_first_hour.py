@@ -49,3 +49,34 @@ def test_sft_and_rm_without_data_are_refused(stage, run_dir):
     )
     with pytest.raises(ConfigError, match=NO_DATA):
         run(cfg)
+
+
+def test_make_tiny_model_for_a_toy_task(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import advantage
+
+    out = advantage.make_tiny_model(tmp_path / "m", size="micro", chars="abc=ABC")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = tokenizer("cab=")["input_ids"]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "cab="
+    assert len(ids) == 5 and len(tokenizer) == 4 + 7  # <bos> + 4; specials + 7 characters
+    assert model.config.vocab_size == len(tokenizer)
+    # the command line does the same, and the folder trains
+    assert main(["init-model", str(tmp_path / "cli"), "--size", "micro", "--chars", "ab>"]) == 0
+    assert "wrote a freshly initialised micro Qwen2" in capsys.readouterr().out
+    assert main(["init-model", str(tmp_path / "cli")]) == 2  # never over an existing folder
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    trainer = Trainer(
+        load_config(None, small_config(tmp_path / "run", model=str(tmp_path / "cli"))),
+        [length_reward],
+    )
+    assert len(trainer.fit().metrics) == 3
+
+
+def test_builtin_random_models_are_documented():
+    from advantage.docs import config_reference
+
+    reference = config_reference()
+    assert "builtin:tiny-random" in reference and "builtin:small-random" in reference

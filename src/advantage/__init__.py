@@ -17,6 +17,7 @@ _LAZY = {  # name → the module that defines it
     "PRESETS": "advantage.core",
     "Algorithm": "advantage.core",
     "resolve": "advantage.core",
+    "make_tiny_model": "advantage.tasks.tiny",
 }
 
 
@@ -40,4 +41,16 @@ def train(config=None, reward_funcs=None, overrides=None):
     return _train(config, reward_funcs=reward_funcs, overrides=overrides)
 
 
-__all__ = ["PRESETS", "Algorithm", "__version__", "resolve", "train"]
+def sft(config=None, overrides=None) -> dict:
+    """Supervised fine-tuning (`advantage sft`) with a dict or a YAML path and `key=value`
+    overrides; returns {"loss", "seconds", "final" (the model folder), "eval_loss" with data.eval}.
+    """
+    from .engine.configlib import load_config
+    from .stages.sft import SFTConfig, run_sft
+
+    if config is None or isinstance(config, dict):
+        return run_sft(load_config(SFTConfig, None, overrides, base=config))
+    return run_sft(load_config(SFTConfig, config, overrides))
+
+
+__all__ = ["PRESETS", "Algorithm", "__version__", "make_tiny_model", "resolve", "sft", "train"]

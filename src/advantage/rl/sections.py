@@ -23,8 +23,11 @@ from ..engine.reward_call import ON_TIMEOUT
 @dataclass
 class ModelConfig:
     name_or_path: str = "builtin:tiny-reverse"
-    """Policy: a local folder, a hub id, or `builtin:tiny-reverse` (the demo's tiny Qwen2,
-    built locally and warm-started on the built-in task; nothing is downloaded)."""
+    """Policy: a local folder, a hub id, or a built-in model (built locally, nothing downloaded):
+    `builtin:tiny-reverse` (the demo's tiny Qwen2, warm-started on the built-in task),
+    `builtin:tiny-random` / `builtin:small-random` (freshly initialised ≈2.4M / ≈24M-parameter
+    Qwen2 with a character tokenizer; `advantage init-model OUT --chars ...` writes one for the
+    characters of a task of your own)."""
     tokenizer: str | None = None
     """Tokenizer folder or hub id (default: the policy's)."""
     trust_remote_code: bool = False
