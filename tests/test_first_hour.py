@@ -80,3 +80,53 @@ def test_builtin_random_models_are_documented():
 
     reference = config_reference()
     assert "builtin:tiny-random" in reference and "builtin:small-random" in reference
+
+
+@pytest.mark.parametrize(
+    ("command", "keys"),
+    [
+        ("sft", ["data.train = null", "train.lr = 2e-05", "train.max_length", "log.every = 25"]),
+        ("rm", ["data.chosen_field = 'chosen'", "train.lr = 1e-05", "pairs = 4096"]),
+        ("train", ["rollout.num_generations = 8", "algo.clip_high = null", "reward.on_timeout"]),
+    ],
+)
+def test_help_of_every_command_lists_its_config_keys(command, keys, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f"  {key}" in out for key in keys), out
+    assert "A model trained from scratch" in out  # which learning rate when
+
+
+def test_config_reference_covers_sft_and_rm():
+    from advantage.docs import config_reference
+
+    reference = config_reference()
+    for heading in ("## `advantage train`", "## `advantage sft`", "## `advantage rm`"):
+        assert heading in reference
+    assert "| `train.max_length` |" in reference and "| `data.rejected_field` |" in reference
+    assert "1e-4 to 3e-4 for RL" in reference
+
+
+def test_sft_without_progress_bar_prints_every_log_every_steps(tmp_path, run_dir, capsys):
+    import advantage
+
+    rows = [{"prompt": f"{w}>", "completion": w[::-1]} for w in ("ab", "cab", "bca", "dab")]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    common = [
+        "model.name_or_path=builtin:tiny-random",
+        f"data.train={data}",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "train.steps=30",
+        "train.batch_size=2",
+        "train.lr=1e-3",
+    ]
+    advantage.sft(None, [*common, f"log.run_dir={run_dir}"])
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert [line.split()[1] for line in printed] == ["25", "30"]  # log.every=25 and the last
+    advantage.sft(None, [*common, f"log.run_dir={run_dir}-10", "log.every=10"])
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert len(printed) == 3

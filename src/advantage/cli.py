@@ -234,28 +234,45 @@ def _docs(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """A command's parser whose `--help` ends with the command's config keys, generated from its
+    dataclasses only when asked: importing them imports torch, which `advantage --help` and
+    argument errors must not wait for."""
+
+    config_command: str | None = None
+
+    def format_help(self) -> str:
+        if self.config_command and self.epilog is None:
+            from .docs import help_epilog
+
+            self.epilog = help_epilog(self.config_command)
+        return super().format_help()
+
+
+def _config_command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.config_command = name
+    p.add_argument("args", nargs="*", metavar="CONFIG.yaml key=value")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advantage", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("presets", help="print the preset table (markdown)")
     p.set_defaults(func=_presets)
     p = sub.add_parser("card", help="print the algorithm card of a preset, with overrides")
     p.add_argument("preset")
     p.add_argument("overrides", nargs="*", help="axis=value, e.g. scope=batch clip_high=0.28")
     p.set_defaults(func=_card)
-    p = sub.add_parser("train", help="train: advantage train [CONFIG.yaml] [key=value ...]")
-    p.add_argument("args", nargs="*", metavar="CONFIG.yaml key=value")
+    p = _config_command(sub, "train", "train: advantage train CONFIG.yaml [key=value ...]")
     p.set_defaults(func=_train)
     p = sub.add_parser("demo", help="warm-start the tiny model and train it on the built-in task")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the demo recipe")
     p.set_defaults(func=_demo)
-    p = sub.add_parser(
-        "sft", help="supervised fine-tuning: advantage sft [CONFIG.yaml] [key=value ...]"
-    )
-    p.add_argument("args", nargs="*", metavar="CONFIG.yaml key=value")
+    p = _config_command(sub, "sft", "supervised fine-tuning: advantage sft CONFIG.yaml [key=value]")
     p.set_defaults(func=_sft)
-    p = sub.add_parser("rm", help="reward-model training on preference pairs (Bradley–Terry)")
-    p.add_argument("args", nargs="*", metavar="CONFIG.yaml key=value")
+    p = _config_command(sub, "rm", "reward-model training on preference pairs (Bradley–Terry)")
     p.set_defaults(func=_rm)
     p = sub.add_parser(
         "chain", help="built-in SFT → reward model → PPO with the learned reward model"

@@ -18,8 +18,10 @@ def load_reward_model(
     trust_remote_code: bool = False,
     new_head: bool = False,
     field: str = "reward.model",
+    tokenizer_path: str | None = None,
 ):
-    """A one-label sequence classifier and its tokenizer, right-padded.
+    """A one-label sequence classifier and its tokenizer (the folder's, or `tokenizer_path`),
+    right-padded.
 
     `new_head=True` (training one, `advantage rm`) initialises the score head when the folder
     holds a causal LM; otherwise every weight must come from the folder: a head that is missing
@@ -28,7 +30,7 @@ def load_reward_model(
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    tokenizer = load_tokenizer(path, trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_path or path, trust_remote_code)
     tokenizer.padding_side = "right"
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # missing weights are reported below, in one line

@@ -21,8 +21,7 @@ from ..engine.data import load_rows
 from ..engine.logger import MetricsLogger
 from ..engine.models import quiet_transformers
 from ..engine.reward_model import load_reward_model, score
-from ..engine.supervised import StageSettings, batches
-from ..rl.config import LogConfig, ModelConfig
+from ..engine.supervised import StageLog, StageModel, StageSettings, batches
 from ..tasks import model_path, require_data, task_of
 
 
@@ -54,15 +53,17 @@ class RMTrainSettings(StageSettings):
     batch_size: int = 32
     """Pairs per step."""
     lr: float = 1e-5
+    """Peak learning rate (AdamW): 1e-5 suits a pretrained model; a reward model from a tiny model
+    trained from scratch wants ≈1e-4 (the `chain` command's)."""
     warmup_steps: int = 20
 
 
 @dataclass
 class RMConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: StageModel = field(default_factory=StageModel)
     data: PreferenceData = field(default_factory=PreferenceData)
     train: RMTrainSettings = field(default_factory=RMTrainSettings)
-    log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/rm"))
+    log: StageLog = field(default_factory=lambda: StageLog(run_dir="runs/rm"))
     pairs: int = 4096
     """Pairs drawn from a builtin task."""
 
@@ -112,8 +113,12 @@ def run_rm(cfg: RMConfig) -> dict:
     d, t = cfg.data, cfg.train
     torch.manual_seed(t.seed)
     rows = preference_rows(cfg, require_data(d.train), "train")  # before any model loads
+    m = cfg.model
     model, tokenizer = load_reward_model(
-        model_path(cfg.model.name_or_path), cfg.model.trust_remote_code, new_head=True
+        model_path(m.name_or_path),
+        m.trust_remote_code,
+        new_head=True,
+        tokenizer_path=model_path(m.tokenizer, "model.tokenizer") if m.tokenizer else None,
     )
     if d.eval is not None or task_of(d.train) is not None:
         eval_rows = preference_rows(cfg, d.eval or d.train, "eval")

@@ -17,12 +17,13 @@ from ..engine.models import load_causal_lm, load_tokenizer, quiet_transformers
 from ..engine.supervised import (
     PairColumns,
     SFTSettings,
+    StageLog,
+    StageModel,
     encode_pair,
     eval_loss,
     rows_to_pairs,
     supervised_finetune,
 )
-from ..rl.config import LogConfig, ModelConfig
 from ..tasks import model_path, require_data, task_of
 
 
@@ -37,10 +38,10 @@ class SupervisedData(PairColumns):
 
 @dataclass
 class SFTConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: StageModel = field(default_factory=StageModel)
     data: SupervisedData = field(default_factory=SupervisedData)
     train: SFTSettings = field(default_factory=SFTSettings)
-    log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/sft"))
+    log: StageLog = field(default_factory=StageLog)
 
 
 def run_sft(cfg: SFTConfig) -> dict:
@@ -61,7 +62,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     logger.start(0)
 
     def on_step(step: int, metrics: dict) -> None:
-        if step % cfg.log.every == 0:
+        if step % cfg.log.every == 0 or step == cfg.train.steps:
             logger.log(step, metrics)
 
     try:

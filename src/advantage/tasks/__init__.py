@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from ..engine.configlib import ConfigError
@@ -123,7 +124,7 @@ def builtin_model_path(name: str, verbose: bool = True) -> Path:
     tokenizer = char_tokenizer()
     model = tiny_qwen2(spec["size"], vocab_size=len(tokenizer))
     if spec["sft"]["steps"]:
-        settings = SFTSettings(**spec["sft"], log_every=100 if verbose else 0)
+        settings = SFTSettings(**spec["sft"])
         if verbose:
             print(
                 f"building {PREFIX}{name}: warm start by SFT on an imperfect teacher "
@@ -131,7 +132,8 @@ def builtin_model_path(name: str, verbose: bool = True) -> Path:
                 file=sys.stderr,
             )
         rows = task.sft_rows(settings.steps * settings.batch_size, seed=settings.seed)
-        stats = supervised_finetune(model, tokenizer, rows, settings)
+        progress = _print_every(100, settings.steps) if verbose else None
+        stats = supervised_finetune(model, tokenizer, rows, settings, on_step=progress)
         if verbose:
             print(
                 f"warm start done in {stats['seconds']:.0f}s (final SFT loss {stats['loss']:.3f})",
@@ -146,6 +148,22 @@ def builtin_model_path(name: str, verbose: bool = True) -> Path:
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _print_every(n: int, total: int):
+    """An `on_step` that prints the SFT loss every `n` steps (the warm start's progress)."""
+    start = time.perf_counter()
+
+    def on_step(step: int, metrics: dict) -> None:
+        if step % n == 0:
+            print(
+                f"  sft step {step}/{total}  loss {metrics['loss']:.4f}  "
+                f"{time.perf_counter() - start:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return on_step
 
 
 __all__ = [
