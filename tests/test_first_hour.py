@@ -130,3 +130,47 @@ def test_sft_without_progress_bar_prints_every_log_every_steps(tmp_path, run_dir
     advantage.sft(None, [*common, f"log.run_dir={run_dir}-10", "log.every=10"])
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
     assert len(printed) == 3
+
+
+def test_no_held_out_set_is_warned_about_once(tmp_path, run_dir, caplog):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "ab>"}\n{"prompt": "cd>"}\n')
+    with caplog.at_level("WARNING", logger="advantage"):
+        trainer = Trainer(
+            load_config(None, small_config(run_dir, f"data.train={data}", "eval.size=10")),
+            [length_reward],
+        )
+    assert caplog.text.count("data.eval is not set: no held-out set is evaluated") == 1
+    assert "result.eval_before and result.eval_after stay empty" in caplog.text
+    assert trainer.fit().eval_after == {}
+
+
+def test_eval_funcs_take_callables(run_dir):
+    import advantage
+
+    judged = []
+
+    def judge(prompts, completions, answer, **kwargs):
+        judged.extend(completions)
+        return [float(c == a) for c, a in zip(completions, answer, strict=True)]
+
+    result = advantage.train(
+        None,
+        reward_funcs=[length_reward],
+        eval_funcs=[judge],
+        overrides=small_config(run_dir, "train.steps=1", "eval.size=4", "data.eval=null"),
+    )
+    assert set(result.eval_after) >= {"eval/accuracy", "eval/reward"}
+    assert len(judged) == 2 * 4  # before and after, 4 held-out prompts each
+
+
+def test_eval_command_without_an_answer_column_fails_before_loading(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "ab>", "solution": "ba"}\n')
+    assert main(["eval", "./no/such/model", str(data)]) == 2  # the model is never looked at
+    err = capsys.readouterr().err
+    assert err == (
+        "error: reward function 'exact_match' needs the dataset column(s) ['answer'], which the "
+        "dataset does not have (columns: solution); the default judge is exact_match: give "
+        "--reward FN\n"
+    )

@@ -31,14 +31,12 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_LAZY])
 
 
-def train(config=None, reward_funcs=None, overrides=None):
-    """Train with a Config, a dict or a YAML path; `reward_funcs` are TRL-style callables.
-
-    See `advantage.rl.trainer.train`.
-    """
+def train(config=None, reward_funcs=None, overrides=None, eval_funcs=None):
+    """Train with a Config, a dict or a YAML path; `reward_funcs` (training) and `eval_funcs`
+    (the held-out judge) are TRL-style callables. See `advantage.rl.trainer.train`."""
     from .rl.trainer import train as _train
 
-    return _train(config, reward_funcs=reward_funcs, overrides=overrides)
+    return _train(config, reward_funcs=reward_funcs, overrides=overrides, eval_funcs=eval_funcs)
 
 
 def sft(config=None, overrides=None) -> dict:

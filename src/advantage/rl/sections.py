@@ -68,7 +68,8 @@ class DataConfig:
     """Prompts (required): a .jsonl file, a folder or file readable by `datasets`, or
     `builtin:reverse` (the demo's task)."""
     eval: str | None = None
-    """Held-out prompts (default for builtin tasks: their held-out split; else none)."""
+    """Held-out prompts (default for builtin tasks: their held-out split; else none, with a
+    warning: nothing is evaluated and `result.eval_before/eval_after` stay empty)."""
     prompt_field: str = "prompt"
     """Column holding the prompt: a string, or a list of chat messages {role, content}."""
     system_prompt: str | None = None
@@ -259,7 +260,8 @@ class EvalConfig:
     """A completion is correct when its score is >= this."""
     functions: list[str] | None = None
     """Reward functions that judge evaluation (default: the training reward sources), e.g. the
-    task's verifier when training on a learned reward model."""
+    task's verifier when training on a learned reward model. From Python, callables:
+    `advantage.train(cfg, reward_funcs=[...], eval_funcs=[...])`."""
     max_new_tokens: int | None = None
     """Generation budget for evaluation (default: rollout.max_new_tokens)."""
 

@@ -8,6 +8,7 @@ config → the resolved Algorithm, the batch sizes, the process group, seeds
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from ..engine.rollout import SamplingParams, TransformersBackend
 from ..tasks import dataset_rows, eval_spec, model_path, task_of
 from .config import Config
 from .records import RunSizes
+
+log = logging.getLogger("advantage")
 
 
 @dataclass
@@ -77,7 +80,11 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_run(cfg: Config, reward_funcs: list[Callable] | None = None) -> Run:
+def build_run(
+    cfg: Config,
+    reward_funcs: list[Callable] | None = None,
+    eval_funcs: list[Callable] | None = None,
+) -> Run:
     algo = cfg.algorithm_spec()
     quiet_transformers()
     set_bf16_matmul(cfg.model.bf16_matmul)
@@ -91,9 +98,15 @@ def build_run(cfg: Config, reward_funcs: list[Callable] | None = None) -> Run:
     train_rows = dataset_rows(cfg.data.train, "data.train")
     check_rows(train_rows, cfg.data.prompt_field, "data.train")
     eval_rows = load_eval_rows(cfg)[: cfg.eval.size]
+    if not eval_rows and cfg.eval.size:
+        log.warning(
+            "data.eval is not set: no held-out set is evaluated, so result.eval_before and "
+            "result.eval_after stay empty; give held-out prompts in data.eval (eval.size=0 "
+            "silences this)"
+        )
     rewards = make_reward_computer(cfg, reward_funcs)
     rewards.check_columns(set(train_rows[0]) - {cfg.data.prompt_field})
-    eval_rewards = make_eval_rewards(cfg, rewards)
+    eval_rewards = make_eval_rewards(cfg, rewards, eval_funcs)
     if eval_rows:
         eval_rewards.check_columns(set(eval_rows[0]) - {cfg.data.prompt_field}, "data.eval")
     # models
@@ -283,10 +296,18 @@ def make_reward_computer(cfg: Config, reward_funcs: list[Callable] | None) -> Re
     return RewardComputer(sources, r.multi_reward, r.clip, r.timeout, r.kwargs, r.on_timeout)
 
 
-def make_eval_rewards(cfg: Config, rewards: RewardComputer) -> RewardComputer:
-    """The judge of held-out evaluation: `eval.functions`, or the training rewards."""
-    if not cfg.eval.functions:
+def make_eval_rewards(
+    cfg: Config, rewards: RewardComputer, eval_funcs: list[Callable] | None = None
+) -> RewardComputer:
+    """The judge of held-out evaluation: `eval_funcs` (callables, from the Python API), else
+    `eval.functions`, else the training rewards."""
+    if eval_funcs:
+        sources = [
+            RewardSource(getattr(f, "__name__", f"eval_{i}"), f) for i, f in enumerate(eval_funcs)
+        ]
+    elif cfg.eval.functions:
+        judge = task_reward(cfg)
+        sources = [load_function(spec, judge, "eval.functions") for spec in cfg.eval.functions]
+    else:
         return rewards
-    judge = task_reward(cfg)
-    sources = [load_function(spec, judge, "eval.functions") for spec in cfg.eval.functions]
     return RewardComputer(sources, timeout=cfg.reward.timeout, on_timeout=cfg.reward.on_timeout)

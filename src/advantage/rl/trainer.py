@@ -46,9 +46,14 @@ class RunResult:
 class Trainer:
     """`Trainer(config, reward_funcs).fit()`: set up (and resume) a run, then train it."""
 
-    def __init__(self, config: Config, reward_funcs: list[Callable] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reward_funcs: list[Callable] | None = None,
+        eval_funcs: list[Callable] | None = None,
+    ) -> None:
         self.config = config
-        self.run: Run = build_run(config, reward_funcs)
+        self.run: Run = build_run(config, reward_funcs, eval_funcs)
         self.state = TrainState()
         self.resumed_from = checkpointing.maybe_resume(self.run, self.state)
         cfg = config
@@ -170,12 +175,14 @@ def train(
     config: Config | dict | str | Path | None = None,
     reward_funcs: list[Callable] | None = None,
     overrides: list[str] | None = None,
+    eval_funcs: list[Callable] | None = None,
 ) -> RunResult:
     """Train with `config` (a Config, a dict, or a YAML path) and optional `key=value` overrides.
 
-    `reward_funcs`: TRL-style reward functions to use instead of `reward.functions`.
+    `reward_funcs`: TRL-style reward functions to use instead of `reward.functions`;
+    `eval_funcs`: the same, judging held-out evaluation instead of `eval.functions`.
     """
-    return Trainer(config_from(config, overrides), reward_funcs).fit()
+    return Trainer(config_from(config, overrides), reward_funcs, eval_funcs).fit()
 
 
 __all__ = ["NonFiniteError", "RunResult", "Trainer", "train"]
