@@ -174,3 +174,16 @@ def test_eval_command_without_an_answer_column_fails_before_loading(tmp_path, ca
         "dataset does not have (columns: solution); the default judge is exact_match: give "
         "--reward FN\n"
     )
+
+
+def test_rerun_of_a_finished_run_says_so_on_one_line(run_dir, capsys):
+    Trainer(load_config(None, small_config(run_dir, "train.steps=2")), [length_reward]).fit()
+    capsys.readouterr()
+    rerun = Trainer(load_config(None, small_config(run_dir, "train.steps=2")), [length_reward])
+    result = rerun.fit()
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == (
+        f"run_dir {run_dir} already finished at step 2; nothing to do (set checkpoint.resume=none "
+        "and a new log.run_dir to train again)"
+    )
+    assert result.metrics == [] and rerun.step == 2

@@ -79,6 +79,13 @@ class Trainer:
     def fit(self) -> RunResult:
         cfg, run, state = self.config, self.run, self.state
         result = RunResult(run_dir=run.run_dir)
+        if self.resumed_from is not None and state.step >= cfg.train.steps:  # a rerun
+            self.logger.print(
+                f"run_dir {run.run_dir} already finished at step {state.step}; nothing to do (set "
+                "checkpoint.resume=none and a new log.run_dir to train again)"
+            )
+            self.logger.close()
+            return result
         start = time.perf_counter()
         self.logger.print(run.algo.card())
         if self.resumed_from is not None:
