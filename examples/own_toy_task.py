@@ -2,7 +2,8 @@
 (`advantage.make_tiny_model`), a warm start by SFT, then GRPO with your reward function.
 
 The task: upper-case a word of the letters a-f (`cab=` → `CAB`); held-out words are never seen
-in training.
+in training. A short warm start leaves room for RL: on 2 CPU cores (≈3 min) held-out accuracy
+went 58.0% -> 77.5%.
 
     .venv/bin/python examples/own_toy_task.py [key=value ...]
 
@@ -46,25 +47,26 @@ if __name__ == "__main__":
     if not (model / "config.json").is_file():
         advantage.make_tiny_model(model, size="tiny", chars=string.ascii_letters + "=")
 
-    # 2. warm start by SFT: a model trained from scratch wants lr ≈ 1e-3 (2e-5, the default,
-    #    suits pretrained models)
+    # 2. a short warm start by SFT: a model trained from scratch wants lr ≈ 1e-3 (2e-5, the
+    #    default, suits pretrained models)
     sft = advantage.sft(
         {
             "model": {"name_or_path": str(model)},
             "data": data,
-            "train": {"steps": 300, "batch_size": 32, "lr": 1e-3, "warmup_steps": 20},
+            "train": {"steps": 40, "batch_size": 32, "lr": 1e-3, "warmup_steps": 10},
             "log": {"run_dir": str(WORK / "sft"), "progress": False, "every": 50},
         },
         overrides=sft_overrides,
     )
 
-    # 3. GRPO with the reward function, judged on the held-out words before and after
+    # 3. GRPO with the reward function, judged on the held-out words before and after (1e-4:
+    #    at 3e-4 this tiny model's first updates undid much of its warm start)
     result = advantage.train(
         {
             "model": {"name_or_path": sft["final"]},
             "data": data,
             "rollout": {"num_generations": 8, "prompts_per_step": 16, "max_new_tokens": 8},
-            "train": {"steps": 20, "lr": 3e-4},
+            "train": {"steps": 30, "lr": 1e-4, "warmup_steps": 5},
             "log": {"run_dir": str(WORK / "grpo"), "progress": False},
             "eval": {"size": 200},
         },
