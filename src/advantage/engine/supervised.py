@@ -19,7 +19,7 @@ from .reward_helpers import completion_text
 
 @dataclass
 class StageModel:
-    """The model of a supervised stage (SFT, reward model)."""
+    """The model of a supervised stage (SFT, reward model); RL's `model` section extends it."""
 
     name_or_path: str = "builtin:tiny-reverse"
     """A local folder, a hub id, or a built-in model (`builtin:tiny-random`, ...; see train's
@@ -32,7 +32,8 @@ class StageModel:
 
 @dataclass
 class StageLog:
-    """Logging of a supervised stage: metrics.jsonl, TensorBoard, W&B and the console."""
+    """Logging of a supervised stage: metrics.jsonl, TensorBoard, W&B and the console; RL's
+    `log` section extends it."""
 
     run_dir: str = "runs/sft"
     """Where metrics.jsonl, TensorBoard logs and the trained model (RUN_DIR/final) go."""

@@ -1,7 +1,7 @@
 """The sections of the RL configuration (`model`, `data`, `rollout`, `reward`, `train`, `log`,
 `eval`, `checkpoint`, `distributed`): one dataclass each, one docstring per field; each checks
 its own fields when it is built, so a bad value fails at load, naming the field. `model` and
-`log` are shared with the SFT and reward-model stages."""
+`log` extend the SFT and reward-model stages' sections (engine/supervised.py)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from ..engine.configlib import (
 from ..engine.optim import LR_SCHEDULES
 from ..engine.precision import BF16_MATMUL_CHOICES
 from ..engine.reward_call import ON_TIMEOUT
+from ..engine.supervised import StageLog, StageModel
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(StageModel):
     name_or_path: str = "builtin:tiny-reverse"
     """Policy: a local folder, a hub id, or a built-in model (built locally, nothing downloaded):
     `builtin:tiny-reverse` (the demo's tiny Qwen2, warm-started on the built-in task),
@@ -30,8 +31,6 @@ class ModelConfig:
     characters of a task of your own)."""
     tokenizer: str | None = None
     """Tokenizer folder or hub id (default: the policy's)."""
-    trust_remote_code: bool = False
-    """Allow code from the model folder to run (off unless you set it)."""
     precision: str = "fp32"
     """fp32, or bf16 (autocast for every forward pass; weights and optimizer stay fp32)."""
     bf16_matmul: str = "auto"
@@ -227,24 +226,18 @@ class TrainConfig:
 
 
 @dataclass
-class LogConfig:
+class LogConfig(StageLog):
     run_dir: str = "runs/advantage"
     """Where metrics.jsonl, TensorBoard logs, checkpoints and the report go."""
     every: int = 1
     """Log metrics every N steps."""
-    tensorboard: bool = True
-    """Write TensorBoard event files."""
-    wandb: bool = False
-    """Log to Weights & Biases (needs `wandb` installed)."""
-    progress: bool = True
-    """A rich progress bar (off: one plain line per step)."""
     samples: int = 4
     """Sample completions kept per logged step (for the report)."""
     report: bool = True
     """Write RUN_DIR/report (PNG plots and an HTML page) at the end of training."""
 
     def __post_init__(self) -> None:
-        check_at_least("log.every", self.every, 1)
+        super().__post_init__()
         check_at_least("log.samples", self.samples, 0)
 
 
