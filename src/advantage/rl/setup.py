@@ -36,7 +36,7 @@ from ..engine.precision import log_bf16_kernels, set_bf16_matmul
 from ..engine.reward_model import RewardModel
 from ..engine.rewards import RewardComputer, RewardSource, load_function
 from ..engine.rollout import SamplingParams, TransformersBackend
-from ..tasks import dataset_rows, eval_spec, model_path, task_of
+from ..tasks import dataset_rows, eval_spec, model_path, task_of, tokenizer_path
 from .config import Config
 from .records import RunSizes
 
@@ -111,10 +111,9 @@ def build_run(
         eval_rewards.check_columns(set(eval_rows[0]) - {cfg.data.prompt_field}, "data.eval")
     # models
     policy_path = model_path(cfg.model.name_or_path)
-    tokenizer_path = (
-        model_path(cfg.model.tokenizer, "model.tokenizer") if cfg.model.tokenizer else None
+    tokenizer = load_tokenizer(
+        tokenizer_path(cfg.model.tokenizer, policy_path), cfg.model.trust_remote_code
     )
-    tokenizer = load_tokenizer(tokenizer_path or policy_path, cfg.model.trust_remote_code)
     policy = load_causal_lm(policy_path, cfg.model.trust_remote_code)
     check_context(cfg, tokenizer, policy.config, train_rows, eval_rows)
     if cfg.model.gradient_checkpointing:

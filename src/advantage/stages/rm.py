@@ -22,7 +22,7 @@ from ..engine.logger import MetricsLogger
 from ..engine.models import quiet_transformers
 from ..engine.reward_model import load_reward_model, score
 from ..engine.supervised import StageLog, StageModel, StageSettings, batches
-from ..tasks import model_path, require_data, task_of
+from ..tasks import model_path, require_data, task_of, tokenizer_path
 
 
 @dataclass
@@ -113,12 +113,12 @@ def run_rm(cfg: RMConfig) -> dict:
     d, t = cfg.data, cfg.train
     torch.manual_seed(t.seed)
     rows = preference_rows(cfg, require_data(d.train), "train")  # before any model loads
-    m = cfg.model
+    path = model_path(cfg.model.name_or_path)
     model, tokenizer = load_reward_model(
-        model_path(m.name_or_path),
-        m.trust_remote_code,
+        path,
+        cfg.model.trust_remote_code,
         new_head=True,
-        tokenizer_path=model_path(m.tokenizer, "model.tokenizer") if m.tokenizer else None,
+        tokenizer_path=tokenizer_path(cfg.model.tokenizer, path),
     )
     if d.eval is not None or task_of(d.train) is not None:
         eval_rows = preference_rows(cfg, d.eval or d.train, "eval")

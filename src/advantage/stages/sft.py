@@ -24,7 +24,7 @@ from ..engine.supervised import (
     rows_to_pairs,
     supervised_finetune,
 )
-from ..tasks import model_path, require_data, task_of
+from ..tasks import model_path, require_data, task_of, tokenizer_path
 
 
 @dataclass
@@ -51,10 +51,9 @@ def run_sft(cfg: SFTConfig) -> dict:
     rows = _supervised_rows(require_data(cfg.data.train), cfg, "data.train")
     eval_rows = _supervised_rows(cfg.data.eval, cfg, "data.eval") if cfg.data.eval else []
     path = model_path(cfg.model.name_or_path)
-    tokenizer_path = (
-        model_path(cfg.model.tokenizer, "model.tokenizer") if cfg.model.tokenizer else None
+    tokenizer = load_tokenizer(
+        tokenizer_path(cfg.model.tokenizer, path), cfg.model.trust_remote_code
     )
-    tokenizer = load_tokenizer(tokenizer_path or path, cfg.model.trust_remote_code)
     model = load_causal_lm(path, cfg.model.trust_remote_code)
     logger = MetricsLogger(
         cfg.log.run_dir, cfg.train.steps, cfg.log.tensorboard, cfg.log.wandb, cfg.log.progress

@@ -103,6 +103,11 @@ def model_path(spec: str, field: str = "model.name_or_path") -> str:
         raise ConfigError(f"{field}: {e}") from None
 
 
+def tokenizer_path(spec: str | None, model: str) -> str:
+    """The folder of `model.tokenizer` when it is set (checked like a model), else the model's."""
+    return model_path(spec, "model.tokenizer") if spec else model
+
+
 def builtin_model_path(name: str, verbose: bool = True) -> Path:
     """Folder of the built-in model `name`, building and warm-starting it on first use.
 
@@ -178,4 +183,5 @@ __all__ = [
     "require_data",
     "reverse_reward",
     "task_of",
+    "tokenizer_path",
 ]
