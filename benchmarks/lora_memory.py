@@ -39,6 +39,7 @@ print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_max
 def run(size: str, lora: bool, steps: int) -> dict:
     overrides = [
         f"model.name_or_path=builtin:{size}-random",
+        "data.train=builtin:reverse",
         f"log.run_dir={tempfile.mkdtemp()}",
         "log.progress=false",
         "log.tensorboard=false",

@@ -17,9 +17,11 @@ def length_reward(prompts, completions, **kwargs):
 
 
 def small_config(run_dir, *overrides: str, model: str = "builtin:tiny-random") -> list[str]:
-    """Overrides for a fast run: 2 prompts × 4 completions, 6 new tokens, no eval."""
+    """Overrides for a fast run on the built-in task: 2 prompts × 4 completions, 6 new tokens,
+    no eval."""
     return [
         f"model.name_or_path={model}",
+        "data.train=builtin:reverse",
         f"log.run_dir={run_dir}",
         "log.progress=false",
         "log.tensorboard=false",

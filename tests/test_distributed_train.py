@@ -78,6 +78,7 @@ def _run(rank: int, world: int, preset: str, strategy: str, port: int, out: str)
         [
             f"algorithm={preset}",
             "model.name_or_path=builtin:tiny-random",
+            "data.train=builtin:reverse",
             f"log.run_dir={out}/run{world}",
             "log.progress=false",
             "log.tensorboard=false",

@@ -1,5 +1,6 @@
-"""The example that trains with TRL-style reward functions runs unchanged."""
+"""The examples run unchanged: TRL-style reward functions, and a toy task of your own."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,23 +10,40 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_trl_reward_function_example(tmp_path):
+def run_example(name: str, cwd: Path, *overrides: str) -> str:
+    """Run examples/NAME with `key=value` overrides in `cwd`; its stdout (it must succeed)."""
     out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "trl_reward_function.py"),
-            "train.steps=3",
-            f"log.run_dir={tmp_path}",
-            "eval.size=20",
-            "log.tensorboard=false",
-        ],
+        [sys.executable, str(ROOT / "examples" / name), *overrides, "log.tensorboard=false"],
         capture_output=True,
         text=True,
         timeout=600,
-        cwd=tmp_path,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},  # this checkout's package
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "held-out accuracy:" in out.stdout
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_trl_reward_function_example(tmp_path):
+    out = run_example(
+        "trl_reward_function.py",
+        tmp_path,
+        "train.steps=3",
+        f"log.run_dir={tmp_path}",
+        "eval.size=20",
+    )
+    assert "held-out accuracy:" in out
     metrics = (tmp_path / "metrics.jsonl").read_text()
     assert '"reward/reward_len"' in metrics and '"reward/reverse_accuracy"' in metrics
+
+
+@pytest.mark.slow
+def test_own_toy_task_example(tmp_path):
+    out = run_example(
+        "own_toy_task.py", tmp_path, "sft.train.steps=5", "train.steps=2", "eval.size=20"
+    )
+    assert "held-out accuracy:" in out
+    work = tmp_path / "runs" / "own_toy_task"
+    assert (work / "init" / "config.json").is_file()
+    assert '"reward/upper_correct"' in (work / "grpo" / "metrics.jsonl").read_text()

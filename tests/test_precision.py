@@ -105,9 +105,13 @@ def test_config_names_a_bad_choice(run_dir):
 
 @pytest.mark.slow
 def test_bf16_training_matches_native_kernels(run_dir):
-    """Two GRPO steps in bf16 with the fp32 GEMMs and with PyTorch's bf16 kernels, from the same
-    seed: finite, moving, and the first step's loss equal up to bf16 rounding."""
-    results = {}
+    """Two GRPO steps in bf16 with the fp32 GEMMs and with PyTorch's bf16 kernels: finite and
+    moving; and one batch scored under both kernels: log-probs equal up to bf16 rounding.
+
+    (The two runs' samples are not compared: where the kernels round a logit differently a
+    sampled token can differ, more or less often depending on the CPU's bf16 units.)"""
+    from advantage.engine.models import completion_logprobs
+
     for choice in ("fp32", "native"):
         cfg = load_config(
             None,
@@ -126,7 +130,13 @@ def test_bf16_training_matches_native_kernels(run_dir):
             not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters(), strict=True)
         )
         assert moved > len(before) // 2
-        results[choice] = metrics[0]
-    a, b = results["fp32"], results["native"]
-    assert a["reward/mean"] == b["reward/mean"]  # same seed, same samples
-    assert a["entropy"] == pytest.approx(b["entropy"], rel=2e-2)
+    batch = trainer.rollout_and_score().rollout
+    logprobs = {}
+    for choice in ("fp32", "native"):
+        set_bf16_matmul(choice)
+        with torch.no_grad():
+            logprobs[choice] = completion_logprobs(trainer.policy, batch, precision="bf16")[0]
+    mask = batch.completion_mask
+    fp32, native = logprobs["fp32"][mask], logprobs["native"][mask]
+    assert torch.isfinite(fp32).all() and not torch.equal(fp32, native)  # two kernels ran
+    torch.testing.assert_close(fp32, native, rtol=1.6e-2, atol=1e-2)  # bf16 rounding

@@ -161,3 +161,70 @@ def test_safe_defaults():
     cfg = load_config(None, [])
     assert cfg.model.trust_remote_code is False
     assert cfg.reward.timeout is None  # optional; see test_rewards.test_timeout
+
+
+@pytest.mark.parametrize("column", ["completions", "prompts", "completion_ids"])
+def test_column_named_like_a_reward_argument_is_refused(tmp_path, run_dir, column):
+    data = _jsonl(tmp_path / "d.jsonl", [{"prompt": "ab>", column: "ba"}])
+    with pytest.raises(
+        ConfigError,
+        match=rf"data.train: column\(s\) \['{column}'\] have the names of arguments every reward "
+        r"function receives \(prompts, completions, completion_ids\).*rename the column",
+    ):
+        _trainer(run_dir, f"data.train={data}")
+
+
+@pytest.mark.parametrize("key", ["completions", "answer"])
+def test_reward_kwargs_that_collide_are_refused(tmp_path, run_dir, key):
+    data = _jsonl(tmp_path / "d.jsonl", [{"prompt": "ab>", "answer": "ba"}])
+    with pytest.raises(
+        ConfigError, match=rf"reward.kwargs: key\(s\) \['{key}'\] collide with the reward call"
+    ):
+        _trainer(run_dir, f"data.train={data}", f"reward.kwargs={{{key}: x}}")
+
+
+def test_reward_model_without_a_trained_head_is_refused(run_dir):
+    from advantage.tasks import builtin_model_path
+
+    causal_lm = builtin_model_path("tiny-random")  # no score head in its checkpoint
+    with pytest.raises(
+        ConfigError,
+        match=rf"reward.model: the folder '{causal_lm}' has no trained one-label score head "
+        r"\(missing from the checkpoint: score.weight; a plain causal LM\?\); train a reward model",
+    ):
+        _trainer(run_dir, f"reward.model={causal_lm}", "reward.functions=[]", reward_funcs=())
+
+
+def test_prompt_longer_than_the_model_allows_names_the_row(tmp_path, run_dir):
+    # the tiny models have max_position_embeddings=512; 600 characters are 601 tokens (+ <bos>)
+    data = _jsonl(tmp_path / "d.jsonl", [{"prompt": "ab>"}, {"prompt": "a" * 600 + ">"}])
+    with pytest.raises(
+        ConfigError,
+        match=r"data.train: row 1: the prompt has 602 tokens; the model's "
+        r"max_position_embeddings=512 minus rollout.max_new_tokens=6 leaves 506; "
+        r"set data.max_prompt_tokens=506 \(cuts prompts from the left\) or shorten it",
+    ):
+        _trainer(run_dir, f"data.train={data}")
+    with pytest.raises(
+        ConfigError, match=r"data.max_prompt_tokens=600 does not fit: .* leaves 506"
+    ):
+        _trainer(run_dir, f"data.train={data}", "data.max_prompt_tokens=600")
+    _trainer(run_dir, f"data.train={data}", "data.max_prompt_tokens=506")  # cut: trains
+
+
+def test_ragged_column_warns_and_reaches_rewards_as_none(tmp_path, run_dir, caplog):
+    rows = [{"prompt": "ab>", "answer": "ba"}, {"prompt": "cd>"}, {"prompt": "ef>"}]
+    data = _jsonl(tmp_path / "d.jsonl", [*rows, {"prompt": "gh>"}])
+    seen = []
+
+    def reads_answer(prompts, completions, answer, **kwargs):
+        seen.extend(answer)
+        return [None if a is None else 1.0 for a in answer]
+
+    with caplog.at_level("WARNING", logger="advantage"):
+        trainer = _trainer(
+            run_dir, f"data.train={data}", "train.steps=2", reward_funcs=[reads_answer]
+        )
+    assert "data.train: column 'answer' is missing from 3 of 4 rows (first: row 1)" in caplog.text
+    trainer.fit()
+    assert set(seen) == {"ba", None}

@@ -1,7 +1,14 @@
 """Reward functions: TRL signature, None, weights, multi-reward modes, and clear errors."""
 
+import asyncio
 import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,11 +115,33 @@ def test_wrong_length_nan_inf_and_non_numbers():
         _call(lambda_named("text", lambda prompts, completions, **kw: ["yes", 1.0, 1.0, 1.0]))
     with pytest.raises(RewardError, match="expected a list of 4 floats"):
         _call(lambda_named("scalar", lambda prompts, completions, **kw: 1.0))
+    with pytest.raises(RewardError, match=r"returned str; expected a list of 4 floats"):
+        _call(lambda_named("string", lambda prompts, completions, **kw: "1.0"))
+
+
+@pytest.mark.parametrize(
+    "returned",
+    [
+        np.array([1.0, 0.0, 0.5, 2.0]),  # a NumPy array
+        [np.float32(1.0), np.int64(0), np.float64(0.5), 2],  # NumPy scalars
+        torch.tensor([1.0, 0.0, 0.5, 2.0]),  # a tensor
+        [torch.tensor(1.0), torch.tensor(0), 0.5, 2.0],  # 0-d tensors
+        (1.0, 0.0, 0.5, 2.0),  # a tuple
+        (x for x in [1.0, 0.0, 0.5, 2.0]),  # a generator
+    ],
+)
+def test_what_trl_accepts_is_accepted(returned):
+    """TRL's GRPOTrainer takes any sequence that `torch.tensor(..., dtype=float32)` takes."""
+    fn = lambda_named("numpyish", lambda prompts, completions, **kw: returned)
+    assert _call(fn) == [1.0, 0.0, 0.5, 2.0]
+
+
+def test_bools_score_one_and_zero():
+    fn = lambda_named("verifier", lambda prompts, completions, **kw: [True, False, np.True_, None])
+    assert _call(fn) == [1.0, 0.0, 1.0, None]
 
 
 def test_timeout():
-    import time
-
     def slow(prompts, completions, **kw):
         time.sleep(2)
         return [0.0] * len(completions)
@@ -124,3 +153,74 @@ def test_timeout():
 def lambda_named(name, fn):
     fn.__name__ = name
     return fn
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_function_that_never_returns_times_out_and_the_process_exits():
+    code = """
+import time
+from advantage.engine.rewards import RewardError, RewardSource, call_reward_function
+
+def forever(prompts, completions, **kw):
+    while True:
+        time.sleep(0.05)
+
+try:
+    call_reward_function(RewardSource("forever", forever), ["a>"], ["b"], [[1]], {}, timeout=0.5)
+except RewardError as e:
+    print(e)
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )  # before: the worker thread kept the process alive after the error (TimeoutExpired here)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "'forever' took longer than reward.timeout=0.5s" in out.stdout
+
+
+def test_async_function_that_blocks_its_loop_times_out():
+    async def blocking(prompts, completions, **kw):
+        time.sleep(3)  # blocks the event loop: asyncio.wait_for cannot interrupt it
+        return [0.0] * len(completions)
+
+    start = time.perf_counter()
+    with pytest.raises(RewardError, match=r"'blocking' took longer than reward.timeout=0.3s"):
+        _call(blocking, timeout=0.3)
+    assert time.perf_counter() - start < 2
+
+
+def test_on_timeout_skip_scores_the_batch_none(caplog):
+    def slow(prompts, completions, **kw):
+        time.sleep(2)
+        return [0.0] * len(completions)
+
+    rc = RewardComputer(
+        [RewardSource("slow", slow), RewardSource("trl", trl_style)], timeout=0.2, on_timeout="skip"
+    )
+    with caplog.at_level("WARNING", logger="advantage"):
+        out = rc(PROMPTS, COMPLETIONS, IDS, {}, group_size=2)
+    assert "'slow' took longer than reward.timeout=0.2s" in caplog.text
+    assert "reward.on_timeout=skip" in caplog.text
+    assert out.per_source_mask[0].tolist() == [False] * 4  # slow: None for the whole batch
+    torch.testing.assert_close(out.scores, torch.tensor([2.0, 2.0, 2.0, 2.0]))  # trl alone
+
+
+@pytest.mark.slow
+def test_async_reward_inside_a_running_event_loop(run_dir):
+    """A notebook runs an event loop: `advantage.train` is called from inside it."""
+    import advantage
+    from helpers import small_config
+
+    async def async_len(prompts, completions, **kwargs):
+        await asyncio.sleep(0)
+        return [float(len(c)) for c in completions]
+
+    async def notebook_cell():
+        return advantage.train(
+            None, reward_funcs=[async_len], overrides=small_config(run_dir, "train.steps=1")
+        )
+
+    result = asyncio.run(notebook_cell())
+    assert len(result.metrics) == 1 and "reward/async_len" in result.metrics[0]

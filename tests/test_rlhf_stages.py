@@ -88,6 +88,7 @@ def test_reward_model_from_rm_loads_in_train(tmp_path):
         None,
         [
             f"model.name_or_path={base}",
+            "data.train=builtin:reverse",
             f"log.run_dir={tmp_path / 'rm'}",
             "log.progress=false",
             "log.tensorboard=false",
@@ -97,7 +98,9 @@ def test_reward_model_from_rm_loads_in_train(tmp_path):
         ],
     )
     stats = run_rm(cfg)
-    assert stats["eval_pairwise_accuracy"] > 0.6, stats  # it learned something in 30 steps
+    # it learned something in 30 steps: against its own start (≈0.50 with a random head; 0.665
+    # after, on one CPU), not a fixed number that another CPU's kernels could land just under
+    assert stats["eval_pairwise_accuracy"] > stats["eval_pairwise_accuracy_before"] + 0.05, stats
     trainer = Trainer(
         load_config(
             None,

@@ -3,7 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class WriteError(Exception):
+    """A command could not write its output (full disk, read-only folder, no permission)."""
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+
+
+@contextmanager
+def _writing(where: str | Path):
+    """Disk errors while a command writes under `where`, as one line instead of a traceback.
+    (torch.save reports a full disk as a RuntimeError of its zip writer, without the path.)"""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        reason = os.strerror(e.errno).lower()
+        raise WriteError(
+            f"cannot write {e.filename or where}: {reason}; free space or choose another folder"
+        ) from None
+    except RuntimeError as e:
+        text = str(e)
+        if "inline_container" not in text and "PytorchStreamWriter" not in text:
+            raise
+        raise WriteError(
+            f"cannot write {where}: the disk is full or not writable (torch.save: "
+            f"{text.strip().splitlines()[0]}); free space or choose another folder"
+        ) from None
 
 
 def _presets(args: argparse.Namespace) -> int:
@@ -14,17 +48,21 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _card(args: argparse.Namespace) -> int:
-    from .core import resolve
+    import dataclasses
 
-    overrides = dict(_parse_override(kv) for kv in args.overrides)
-    print(resolve(args.preset, **overrides).card())
+    from .core import PRESETS, resolve
+    from .engine.configlib import ConfigError, load_config
+    from .rl.config import AlgoConfig
+
+    if args.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {args.preset!r}; valid: {', '.join(PRESETS)}")
+    axes = load_config(AlgoConfig, None, args.overrides)  # names and types checked
+    overrides = {k: v for k, v in dataclasses.asdict(axes).items() if v is not None}
+    try:
+        print(resolve(args.preset, **overrides).card())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return 0
-
-
-def _parse_override(text: str) -> tuple[str, object]:
-    from .engine.configlib import parse_overrides
-
-    return parse_overrides([text])[0]
 
 
 def _split_config_arg(items: list[str]) -> tuple[str | None, list[str]]:
@@ -35,10 +73,12 @@ def _split_config_arg(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .rl.config import load_config
     from .rl.trainer import train
 
-    path, overrides = _split_config_arg(args.args)
-    train(path, overrides=overrides)
+    cfg = load_config(*_split_config_arg(args.args))
+    with _writing(cfg.log.run_dir):
+        train(cfg)
     return 0
 
 
@@ -49,12 +89,14 @@ def _demo(args: argparse.Namespace) -> int:
     import time
     from importlib.resources import files
 
+    from .rl.config import load_config
     from .rl.trainer import train
 
     for task in DEMOS if args.task == "all" else [args.task]:
         start = time.perf_counter()
-        recipe = files("advantage") / "recipes" / DEMOS[task]
-        result = train(str(recipe), overrides=args.overrides)
+        cfg = load_config(str(files("advantage") / "recipes" / DEMOS[task]), args.overrides)
+        with _writing(cfg.log.run_dir):
+            result = train(cfg)
         before, after = result.eval_before, result.eval_after
         print(
             f"{task}: wall time {time.perf_counter() - start:.0f}s (warm start included when it "
@@ -72,8 +114,9 @@ def _sft(args: argparse.Namespace) -> int:
     from .engine.configlib import load_config
     from .stages.sft import SFTConfig, run_sft
 
-    path, overrides = _split_config_arg(args.args)
-    stats = run_sft(load_config(SFTConfig, path, overrides))
+    cfg = load_config(SFTConfig, *_split_config_arg(args.args))
+    with _writing(cfg.log.run_dir):
+        stats = run_sft(cfg)
     print(
         f"SFT done in {stats['seconds']:.0f}s: final loss {stats['loss']:.4f}"
         + (f", held-out loss {stats['eval_loss']:.4f}" if "eval_loss" in stats else "")
@@ -86,8 +129,9 @@ def _rm(args: argparse.Namespace) -> int:
     from .engine.configlib import load_config
     from .stages.rm import RMConfig, run_rm
 
-    path, overrides = _split_config_arg(args.args)
-    stats = run_rm(load_config(RMConfig, path, overrides))
+    cfg = load_config(RMConfig, *_split_config_arg(args.args))
+    with _writing(cfg.log.run_dir):
+        stats = run_rm(cfg)
     print(
         f"reward model trained in {stats['seconds']:.0f}s: held-out pairwise accuracy "
         f"{100 * stats['eval_pairwise_accuracy_before']:.1f}% -> {100 * stats['eval_pairwise_accuracy']:.1f}% "
@@ -99,22 +143,44 @@ def _rm(args: argparse.Namespace) -> int:
 def _chain(args: argparse.Namespace) -> int:
     from .stages.chain import run_chain
 
-    run_chain(args.run_dir, args.overrides)
+    with _writing(args.run_dir):
+        run_chain(args.run_dir, args.overrides)
     return 0
 
 
 def _consolidate(args: argparse.Namespace) -> int:
+    from .engine.checkpoint import list_checkpoints
+    from .engine.configlib import ConfigError
     from .rl.checkpointing import consolidate
 
-    out = consolidate(args.checkpoint, args.out, trust_remote_code=args.trust_remote_code)
+    folder = Path(args.checkpoint)
+    if not (folder / "trainer_state.json").is_file():
+        found = list_checkpoints(folder) if folder.is_dir() else []
+        if found:
+            raise ConfigError(
+                f"CHECKPOINT {str(folder)!r} is a run folder, not a checkpoint; give one of its "
+                f"checkpoints: {', '.join(str(p) for p in found)}"
+            )
+        what = "is not a complete checkpoint folder" if folder.exists() else "does not exist"
+        raise ConfigError(
+            f"CHECKPOINT {str(folder)!r} {what} (expected RUN_DIR/checkpoints/step-NNNNNN)"
+        )
+    with _writing(args.out):
+        out = consolidate(folder, args.out, trust_remote_code=args.trust_remote_code)
     print(f"wrote a Hugging Face model folder: {out}")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
+    from .engine.configlib import ConfigError
     from .engine.report import make_report
 
-    print(f"wrote {make_report(args.run_dir)}")
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        what = "has no metrics.jsonl (not a run folder?)" if run_dir.is_dir() else "does not exist"
+        raise ConfigError(f"RUN_DIR {args.run_dir!r} {what}")
+    with _writing(run_dir / "report"):
+        print(f"wrote {make_report(run_dir)}")
     return 0
 
 
@@ -185,9 +251,22 @@ def _merge(args: argparse.Namespace) -> int:
     from .engine.models import load_tokenizer
 
     model = AutoPeftModelForCausalLM.from_pretrained(args.adapter)
-    model.merge_and_unload().save_pretrained(args.out)
-    load_tokenizer(args.adapter).save_pretrained(args.out)
+    with _writing(args.out):
+        model.merge_and_unload().save_pretrained(args.out)
+        load_tokenizer(args.adapter).save_pretrained(args.out)
     print(f"wrote a merged model folder: {args.out}")
+    return 0
+
+
+def _init_model(args: argparse.Namespace) -> int:
+    from .tasks.tiny import make_tiny_model
+
+    with _writing(args.out):
+        out = make_tiny_model(args.out, args.size, args.chars, args.seed)
+    print(
+        f"wrote a freshly initialised {args.size} Qwen2 and a character tokenizer to {out} "
+        f"(model.name_or_path={out}; warm it up with `advantage sft` at train.lr=1e-3)"
+    )
     return 0
 
 
@@ -195,24 +274,46 @@ def _docs(args: argparse.Namespace) -> int:
     from .docs import GENERATED, docs_folder
 
     out = docs_folder(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, make in GENERATED.items():
-        (out / name).write_text(make())
-        print(f"wrote {out / name}")
+    with _writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        for name, make in GENERATED.items():
+            (out / name).write_text(make())
+            print(f"wrote {out / name}")
     return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """A command's parser whose `--help` ends with the command's config keys, generated from its
+    dataclasses only when asked: importing them imports torch, which `advantage --help` and
+    argument errors must not wait for."""
+
+    config_command: str | None = None
+
+    def format_help(self) -> str:
+        if self.config_command and self.epilog is None:
+            from .docs import help_epilog
+
+            self.epilog = help_epilog(self.config_command)
+        return super().format_help()
+
+
+def _config_command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.config_command = name
+    p.add_argument("args", nargs="*", metavar="CONFIG.yaml key=value")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advantage", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("presets", help="print the preset table (markdown)")
     p.set_defaults(func=_presets)
     p = sub.add_parser("card", help="print the algorithm card of a preset, with overrides")
     p.add_argument("preset")
     p.add_argument("overrides", nargs="*", help="axis=value, e.g. scope=batch clip_high=0.28")
     p.set_defaults(func=_card)
-    p = sub.add_parser("train", help="train: advantage train [CONFIG.yaml] [key=value ...]")
-    p.add_argument("args", nargs="*", metavar="CONFIG.yaml key=value")
+    p = _config_command(sub, "train", "train: advantage train CONFIG.yaml [key=value ...]")
     p.set_defaults(func=_train)
     p = sub.add_parser(
         "demo", help="warm-start tiny models and train them on the built-in tasks (both by default)"
@@ -220,13 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["all", *DEMOS], default="all")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the demo recipes")
     p.set_defaults(func=_demo)
-    p = sub.add_parser(
-        "sft", help="supervised fine-tuning: advantage sft [CONFIG.yaml] [key=value ...]"
-    )
-    p.add_argument("args", nargs="*", metavar="CONFIG.yaml key=value")
+    p = _config_command(sub, "sft", "supervised fine-tuning: advantage sft CONFIG.yaml [key=value]")
     p.set_defaults(func=_sft)
-    p = sub.add_parser("rm", help="reward-model training on preference pairs (Bradley–Terry)")
-    p.add_argument("args", nargs="*", metavar="CONFIG.yaml key=value")
+    p = _config_command(sub, "rm", "reward-model training on preference pairs (Bradley–Terry)")
     p.set_defaults(func=_rm)
     p = sub.add_parser(
         "chain", help="built-in SFT → reward model → PPO with the learned reward model"
@@ -298,6 +395,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("out")
     p.set_defaults(func=_merge)
+    p = sub.add_parser(
+        "init-model", help="a tiny Qwen2 + character tokenizer for a toy task of your own"
+    )
+    p.add_argument("out", help="a new folder (then: model.name_or_path=OUT)")
+    p.add_argument("--size", default="tiny", help="micro | tiny (≈2.4M parameters) | small (≈24M)")
+    p.add_argument(
+        "--chars", help="the characters it knows (default: letters, digits, space, punctuation)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_init_model)
     p = sub.add_parser("docs", help="write the generated docs (config reference, algorithm cards)")
     p.add_argument("--out", help="output folder (default: docs/ of the source checkout)")
     p.set_defaults(func=_docs)
@@ -305,9 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .engine.configlib import ConfigError
-    from .engine.rewards import RewardError
-
+    # `module:function` reward functions in the current folder import as with `python -m`
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -315,9 +422,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "sweep":  # key=value overrides may also follow the options
         args.extra, args.argv = extra, argv
+    from .engine.configlib import ConfigError
+    from .engine.reward_call import RewardError
+
     try:
         return args.func(args)
-    except (ConfigError, RewardError) as e:
+    except (ConfigError, RewardError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # TrainingStopped says where its checkpoint is

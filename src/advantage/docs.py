@@ -1,68 +1,120 @@
-"""The configuration reference, generated from the dataclasses (`advantage config-docs`)."""
+"""The configuration reference of every command (`advantage train`, `sft`, `rm`) and the keys
+listed by their `--help`, generated from the dataclasses (`advantage docs`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 
 from .core.algorithm import Algorithm
 from .engine.configlib import ConfigError, field_docs
-from .rl.config import Config
+from .rl.config import AlgoConfig, Config
+from .stages.rm import RMConfig
+from .stages.sft import SFTConfig
+
+COMMANDS = {"train": Config, "sft": SFTConfig, "rm": RMConfig}
+
+LEARNING_RATES = (
+    "**Learning rates.** The defaults suit pretrained models (10^8+ parameters): `train.lr` 1e-6 "
+    "for RL, 2e-5 for SFT, 1e-5 for a reward model. A model trained from scratch "
+    "(`builtin:tiny-random`, `advantage init-model`) wants about 100× more: ≈1e-3 for SFT (the "
+    "demo's warm start: 2e-3), 1e-4 for its reward model (`advantage chain`) and 1e-4 to 3e-4 "
+    "for RL (the demo: 3e-4)."
+)
 
 
 def _type(tp) -> str:
-    return _cell(str(tp).replace("typing.", "").replace("<class '", "").replace("'>", ""))
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _value(value) -> str:
+    return "null" if value is None else repr(value)
+
+
+def config_keys(cls: type) -> Iterator[tuple[str, str, str, str, str]]:
+    """(section, key, type, default, meaning) of every field of a command's config, sections
+    flattened (`train.lr`); defaults are those of `cls()`, the command's own."""
+    instance = cls()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if not dataclasses.is_dataclass(tp):
+            doc = field_docs(cls).get(f.name, "")
+            yield "", f.name, _type(tp), _value(getattr(instance, f.name)), doc
+            continue
+        section = getattr(instance, f.name)
+        docs = field_docs(Algorithm if tp is AlgoConfig else tp)
+        sub_hints = typing.get_type_hints(tp)
+        for sub in dataclasses.fields(tp):
+            yield (
+                f.name,
+                f"{f.name}.{sub.name}",
+                _type(sub_hints[sub.name]),
+                _value(getattr(section, sub.name)),
+                docs.get(sub.name, ""),
+            )
 
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _default(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        value = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-    else:
-        return ""
-    return "null" if value is None else repr(value)
+def _tables(cls: type, level: str) -> list[str]:
+    lines: list[str] = []
+    current = None
+    for section, key, tp, default, doc in config_keys(cls):
+        if section != current:
+            current = section
+            lines += ["", f"{level} `{section}`" if section else f"{level} top level", ""]
+            if section == "algo":
+                lines += [
+                    "Overrides of the preset's axes; `null` keeps the preset's value "
+                    "(see the preset table in the README).",
+                    "",
+                ]
+            lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        lines.append(f"| `{key}` | {_cell(tp)} | {_cell(default)} | {_cell(doc)} |")
+    return lines
 
 
 def config_reference() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from the dataclasses in `src/advantage/rl/config.py` by `advantage docs`;",
-        "a test checks that this file is current. Set fields in YAML or as `section.field=value`.",
+        "Generated from the dataclasses (`src/advantage/rl/config.py` and `sections.py`,",
+        "`stages/sft.py`, `stages/rm.py`) by `advantage docs`; a test checks that this file is",
+        "current. Set fields in YAML or as `section.field=value`; `advantage COMMAND --help` lists",
+        "the same keys.",
         "",
+        LEARNING_RATES,
+        "",
+        "## `advantage train`",
+        *_tables(Config, "###"),
+        "",
+        "## `advantage sft`",
+        "",
+        "Supervised fine-tuning on `{prompt, completion}` or `{messages}` rows (loss on the",
+        "completion tokens only).",
+        *_tables(SFTConfig, "###"),
+        "",
+        "## `advantage rm`",
+        "",
+        "A reward model on `{prompt, chosen, rejected}` pairs (Bradley–Terry loss).",
+        *_tables(RMConfig, "###"),
     ]
-    top = typing.get_type_hints(Config)
-    lines += ["## top level", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-    lines.append(
-        f"| `algorithm` | str | {_default(Config.__dataclass_fields__['algorithm'])} | "
-        f"{_cell(field_docs(Config)['algorithm'])} |"
-    )
-    for f in dataclasses.fields(Config):
-        if f.name == "algorithm":
-            continue
-        section = top[f.name]
-        docs = field_docs(Algorithm) if f.name == "algo" else field_docs(section)
-        hints = typing.get_type_hints(section)
-        lines += ["", f"## `{f.name}`", ""]
-        if f.name == "algo":
-            lines += [
-                "Overrides of the preset's axes; `null` keeps the preset's value "
-                "(see the preset table in the README).",
-                "",
-            ]
-        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
-        for sub in dataclasses.fields(section):
-            lines.append(
-                f"| `{f.name}.{sub.name}` | {_type(hints[sub.name])} | {_cell(_default(sub))} | "
-                f"{_cell(docs.get(sub.name, ''))} |"
-            )
     return "\n".join(lines) + "\n"
+
+
+def help_epilog(command: str) -> str:
+    """The config keys of `command` for its `--help`: key, default and the doc's first sentence."""
+    lines = ["config keys (in CONFIG.yaml or as key=value; every detail: docs/config.md):"]
+    for _, key, _, default, doc in config_keys(COMMANDS[command]):
+        first = re.split(r"(?<=\.)\s+(?=[A-Z(`])", doc)[0].rstrip(".")
+        lines.append(f"  {key} = {default}  {first}")
+    return "\n".join([*lines, "", LEARNING_RATES.replace("**", "")])
 
 
 def algorithm_cards() -> str:

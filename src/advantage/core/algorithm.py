@@ -6,6 +6,7 @@ overrides into an `Algorithm`, and `Algorithm.card()` prints the resolution.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from .baselines import BASELINES
@@ -98,6 +99,17 @@ class Algorithm:
         AGGREGATIONS.check(self.aggregation, "algo.aggregation")
         _one_of(self.scope, SCOPES, "algo.scope")
         _one_of(self.kl_placement, KL_PLACEMENTS, "algo.kl_placement")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"algo.{f.name} must be a finite number, got {value}")
+        for name in ("group_std_eps", "whiten_eps", "value_coef", "entropy_coef", "value_clip"):
+            if (getattr(self, name) or 0.0) < 0:
+                raise ValueError(f"algo.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.kl_horizon > 0 or (self.kl_target is not None and not self.kl_target > 0):
+            raise ValueError("algo.kl_horizon and algo.kl_target (when set) must be > 0")
+        if not 0.0 <= self.ema_alpha <= 1.0:
+            raise ValueError(f"algo.ema_alpha must be in [0, 1], got {self.ema_alpha}")
         if self.kl_coef < 0:
             raise ValueError(f"algo.kl_coef must be >= 0, got {self.kl_coef}")
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:

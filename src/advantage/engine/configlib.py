@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import inspect
 import itertools
+import math
 import textwrap
 import types
 import typing
@@ -24,6 +25,41 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the field and what to change."""
+
+
+# Range checks of numeric fields, used by every section's `__post_init__`. `not (...)` also
+# catches NaN, which fails every comparison.
+
+
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def check_at_least(name: str, value: float | None, low: float) -> None:
+    """`value` >= `low` (and finite), or None."""
+    if value is not None and not (value >= low and math.isfinite(value)):
+        raise ConfigError(f"{name} must be >= {low:g}, got {value}")
+
+
+def check_positive(name: str, value: float | None) -> None:
+    """`value` > 0 and finite, or None."""
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{name} must be a finite number > 0, got {value}")
+
+
+def check_finite(name: str, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+
+
+def check_fraction(name: str, value: float, closed_low: bool = True, closed_high: bool = False):
+    """`value` in [0, 1) by default; `closed_*` choose which ends are allowed."""
+    low_ok = value >= 0 if closed_low else value > 0
+    high_ok = value <= 1 if closed_high else value < 1
+    if not (low_ok and high_ok):
+        interval = f"{'[' if closed_low else '('}0, 1{']' if closed_high else ')'}"
+        raise ConfigError(f"{name} must be in {interval}, got {value}")
 
 
 def _type_name(tp: Any) -> str:
@@ -139,7 +175,11 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, text = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(text) if text.strip() else ""))
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: {_yaml_problem(e)}") from None
+        out.append((key.strip(), value))
     return out
 
 
@@ -187,13 +227,39 @@ def import_object(spec: str, field: str):
 
 
 def read_yaml(path: str | Path) -> dict:
+    """A YAML config file as a dict; a file that is not UTF-8 or not YAML fails naming where."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    text = read_text(path)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data
+
+
+def read_text(path: Path, what: str = "") -> str:
+    """The UTF-8 text of a file; other bytes fail naming the file, the line and the byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            f"{what}{path}: line {line} (byte {e.start}, {data[e.start : e.start + 1]!r}) is not "
+            "UTF-8 text; save the file as UTF-8"
+        ) from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """`line L, column C: problem` of a YAML error (not PyYAML's `<unicode string>` report)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}YAML syntax error: {problem}"
 
 
 @cache

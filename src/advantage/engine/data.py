@@ -7,10 +7,15 @@ Rows are dicts. The prompt column is a string or a list of chat messages `{role,
 from __future__ import annotations
 
 import json
+import logging
 import random
+from collections import Counter
 from pathlib import Path
 
-from .configlib import ConfigError
+from .configlib import ConfigError, read_text
+from .hub import local_or_hub
+
+log = logging.getLogger("advantage")
 
 
 def load_rows(spec: str, field: str = "data.train") -> list[dict]:
@@ -21,7 +26,7 @@ def load_rows(spec: str, field: str = "data.train") -> list[dict]:
         if not path.is_file():
             raise ConfigError(f"{field}: file {spec!r} does not exist")
         rows = []
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
+        for n, line in enumerate(read_text(path, f"{field}: ").splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -31,8 +36,29 @@ def load_rows(spec: str, field: str = "data.train") -> list[dict]:
             if not isinstance(row, dict):
                 raise ConfigError(f"{field}: {spec} line {n} is not a JSON object")
             rows.append(row)
-        return rows
+        return fill_missing_columns(rows, field)
     return _load_with_datasets(spec, path, field)
+
+
+def fill_missing_columns(rows: list[dict], field: str) -> list[dict]:
+    """Every row with every column: a column that some rows lack is None there (as `datasets`
+    reads it), with one warning per column naming it and how many rows lack it."""
+    counts = Counter(name for row in rows for name in row)
+    ragged = [name for name, n in counts.items() if n < len(rows)]
+    for name in ragged:
+        first = next(i for i, row in enumerate(rows) if name not in row)
+        log.warning(
+            "%s: column %r is missing from %d of %d rows (first: row %d); reward functions get "
+            "None there, and a sample no function scores does not train",
+            field,
+            name,
+            len(rows) - counts[name],
+            len(rows),
+            first,
+        )
+    if not ragged:
+        return rows
+    return [{name: row.get(name) for name in counts} for row in rows]
 
 
 def _load_with_datasets(spec: str, path: Path, field: str) -> list[dict]:
@@ -53,10 +79,9 @@ def _load_with_datasets(spec: str, path: Path, field: str) -> list[dict]:
             if path.is_file()
             else datasets.load_dataset(str(path), split="train")
         )
-    elif spec.startswith((".", "/", "~")):
-        raise ConfigError(f"{field}: {spec!r} does not exist")
-    else:
-        ds = datasets.load_dataset(spec, split="train")  # a hub dataset id
+    else:  # a hub dataset id, or a typo: fail at once, before any network retries
+        local_or_hub(spec, field, probe="README.md", repo_type="dataset", kind="file or folder")
+        ds = datasets.load_dataset(spec, split="train")
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"]
     return [dict(row) for row in ds]
@@ -80,6 +105,23 @@ def check_rows(rows: list[dict], prompt_field: str, field: str = "data.train") -
                 f"{field}: row {i}: the prompt must be a string or a list of messages, "
                 f"got {type(prompt).__name__}"
             )
+        if isinstance(prompt, list) and not is_conversational(prompt):
+            raise ConfigError(
+                f"{field}: row {i}: the prompt is a list but not of chat messages "
+                f"{{role, content}} (got {str(prompt)[:60]}); give a string or a list of messages"
+            )
+
+
+def check_prompt_lengths(
+    tokenizer, rows: list[dict], prompt_field: str, system_prompt: str | None, budget: int
+) -> tuple[int, int] | None:
+    """(row, length) of the first prompt longer than `budget` tokens, or None. One tokenizer
+    pass over the rows, once at setup."""
+    for i, row in enumerate(rows):
+        n = len(encode_prompt(tokenizer, row[prompt_field], system_prompt))
+        if n > budget:
+            return i, n
+    return None
 
 
 def is_conversational(prompt) -> bool:

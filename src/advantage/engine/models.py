@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
+from contextlib import contextmanager
 
 import torch
 
 from ..core import entropy_from_logits, logprobs_from_logits
 from .configlib import ConfigError
+from .hub import local_or_hub
 from .parallel import unwrap
 from .precision import autocast
 from .rollout import Rollout
@@ -29,17 +30,25 @@ def quiet_transformers() -> None:
 
 
 def check_model_path(name_or_path: str, field: str = "model.name_or_path") -> str:
-    """A local folder (which must exist, `~` expanded) or a hub id, as given."""
-    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
-    if looks_local and not Path(name_or_path).expanduser().exists():
-        raise ConfigError(f"{field}: the folder {name_or_path!r} does not exist")
-    return str(Path(name_or_path).expanduser()) if looks_local else name_or_path
+    """A local folder (which must exist, `~` expanded) or a hub id that can be loaded (see
+    `engine.hub`): a typo fails at once, naming `field`."""
+    return local_or_hub(name_or_path, field)
+
+
+@contextmanager
+def _loading(path: str):
+    """A folder or hub id that transformers cannot load: one line, not its traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise ConfigError(f"cannot load {path!r}: {str(e).strip().splitlines()[0]}") from None
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with _loading(path):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ConfigError(f"tokenizer of {path!r} has neither a pad nor an EOS token; set one")
@@ -54,9 +63,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 def load_causal_lm(path: str, trust_remote_code: bool = False) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, trust_remote_code=trust_remote_code
-    )
+    with _loading(path):
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
 
 
 def load_critic(path: str, trust_remote_code: bool = False) -> torch.nn.Module:

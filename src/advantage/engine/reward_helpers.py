@@ -19,10 +19,9 @@ def completion_text(completion) -> str:
     return completion[-1]["content"] if completion else ""
 
 
-def exact_match(prompts, completions, answer=None, **kwargs) -> list[float | None]:
-    """1.0 when the stripped completion equals the `answer` column, else 0.0 (None without one)."""
-    if answer is None:
-        raise ValueError("exact_match needs a dataset column named 'answer'")
+def exact_match(prompts, completions, answer, **kwargs) -> list[float | None]:
+    """1.0 when the stripped completion equals the `answer` column, else 0.0 (None where a row's
+    answer is None). `answer` is required, so a dataset without the column fails at setup."""
     return [
         None if a is None else float(completion_text(c).strip() == str(a).strip())
         for c, a in zip(completions, answer, strict=True)
@@ -61,15 +60,13 @@ def overlong_penalty(
     return shaping.overlong_penalty(lengths, max_completion_length, overlong_buffer).tolist()
 
 
-def math_answer(prompts, completions, answer=None, **kwargs) -> list[float | None]:
+def math_answer(prompts, completions, answer, **kwargs) -> list[float | None]:
     """1.0 when the completion's final answer equals the `answer` column mathematically
     (`math-verify`: LaTeX, fractions, sets...), else 0.0. Needs `pip install 'advantage[math]'`."""
     try:
         from math_verify import parse, verify
     except ImportError as e:
         raise ImportError("math_answer needs math-verify: pip install 'advantage[math]'") from e
-    if answer is None:
-        raise ValueError("math_answer needs a dataset column named 'answer'")
     out: list[float | None] = []
     for c, a in zip(completions, answer, strict=True):
         if a is None:

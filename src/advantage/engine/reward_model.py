@@ -9,25 +9,53 @@ from pathlib import Path
 import torch
 
 from ..core import RunningMoments
+from .configlib import ConfigError
 from .models import load_tokenizer
 
 
-def load_reward_model(path: str, trust_remote_code: bool = False):
-    """A one-label sequence classifier from any causal-LM folder (the head is new when the
-    folder holds a causal LM) and its tokenizer, right-padded."""
+def load_reward_model(
+    path: str,
+    trust_remote_code: bool = False,
+    new_head: bool = False,
+    field: str = "reward.model",
+    tokenizer_path: str | None = None,
+):
+    """A one-label sequence classifier and its tokenizer (the folder's, or `tokenizer_path`),
+    right-padded.
+
+    `new_head=True` (training one, `advantage rm`) initialises the score head when the folder
+    holds a causal LM; otherwise every weight must come from the folder: a head that is missing
+    from the checkpoint (or has another shape) would score with random weights, so it is refused.
+    """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    tokenizer = load_tokenizer(path, trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_path or path, trust_remote_code)
     tokenizer.padding_side = "right"
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "score.weight newly initialized" is the point here
+    hf_logging.set_verbosity_error()  # missing weights are reported below, in one line
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=1,
+            dtype=torch.float32,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
     finally:
         hf_logging.set_verbosity(verbosity)
+    missing = sorted(info["missing_keys"])
+    mismatched = sorted(str(k[0]) for k in info["mismatched_keys"])  # e.g. a 2-label head
+    if (missing or mismatched) and not new_head:
+        why = (
+            f"missing from the checkpoint: {', '.join(missing[:3])}; a plain causal LM?"
+            if missing
+            else f"of another shape in the checkpoint: {', '.join(mismatched[:3])}"
+        )
+        raise ConfigError(
+            f"{field}: the folder {path!r} has no trained one-label score head ({why}); train a "
+            "reward model on it with `advantage rm` and give its RUN_DIR/final"
+        )
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 

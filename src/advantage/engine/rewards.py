@@ -3,18 +3,15 @@ combination, `None` for "not applicable", and errors that name the function and 
 
 A reward function is `f(prompts, completions, completion_ids, **columns) -> list[float | None]`
 (sync or `async def`), exactly as for TRL's `GRPOTrainer`; `columns` are the dataset's other
-fields, one value per completion.
+fields, one value per completion. Calling one function (threads, timeouts, checking what it
+returns) is `reward_call.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import importlib
 import importlib.util
 import inspect
-import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,27 +20,23 @@ import torch
 
 from ..core.scores import combine_rewards
 from .configlib import ConfigError
+from .reward_call import ON_TIMEOUT, RewardError, RewardSource, call_reward_function
+
+RESERVED_ARGUMENTS = ("prompts", "completions", "completion_ids")
+"""The arguments every reward call passes itself; a dataset column or a `reward.kwargs` key of
+the same name would replace them (TRL leaves such columns out; we refuse them)."""
 
 
-class RewardError(RuntimeError):
-    """A reward function failed; the message names the function and the sample."""
-
-
-@dataclass
-class RewardSource:
-    name: str
-    fn: Callable
-    weight: float = 1.0
-
-
-def load_function(spec: str, task_reward: Callable | None = None) -> RewardSource:
+def load_function(
+    spec: str, task_reward: Callable | None = None, field: str = "reward.functions"
+) -> RewardSource:
     """A reward function from `builtin` (the task's), a helper name, `module:fn`, `module.fn`
-    or `path/to/file.py:fn`."""
+    or `path/to/file.py:fn`; `field` names the setting in errors."""
     from . import reward_helpers
 
     if spec == "builtin":
         if task_reward is None:
-            raise ConfigError("reward.functions: 'builtin' needs a built-in task in data.train")
+            raise ConfigError(f"{field}: 'builtin' needs a built-in task in data.train")
         return RewardSource(task_reward.__name__, task_reward)
     if spec in reward_helpers.HELPERS:
         return RewardSource(spec, reward_helpers.HELPERS[spec])
@@ -53,14 +46,14 @@ def load_function(spec: str, task_reward: Callable | None = None) -> RewardSourc
         module_name, fn_name = spec.rsplit(".", 1)
     else:
         raise ConfigError(
-            f"reward.functions: {spec!r} is neither a helper ({', '.join(reward_helpers.HELPERS)}) "
+            f"{field}: {spec!r} is neither a helper ({', '.join(reward_helpers.HELPERS)}) "
             "nor a dotted path like my_module:my_reward"
         )
     try:
         if module_name.endswith(".py"):
             path = Path(module_name)
             if not path.is_file():
-                raise ConfigError(f"reward.functions: file {module_name!r} does not exist")
+                raise ConfigError(f"{field}: file {module_name!r} does not exist")
             module_spec = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
@@ -68,7 +61,17 @@ def load_function(spec: str, task_reward: Callable | None = None) -> RewardSourc
             module = importlib.import_module(module_name)
         fn = getattr(module, fn_name)
     except (ImportError, AttributeError) as e:
-        raise ConfigError(f"reward.functions: cannot load {spec!r}: {e}") from None
+        raise ConfigError(f"{field}: cannot load {spec!r}: {e}") from None
+    except SyntaxError as e:
+        raise ConfigError(
+            f"{field}: {e.filename} line {e.lineno}: {e.msg} (loading {spec!r})"
+        ) from None
+    except ConfigError:
+        raise
+    except Exception as e:  # the module's own code failed while it was imported
+        raise ConfigError(
+            f"{field}: importing {module_name!r} raised {type(e).__name__}: {e}"
+        ) from None
     return RewardSource(fn_name, fn)
 
 
@@ -80,100 +83,6 @@ def required_arguments(fn: Callable) -> list[str]:
         return []
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
-
-
-def _call(source: RewardSource, timeout: float | None, kwargs: dict) -> list:
-    """Call one reward function (sync or async), with an optional timeout in seconds."""
-    fn = source.fn
-    if inspect.iscoroutinefunction(fn):
-
-        async def run():
-            return await asyncio.wait_for(fn(**kwargs), timeout)
-
-        return asyncio.run(run())
-    if timeout is None:
-        return fn(**kwargs)
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    try:
-        return pool.submit(fn, **kwargs).result(timeout=timeout)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _locate_failure(source: RewardSource, kwargs: dict, n: int) -> int | None:
-    """Index of the first sample on which `source` raises alone (None if none does)."""
-    for i in range(n):
-        one = {
-            k: (v[i : i + 1] if isinstance(v, list) and len(v) == n else v)
-            for k, v in kwargs.items()
-        }
-        try:
-            _call(source, None, one)
-        except Exception:
-            return i
-    return None
-
-
-def call_reward_function(
-    source: RewardSource,
-    prompts: list,
-    completions: list,
-    completion_ids: list,
-    columns: dict,
-    timeout: float | None = None,
-    extra: dict | None = None,
-) -> list[float | None]:
-    """Run `source` on a batch and validate what it returns (length, numbers, finiteness)."""
-    n = len(completions)
-    kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids)
-    kwargs.update(columns)
-    kwargs.update(extra or {})
-    try:
-        values = _call(source, timeout, kwargs)
-    except (TimeoutError, concurrent.futures.TimeoutError):
-        raise RewardError(
-            f"reward function '{source.name}' took longer than reward.timeout={timeout}s on a "
-            f"batch of {n} completions"
-        ) from None
-    except Exception as e:
-        index = _locate_failure(source, kwargs, n)
-        where = f" on sample {index} (prompt {_short(prompts[index])})" if index is not None else ""
-        raise RewardError(
-            f"reward function '{source.name}' raised {type(e).__name__}{where}: {e}"
-        ) from e
-    if isinstance(values, torch.Tensor):
-        values = values.tolist()
-    if not isinstance(values, (list, tuple)):
-        raise RewardError(
-            f"reward function '{source.name}' returned {type(values).__name__}; "
-            f"expected a list of {n} floats (or None)"
-        )
-    if len(values) != n:
-        raise RewardError(
-            f"reward function '{source.name}' returned {len(values)} values for {n} completions"
-        )
-    out: list[float | None] = []
-    for i, v in enumerate(values):
-        if v is None:
-            out.append(None)
-            continue
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise RewardError(
-                f"reward function '{source.name}' returned {v!r} ({type(v).__name__}) for sample "
-                f"{i}; expected a float or None"
-            )
-        if not math.isfinite(float(v)):
-            raise RewardError(
-                f"reward function '{source.name}' returned {v} for sample {i} "
-                f"(prompt {_short(prompts[i])}); rewards must be finite (use None to skip a sample)"
-            )
-        out.append(float(v))
-    return out
-
-
-def _short(x, limit: int = 60) -> str:
-    text = repr(x)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -222,16 +131,34 @@ class RewardComputer:
         clip: float | None = None,
         timeout: float | None = None,
         extra: dict | None = None,
+        on_timeout: str = "error",
     ) -> None:
+        if on_timeout not in ON_TIMEOUT:
+            raise ValueError(f"on_timeout: {on_timeout!r} is not one of {', '.join(ON_TIMEOUT)}")
         self.sources = sources
         self.mode = mode
         self.clip = clip
         self.timeout = timeout
         self.extra = extra or {}
+        self.on_timeout = on_timeout
 
-    def check_columns(self, columns: set[str]) -> None:
-        """Fail before training when a function asks for a column the dataset lacks."""
-        given = set(columns) | set(self.extra) | {"prompts", "completions", "completion_ids"}
+    def check_columns(self, columns: set[str], field: str = "data.train") -> None:
+        """Fail before training when a column or a `reward.kwargs` key would replace an argument
+        of the reward call, or when a function asks for a column the dataset lacks."""
+        reserved = ", ".join(RESERVED_ARGUMENTS)
+        clash = sorted(set(columns) & set(RESERVED_ARGUMENTS))
+        if clash:
+            raise ConfigError(
+                f"{field}: column(s) {clash} have the names of arguments every reward function "
+                f"receives ({reserved}) and would replace the model's outputs; rename the column(s)"
+            )
+        clash = sorted(set(self.extra) & (set(RESERVED_ARGUMENTS) | set(columns)))
+        if clash:
+            raise ConfigError(
+                f"reward.kwargs: key(s) {clash} collide with the reward call's own arguments "
+                f"({reserved}) or the dataset's columns; rename them"
+            )
+        given = set(columns) | set(self.extra) | set(RESERVED_ARGUMENTS)
         for source in self.sources:
             missing = [name for name in required_arguments(source.fn) if name not in given]
             if missing:
@@ -253,7 +180,14 @@ class RewardComputer:
         kwargs = {**self.extra, **(extra or {})}
         raw = [
             call_reward_function(
-                s, prompts, completions, completion_ids, columns, self.timeout, kwargs
+                s,
+                prompts,
+                completions,
+                completion_ids,
+                columns,
+                self.timeout,
+                kwargs,
+                self.on_timeout,
             )
             for s in self.sources
         ]
@@ -288,3 +222,16 @@ def score_samples(
         group_size=group_size,
         extra=sampled.reward_kwargs,
     )
+
+
+__all__ = [
+    "RESERVED_ARGUMENTS",
+    "RewardComputer",
+    "RewardError",
+    "RewardSource",
+    "Scores",
+    "call_reward_function",
+    "load_function",
+    "required_arguments",
+    "score_samples",
+]

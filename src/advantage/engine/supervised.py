@@ -5,17 +5,49 @@ only: the SFT stage (`advantage sft`) and the built-in models' warm start both r
 from __future__ import annotations
 
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .configlib import ConfigError
+from .configlib import ConfigError, check_at_least, check_positive
 from .data import encode_prompt
 from .optim import make_optimizer
 from .reward_helpers import completion_text
+
+
+@dataclass
+class StageModel:
+    """The model of a supervised stage (SFT, reward model); RL's `model` section extends it."""
+
+    name_or_path: str = "builtin:tiny-reverse"
+    """A local folder, a hub id, or a built-in model (`builtin:tiny-random`, ...; see train's
+    `model.name_or_path`)."""
+    tokenizer: str | None = None
+    """Tokenizer folder or hub id (default: the model's)."""
+    trust_remote_code: bool = False
+    """Allow code from the model folder to run (off unless you set it)."""
+
+
+@dataclass
+class StageLog:
+    """Logging of a supervised stage: metrics.jsonl, TensorBoard, W&B and the console; RL's
+    `log` section extends it."""
+
+    run_dir: str = "runs/sft"
+    """Where metrics.jsonl, TensorBoard logs and the trained model (RUN_DIR/final) go."""
+    every: int = 25
+    """Log metrics (and print a line, without the progress bar) every N steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files."""
+    wandb: bool = False
+    """Log to Weights & Biases (needs `wandb` installed)."""
+    progress: bool = True
+    """A rich progress bar (off: one plain line per logged step)."""
+
+    def __post_init__(self) -> None:
+        check_at_least("log.every", self.every, 1)
 
 
 @dataclass
@@ -28,7 +60,9 @@ class StageSettings:
     batch_size: int = 64
     """Examples per step."""
     lr: float = 2e-5
-    """Peak learning rate (AdamW), linear warm-up then cosine decay to 10%."""
+    """Peak learning rate (AdamW), linear warm-up then cosine decay to 10%. 2e-5 suits a pretrained
+    model; a model trained from scratch (builtin:tiny-random, `advantage init-model`) wants ≈1e-3
+    (the demo's warm start uses 2e-3)."""
     warmup_steps: int = 30
     """Warm-up steps."""
     weight_decay: float = 0.0
@@ -37,6 +71,14 @@ class StageSettings:
     """Gradient clipping by global norm."""
     seed: int = 0
     """Seed of the batch order and of torch."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            check_at_least(f"train.{name}", getattr(self, name), 1)
+        for name in ("warmup_steps", "weight_decay", "seed"):
+            check_at_least(f"train.{name}", getattr(self, name), 0)
+        check_positive("train.lr", self.lr)
+        check_positive("train.max_grad_norm", self.max_grad_norm)
 
     def optimizer(self, model: torch.nn.Module):
         """AdamW and its warm-up + cosine schedule (one scheduler step per optimizer step)."""
@@ -53,12 +95,14 @@ class StageSettings:
 
 @dataclass
 class SFTSettings(StageSettings):
-    """A supervised fine-tuning run: the stage's optimisation plus sequence length and logging."""
+    """A supervised fine-tuning run: the stage's optimisation plus the sequence length."""
 
     max_length: int | None = None
     """Sequences longer than this (prompt + completion tokens) are cut on the right."""
-    log_every: int = 100
-    """Print the loss every N steps (0 = silent)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_at_least("train.max_length", self.max_length, 1)
 
 
 @dataclass
@@ -149,7 +193,8 @@ def supervised_finetune(
     settings: SFTSettings,
     on_step: Callable[[int, dict], None] | None = None,
 ) -> dict:
-    """Train `model` in place on {prompt, completion} rows; returns {"loss", "seconds"}."""
+    """Train `model` in place on {prompt, completion} rows; returns {"loss", "seconds"}.
+    `on_step(step, {"loss", "grad_norm", "lr"})` after every step (logging is the caller's)."""
     pairs = [
         encode_pair(tokenizer, r["prompt"], r["completion"], settings.max_length) for r in rows
     ]
@@ -171,13 +216,6 @@ def supervised_finetune(
             on_step(
                 step + 1,
                 {"loss": loss, "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0]},
-            )
-        if settings.log_every and (step + 1) % settings.log_every == 0:
-            elapsed = time.perf_counter() - start
-            print(
-                f"  sft step {step + 1}/{settings.steps}  loss {loss:.4f}  {elapsed:.0f}s",
-                file=sys.stderr,
-                flush=True,
             )
     model.eval()
     return {"loss": loss, "seconds": time.perf_counter() - start}

@@ -1,43 +1,37 @@
 """The sections of the RL configuration (`model`, `data`, `rollout`, `reward`, `train`, `log`,
 `eval`, `checkpoint`, `distributed`): one dataclass each, one docstring per field; each checks
 its own fields when it is built, so a bad value fails at load, naming the field. `model` and
-`log` are shared with the SFT and reward-model stages."""
+`log` extend the SFT and reward-model stages' sections (engine/supervised.py)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from ..core.scores import REWARD_COMBINATIONS
-from ..engine.configlib import ConfigError
+from ..engine.configlib import (
+    ConfigError,
+    check_at_least,
+    check_choice,
+    check_finite,
+    check_fraction,
+    check_positive,
+)
 from ..engine.optim import LR_SCHEDULES
 from ..engine.precision import BF16_MATMUL_CHOICES
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
-
-
-def _at_least(name: str, value: float | None, low: float) -> None:
-    if value is not None and not value >= low:  # `not >=` also catches NaN
-        raise ConfigError(f"{name} must be >= {low:g}, got {value}")
-
-
-def _positive(name: str, value: float | None) -> None:
-    if value is not None and not (value > 0 and math.isfinite(value)):
-        raise ConfigError(f"{name} must be a finite number > 0, got {value}")
+from ..engine.reward_call import ON_TIMEOUT
+from ..engine.supervised import StageLog, StageModel
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(StageModel):
     name_or_path: str = "builtin:tiny-reverse"
-    """Policy: a local folder, a hub id, or `builtin:tiny-reverse` (the demo's tiny Qwen2,
-    built locally and warm-started on the built-in task; nothing is downloaded)."""
+    """Policy: a local folder, a hub id, or a built-in model (built locally, nothing downloaded):
+    `builtin:tiny-reverse` (the demo's tiny Qwen2, warm-started on the built-in task),
+    `builtin:tiny-random` / `builtin:small-random` (freshly initialised ≈2.4M / ≈24M-parameter
+    Qwen2 with a character tokenizer; `advantage init-model OUT --chars ...` writes one for the
+    characters of a task of your own)."""
     tokenizer: str | None = None
     """Tokenizer folder or hub id (default: the policy's)."""
-    trust_remote_code: bool = False
-    """Allow code from the model folder to run (off unless you set it)."""
     precision: str = "fp32"
     """fp32, or bf16 (autocast for every forward pass; weights and optimizer stay fp32)."""
     bf16_matmul: str = "auto"
@@ -57,12 +51,10 @@ class ModelConfig:
     with the adapters disabled (no second copy in memory)."""
 
     def __post_init__(self) -> None:
-        _choice("model.precision", self.precision, ("fp32", "bf16"))
-        _choice("model.bf16_matmul", self.bf16_matmul, BF16_MATMUL_CHOICES)
-        if self.ref_sync_steps < 0 or not 0 < self.ref_sync_alpha <= 1:
-            raise ConfigError(
-                "model.ref_sync_steps must be >= 0 and model.ref_sync_alpha in (0, 1]"
-            )
+        check_choice("model.precision", self.precision, ("fp32", "bf16"))
+        check_choice("model.bf16_matmul", self.bf16_matmul, BF16_MATMUL_CHOICES)
+        check_at_least("model.ref_sync_steps", self.ref_sync_steps, 0)
+        check_fraction("model.ref_sync_alpha", self.ref_sync_alpha, False, True)
         if self.lora is not None and self.ref_sync_steps:
             raise ConfigError(
                 "model.ref_sync_steps needs a separate reference; with model.lora the reference is "
@@ -72,10 +64,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = "builtin:reverse"
-    """Prompts: a .jsonl file, a folder or file readable by `datasets`, or `builtin:reverse`."""
+    train: str | None = None
+    """Prompts (required): a .jsonl file, a folder or file readable by `datasets`, or
+    `builtin:reverse` (the demo's task)."""
     eval: str | None = None
-    """Held-out prompts (default for builtin tasks: their held-out split; else none)."""
+    """Held-out prompts (default for builtin tasks: their held-out split; else none, with a
+    warning: nothing is evaluated and `result.eval_before/eval_after` stay empty)."""
     prompt_field: str = "prompt"
     """Column holding the prompt: a string, or a list of chat messages {role, content}."""
     system_prompt: str | None = None
@@ -84,6 +78,9 @@ class DataConfig:
     """Shuffle the prompts each epoch (seeded)."""
     max_prompt_tokens: int | None = None
     """Prompts longer than this are truncated from the left (null = no limit)."""
+
+    def __post_init__(self) -> None:
+        check_at_least("data.max_prompt_tokens", self.max_prompt_tokens, 1)
 
 
 @dataclass
@@ -141,7 +138,7 @@ class RolloutConfig:
     """Extra arguments of the vLLM engine (gpu_memory_utilization, dtype, ...)."""
 
     def __post_init__(self) -> None:
-        _choice("rollout.backend", self.backend, ("transformers", "vllm"))
+        check_choice("rollout.backend", self.backend, ("transformers", "vllm"))
         for name in (
             "num_generations",
             "prompts_per_step",
@@ -151,15 +148,17 @@ class RolloutConfig:
             "max_episode_tokens",
             "tool_max_output",
         ):
-            _at_least(f"rollout.{name}", getattr(self, name), 1)
-        if self.tool_timeout is not None and not self.tool_timeout > 0:
-            raise ConfigError(
-                f"rollout.tool_timeout must be > 0 (or null), got {self.tool_timeout}"
-            )
-        if not self.temperature > 0:
-            raise ConfigError(f"rollout.temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+            check_at_least(f"rollout.{name}", getattr(self, name), 1)
+        check_positive("rollout.tool_timeout", self.tool_timeout)
+        check_positive("rollout.temperature", self.temperature)
+        check_fraction("rollout.top_p", self.top_p, False, True)
+        check_at_least("rollout.top_k", self.top_k, 0)
+        for i, stop in enumerate(self.stop):
+            if not stop:
+                raise ConfigError(
+                    f"rollout.stop[{i}] is an empty string, which would end every completion at "
+                    "its first token; remove it"
+                )
 
 
 @dataclass
@@ -185,13 +184,24 @@ class RewardConfig:
     """Subtracted from the score of completions that hit max_new_tokens without EOS."""
     timeout: float | None = None
     """Seconds allowed for one call of a reward function (null = no limit)."""
+    on_timeout: str = "error"
+    """A call longer than reward.timeout: error (stop the run with a RewardError) | skip (that
+    function scores the batch None, with a warning; the abandoned call may keep running in a
+    background thread)."""
     kwargs: dict = field(default_factory=dict)
     """Extra keyword arguments passed to every reward function."""
 
     def __post_init__(self) -> None:
-        _choice("reward.multi_reward", self.multi_reward, tuple(REWARD_COMBINATIONS))
+        check_choice("reward.multi_reward", self.multi_reward, tuple(REWARD_COMBINATIONS))
         if not self.functions and not self.model:
             raise ConfigError("reward: give at least one of reward.functions or reward.model")
+        for i, w in enumerate(self.weights or []):
+            check_finite(f"reward.weights[{i}]", w)
+        check_positive("reward.clip", self.clip)
+        check_at_least("reward.model_batch_size", self.model_batch_size, 1)
+        check_finite("reward.missing_eos_penalty", self.missing_eos_penalty)
+        check_positive("reward.timeout", self.timeout)
+        check_choice("reward.on_timeout", self.on_timeout, ON_TIMEOUT)
         # (reward.weights is checked against the sources when they are built: the Python API
         # can pass reward functions that the config does not name)
 
@@ -201,7 +211,8 @@ class TrainConfig:
     steps: int = 100
     """Training steps (one rollout batch each)."""
     lr: float = 1e-6
-    """Policy learning rate (AdamW)."""
+    """Policy learning rate (AdamW). 1e-6 suits a pretrained LM (10^8+ parameters); the tiny
+    models here, trained from scratch and warm-started, want 1e-4 to 3e-4 (the demo: 3e-4)."""
     critic_lr: float = 1e-5
     """Critic learning rate."""
     warmup_steps: int = 0
@@ -230,31 +241,36 @@ class TrainConfig:
     """torch.use_deterministic_algorithms (bitwise-reproducible runs on CPU)."""
 
     def __post_init__(self) -> None:
-        _choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        for name in ("steps", "epochs", "minibatches"):
-            _at_least(f"train.{name}", getattr(self, name), 1)
-        _at_least("train.micro_batch_size", self.micro_batch_size, 1)
+        check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        for name in ("steps", "epochs", "minibatches", "micro_batch_size", "max_nonfinite_steps"):
+            check_at_least(f"train.{name}", getattr(self, name), 1)
+        check_positive("train.lr", self.lr)
+        check_positive("train.critic_lr", self.critic_lr)
+        check_at_least("train.warmup_steps", self.warmup_steps, 0)
+        check_at_least("train.weight_decay", self.weight_decay, 0)
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"train.adam_betas must be two numbers, got {self.adam_betas}")
+        for i, beta in enumerate(self.adam_betas):
+            check_fraction(f"train.adam_betas[{i}]", beta)
+        check_positive("train.adam_eps", self.adam_eps)
+        check_positive("train.max_grad_norm", self.max_grad_norm)
+        check_at_least("train.seed", self.seed, 0)
 
 
 @dataclass
-class LogConfig:
+class LogConfig(StageLog):
     run_dir: str = "runs/advantage"
     """Where metrics.jsonl, TensorBoard logs, checkpoints and the report go."""
     every: int = 1
     """Log metrics every N steps."""
-    tensorboard: bool = True
-    """Write TensorBoard event files."""
-    wandb: bool = False
-    """Log to Weights & Biases (needs `wandb` installed)."""
-    progress: bool = True
-    """A rich progress bar (off: one plain line per step)."""
     samples: int = 4
     """Sample completions kept per logged step (for the report)."""
     report: bool = True
     """Write RUN_DIR/report (PNG plots and an HTML page) at the end of training."""
 
     def __post_init__(self) -> None:
-        _at_least("log.every", self.every, 1)
+        super().__post_init__()
+        check_at_least("log.samples", self.samples, 0)
 
 
 @dataclass
@@ -269,9 +285,16 @@ class EvalConfig:
     """A completion is correct when its score is >= this."""
     functions: list[str] | None = None
     """Reward functions that judge evaluation (default: the training reward sources), e.g. the
-    task's verifier when training on a learned reward model."""
+    task's verifier when training on a learned reward model. From Python, callables:
+    `advantage.train(cfg, reward_funcs=[...], eval_funcs=[...])`."""
     max_new_tokens: int | None = None
     """Generation budget for evaluation (default: rollout.max_new_tokens)."""
+
+    def __post_init__(self) -> None:
+        for name in ("every", "size", "pass_k"):
+            check_at_least(f"eval.{name}", getattr(self, name), 0)
+        check_finite("eval.correct_threshold", self.correct_threshold)
+        check_at_least("eval.max_new_tokens", self.max_new_tokens, 1)
 
 
 @dataclass
@@ -285,6 +308,10 @@ class CheckpointConfig:
     save_final: bool = True
     """Save the final policy as a Hugging Face folder (run_dir/final)."""
 
+    def __post_init__(self) -> None:
+        check_at_least("checkpoint.every", self.every, 0)
+        check_at_least("checkpoint.keep", self.keep, 1)
+
 
 @dataclass
 class DistributedConfig:
@@ -294,4 +321,4 @@ class DistributedConfig:
     """gloo | nccl (default: nccl with CUDA, else gloo)."""
 
     def __post_init__(self) -> None:
-        _choice("distributed.strategy", self.strategy, ("ddp", "fsdp2"))
+        check_choice("distributed.strategy", self.strategy, ("ddp", "fsdp2"))

@@ -8,6 +8,7 @@ config → the resolved Algorithm, the batch sizes, the process group, seeds
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import torch
 from ..core import KL_CONTROLLERS, Algorithm, make_baseline
 from ..core.baselines import Baseline
 from ..engine.configlib import ConfigError, import_object
-from ..engine.data import PromptStream, check_rows, encode_prompt
+from ..engine.data import PromptStream, check_prompt_lengths, check_rows, encode_prompt
 from ..engine.episodes import Episodes, EpisodeSettings, class_tools, environment_reward
 from ..engine.models import (
     AdapterDisabled,
@@ -39,9 +40,11 @@ from ..engine.rollout import SamplingParams, TransformersBackend
 from ..engine.sampling import SingleTurn
 from ..engine.sandbox import make_python_tool
 from ..engine.tools import ToolCallParser, tool_schema
-from ..tasks import dataset_rows, eval_spec, model_path, task_of
+from ..tasks import dataset_rows, eval_spec, model_path, task_of, tokenizer_path
 from .config import Config
 from .records import RunSizes
+
+log = logging.getLogger("advantage")
 
 
 @dataclass
@@ -91,6 +94,7 @@ def set_seed(seed: int) -> None:
 def build_run(
     cfg: Config,
     reward_funcs: list[Callable] | None = None,
+    eval_funcs: list[Callable] | None = None,
     tools: list[Callable] | None = None,
     environment_factory: Callable | None = None,
 ) -> Run:
@@ -109,16 +113,27 @@ def build_run(
     train_rows = dataset_rows(cfg.data.train, "data.train")
     check_rows(train_rows, cfg.data.prompt_field, "data.train")
     eval_rows = load_eval_rows(cfg)[: cfg.eval.size]
+    if not eval_rows and cfg.eval.size:
+        log.warning(
+            "data.eval is not set: no held-out set is evaluated, so result.eval_before and "
+            "result.eval_after stay empty; give held-out prompts in data.eval (eval.size=0 "
+            "silences this)"
+        )
     tools = tools if tools is not None else load_tools(cfg)
     if environment_factory is None and cfg.rollout.environment:
         environment_factory = import_object(cfg.rollout.environment, "rollout.environment")
     rewards = make_reward_computer(cfg, reward_funcs, environment_factory)
     rewards.check_columns(set(train_rows[0]) - {cfg.data.prompt_field})
-    eval_rewards = make_eval_rewards(cfg, rewards)
+    eval_rewards = make_eval_rewards(cfg, rewards, eval_funcs)
+    if eval_rows:
+        eval_rewards.check_columns(set(eval_rows[0]) - {cfg.data.prompt_field}, "data.eval")
     # models
     policy_path = model_path(cfg.model.name_or_path)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or policy_path, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(
+        tokenizer_path(cfg.model.tokenizer, policy_path), cfg.model.trust_remote_code
+    )
     policy = load_causal_lm(policy_path, cfg.model.trust_remote_code)
+    check_context(cfg, tokenizer, policy.config, train_rows, eval_rows)
     if cfg.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     ref = None
@@ -207,6 +222,41 @@ def load_eval_rows(cfg: Config) -> list[dict]:
     rows = dataset_rows(spec, "data.eval")
     check_rows(rows, cfg.data.prompt_field, "data.eval")
     return rows
+
+
+def check_context(cfg: Config, tokenizer, model_config, train_rows, eval_rows) -> None:
+    """Prompt + completion fit in the model's positions (`max_position_embeddings`), before
+    training; the error names the first row that does not."""
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context is None:
+        return
+    d, new = cfg.data, cfg.rollout.max_new_tokens
+    budget = context - new
+    where = f"the model's max_position_embeddings={context} minus rollout.max_new_tokens={new}"
+    if budget < 1:
+        raise ConfigError(f"rollout.max_new_tokens={new} leaves no room for a prompt: {where}")
+    if d.max_prompt_tokens is not None and d.max_prompt_tokens > budget:
+        raise ConfigError(
+            f"data.max_prompt_tokens={d.max_prompt_tokens} does not fit: {where} leaves {budget}"
+        )
+    if d.max_prompt_tokens is None:  # (prompts are cut to max_prompt_tokens when it is set)
+        long = check_prompt_lengths(tokenizer, train_rows, d.prompt_field, d.system_prompt, budget)
+        if long is not None:
+            raise ConfigError(
+                f"data.train: row {long[0]}: the prompt has {long[1]} tokens; {where} leaves "
+                f"{budget}; set data.max_prompt_tokens={budget} (cuts prompts from the left) or "
+                "shorten it"
+            )
+    eval_new = cfg.eval.max_new_tokens or new
+    long = check_prompt_lengths(
+        tokenizer, eval_rows, d.prompt_field, d.system_prompt, context - eval_new
+    )
+    if long is not None:
+        raise ConfigError(
+            f"data.eval: row {long[0]}: the prompt has {long[1]} tokens; the model's "
+            f"max_position_embeddings={context} minus {eval_new} new tokens leaves "
+            f"{context - eval_new}; shorten it"
+        )
 
 
 def optimizer_for(model: torch.nn.Module, cfg: Config, lr: float):
@@ -320,13 +370,21 @@ def make_reward_computer(
             )
         for s, w in zip(sources, r.weights, strict=True):
             s.weight = w
-    return RewardComputer(sources, r.multi_reward, r.clip, r.timeout, r.kwargs)
+    return RewardComputer(sources, r.multi_reward, r.clip, r.timeout, r.kwargs, r.on_timeout)
 
 
-def make_eval_rewards(cfg: Config, rewards: RewardComputer) -> RewardComputer:
-    """The judge of held-out evaluation: `eval.functions`, or the training rewards."""
-    if not cfg.eval.functions:
+def make_eval_rewards(
+    cfg: Config, rewards: RewardComputer, eval_funcs: list[Callable] | None = None
+) -> RewardComputer:
+    """The judge of held-out evaluation: `eval_funcs` (callables, from the Python API), else
+    `eval.functions`, else the training rewards."""
+    if eval_funcs:
+        sources = [
+            RewardSource(getattr(f, "__name__", f"eval_{i}"), f) for i, f in enumerate(eval_funcs)
+        ]
+    elif cfg.eval.functions:
+        judge = task_reward(cfg)
+        sources = [load_function(spec, judge, "eval.functions") for spec in cfg.eval.functions]
+    else:
         return rewards
-    judge = task_reward(cfg)
-    sources = [load_function(spec, judge) for spec in cfg.eval.functions]
-    return RewardComputer(sources, timeout=cfg.reward.timeout)
+    return RewardComputer(sources, timeout=cfg.reward.timeout, on_timeout=cfg.reward.on_timeout)

@@ -55,6 +55,7 @@ class Trainer:
         self,
         config: Config,
         reward_funcs: list[Callable] | None = None,
+        eval_funcs: list[Callable] | None = None,
         *,
         tools: list[Callable] | None = None,
         environment_factory: Callable | None = None,
@@ -64,7 +65,7 @@ class Trainer:
         self._lock = RunDirLock(config.log.run_dir) if os.environ.get("RANK", "0") == "0" else None
         try:
             candidates = checkpointing.resume_candidates(config, is_main=self._lock is not None)
-            self.run: Run = build_run(config, reward_funcs, tools, environment_factory)
+            self.run: Run = build_run(config, reward_funcs, eval_funcs, tools, environment_factory)
             self.state = TrainState()
             self.resumed_from = checkpointing.resume(self.run, self.state, candidates)
         except BaseException:
@@ -93,6 +94,13 @@ class Trainer:
     def fit(self) -> RunResult:
         cfg, run, state = self.config, self.run, self.state
         result = RunResult(run_dir=run.run_dir)
+        if self.resumed_from is not None and state.step >= cfg.train.steps:  # a rerun
+            self.logger.print(
+                f"run_dir {run.run_dir} already finished at step {state.step}; nothing to do (set "
+                "checkpoint.resume=none and a new log.run_dir to train again)"
+            )
+            self.logger.close()
+            return result
         start = time.perf_counter()
         self.logger.print(run.algo.card())
         if self.resumed_from is not None:
@@ -210,6 +218,7 @@ def train(
     config: Config | dict | str | Path | None = None,
     reward_funcs: list[Callable] | None = None,
     overrides: list[str] | None = None,
+    eval_funcs: list[Callable] | None = None,
     *,
     tools: list[Callable] | None = None,
     environment_factory: Callable | None = None,
@@ -217,12 +226,14 @@ def train(
     """Train with `config` (a Config, a dict, or a YAML path) and optional `key=value` overrides.
 
     `reward_funcs`: TRL-style reward functions to use instead of `reward.functions`;
+    `eval_funcs`: the same, judging held-out evaluation instead of `eval.functions`;
     `tools` / `environment_factory`: TRL's multi-turn arguments, instead of `rollout.tools` /
     `rollout.environment` (either one makes every rollout a multi-turn episode).
     """
     trainer = Trainer(
         config_from(config, overrides),
         reward_funcs,
+        eval_funcs,
         tools=tools,
         environment_factory=environment_factory,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..engine.configlib import ConfigError, check_at_least, check_finite, check_positive
 from ..engine.data import check_rows, encode_prompt
 from ..engine.evaluation import evaluate
 from ..engine.models import load_causal_lm, load_tokenizer, quiet_transformers
@@ -30,18 +31,29 @@ def evaluate_model(
     """`advantage eval MODEL DATASET`: greedy accuracy and pass@k of any model on any dataset,
     judged by reward functions (default: the built-in task's verifier for `builtin:` data,
     else `exact_match` against an `answer` column)."""
+    check_at_least("--pass-k", pass_k, 0)
+    check_at_least("--size", size, 1)
+    check_at_least("--max-new-tokens", max_new_tokens, 1)
+    check_positive("--temperature", temperature)
+    check_finite("--threshold", threshold)
     quiet_transformers()
-    path = model_path(model, "MODEL")
-    tokenizer = load_tokenizer(path, trust_remote_code)
-    policy = load_causal_lm(path, trust_remote_code).eval()
+    # the data and the judge first: a dataset the judge cannot score fails before any model loads
     rows = dataset_rows(dataset, "DATASET")
     check_rows(rows, prompt_field, "DATASET")
     rows = rows[:size] if size else rows
     task = task_of(dataset, "DATASET")
     task_reward = task.reward_fn if task is not None else None
     specs = reward_functions or (["builtin"] if task_reward else ["exact_match"])
-    rewards = RewardComputer([load_function(s, task_reward) for s in specs])
-    rewards.check_columns(set(rows[0]) - {prompt_field})
+    rewards = RewardComputer([load_function(s, task_reward, "--reward") for s in specs])
+    try:
+        rewards.check_columns(set(rows[0]) - {prompt_field}, "DATASET")
+    except ConfigError as e:
+        if reward_functions:
+            raise
+        raise ConfigError(f"{e}; the default judge is exact_match: give --reward FN") from None
+    path = model_path(model, "MODEL")
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    policy = load_causal_lm(path, trust_remote_code).eval()
     torch.manual_seed(seed)
     sampler = SingleTurn(
         TransformersBackend(policy, tokenizer), tokenizer, lambda p: encode_prompt(tokenizer, p)

@@ -16,20 +16,20 @@ from pathlib import Path
 import torch
 
 from ..core import bradley_terry_loss
-from ..engine.configlib import ConfigError
+from ..engine.configlib import ConfigError, check_at_least, check_fraction
 from ..engine.data import load_rows
 from ..engine.logger import MetricsLogger
 from ..engine.models import quiet_transformers
 from ..engine.reward_model import load_reward_model, score
-from ..engine.supervised import StageSettings, batches
-from ..rl.config import LogConfig, ModelConfig
-from ..tasks import model_path, task_of
+from ..engine.supervised import StageLog, StageModel, StageSettings, batches
+from ..tasks import model_path, require_data, task_of, tokenizer_path
 
 
 @dataclass
 class PreferenceData:
-    train: str = "builtin:reverse"
-    """Pairs: .jsonl, a local `datasets` folder/file, or builtin:TASK (pairs from its verifier)."""
+    train: str | None = None
+    """Pairs (required): .jsonl, a local `datasets` folder/file, or builtin:TASK (pairs from its
+    verifier)."""
     eval: str | None = None
     """Held-out pairs (default for builtin tasks: pairs on the held-out strings; else a split)."""
     eval_fraction: float = 0.1
@@ -43,6 +43,9 @@ class PreferenceData:
     margin_field: str | None = None
     """Optional column of margins m in -log σ(r_c - r_r - m)."""
 
+    def __post_init__(self) -> None:
+        check_fraction("data.eval_fraction", self.eval_fraction, closed_low=False)
+
 
 @dataclass
 class RMTrainSettings(StageSettings):
@@ -50,17 +53,22 @@ class RMTrainSettings(StageSettings):
     batch_size: int = 32
     """Pairs per step."""
     lr: float = 1e-5
+    """Peak learning rate (AdamW): 1e-5 suits a pretrained model; a reward model from a tiny model
+    trained from scratch wants ≈1e-4 (the `chain` command's)."""
     warmup_steps: int = 20
 
 
 @dataclass
 class RMConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: StageModel = field(default_factory=StageModel)
     data: PreferenceData = field(default_factory=PreferenceData)
     train: RMTrainSettings = field(default_factory=RMTrainSettings)
-    log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/rm"))
+    log: StageLog = field(default_factory=lambda: StageLog(run_dir="runs/rm"))
     pairs: int = 4096
     """Pairs drawn from a builtin task."""
+
+    def __post_init__(self) -> None:
+        check_at_least("pairs", self.pairs, 1)
 
 
 def pair_scores(model, tokenizer, rows: list[dict], d: PreferenceData):
@@ -104,10 +112,14 @@ def run_rm(cfg: RMConfig) -> dict:
     quiet_transformers()
     d, t = cfg.data, cfg.train
     torch.manual_seed(t.seed)
+    rows = preference_rows(cfg, require_data(d.train), "train")  # before any model loads
+    path = model_path(cfg.model.name_or_path)
     model, tokenizer = load_reward_model(
-        model_path(cfg.model.name_or_path), cfg.model.trust_remote_code
+        path,
+        cfg.model.trust_remote_code,
+        new_head=True,
+        tokenizer_path=tokenizer_path(cfg.model.tokenizer, path),
     )
-    rows = preference_rows(cfg, d.train, "train")
     if d.eval is not None or task_of(d.train) is not None:
         eval_rows = preference_rows(cfg, d.eval or d.train, "eval")
     else:

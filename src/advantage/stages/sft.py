@@ -17,46 +17,51 @@ from ..engine.models import load_causal_lm, load_tokenizer, quiet_transformers
 from ..engine.supervised import (
     PairColumns,
     SFTSettings,
+    StageLog,
+    StageModel,
     encode_pair,
     eval_loss,
     rows_to_pairs,
     supervised_finetune,
 )
-from ..rl.config import LogConfig, ModelConfig
-from ..tasks import model_path, task_of
+from ..tasks import model_path, require_data, task_of, tokenizer_path
 
 
 @dataclass
 class SupervisedData(PairColumns):
-    train: str = "builtin:reverse"
-    """Rows: .jsonl, a local `datasets` folder/file, or builtin:TASK (teacher demonstrations)."""
+    train: str | None = None
+    """Rows (required): .jsonl, a local `datasets` folder/file, or builtin:TASK (teacher
+    demonstrations)."""
     eval: str | None = None
     """Held-out rows (loss is reported on them at the end)."""
 
 
 @dataclass
 class SFTConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: StageModel = field(default_factory=StageModel)
     data: SupervisedData = field(default_factory=SupervisedData)
     train: SFTSettings = field(default_factory=SFTSettings)
-    log: LogConfig = field(default_factory=lambda: LogConfig(run_dir="runs/sft"))
+    log: StageLog = field(default_factory=StageLog)
 
 
 def run_sft(cfg: SFTConfig) -> dict:
     """`advantage sft`: load, train with logging, report the held-out loss, save RUN_DIR/final."""
     quiet_transformers()
-    path = model_path(cfg.model.name_or_path)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or path, cfg.model.trust_remote_code)
-    model = load_causal_lm(path, cfg.model.trust_remote_code)
-    rows = _supervised_rows(cfg.data.train, cfg, "data.train")
+    # data first: a bad dataset fails before any model is loaded
+    rows = _supervised_rows(require_data(cfg.data.train), cfg, "data.train")
     eval_rows = _supervised_rows(cfg.data.eval, cfg, "data.eval") if cfg.data.eval else []
+    path = model_path(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(
+        tokenizer_path(cfg.model.tokenizer, path), cfg.model.trust_remote_code
+    )
+    model = load_causal_lm(path, cfg.model.trust_remote_code)
     logger = MetricsLogger(
         cfg.log.run_dir, cfg.train.steps, cfg.log.tensorboard, cfg.log.wandb, cfg.log.progress
     )
     logger.start(0)
 
     def on_step(step: int, metrics: dict) -> None:
-        if step % cfg.log.every == 0:
+        if step % cfg.log.every == 0 or step == cfg.train.steps:
             logger.log(step, metrics)
 
     try:

@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from ..engine.configlib import ConfigError
@@ -63,11 +64,20 @@ def task_of(spec: str | None, field: str = "data.train") -> ReverseTask | None:
         raise ConfigError(f"{field}: {e}") from None
 
 
-def dataset_rows(spec: str, field: str = "data.train") -> list[dict]:
+def require_data(spec: str | None, field: str = "data.train") -> str:
+    """`spec`, which the user must give: no stage trains on a default dataset silently."""
+    if spec is None or not str(spec).strip():
+        raise ConfigError(
+            f"{field} is required: a .jsonl file, a datasets folder, or builtin:reverse"
+        )
+    return spec
+
+
+def dataset_rows(spec: str | None, field: str = "data.train") -> list[dict]:
     """Prompt rows of `spec`: a built-in task's split, or whatever `engine.data.load_rows` reads."""
     from ..engine.data import load_rows
 
-    task = task_of(spec, field)
+    task = task_of(require_data(spec, field), field)
     if task is None:
         return load_rows(spec, field)
     return task.eval_rows() if parse_builtin(spec)[1] == "eval" else task.train_rows()
@@ -93,6 +103,11 @@ def model_path(spec: str, field: str = "model.name_or_path") -> str:
         raise ConfigError(f"{field}: {e}") from None
 
 
+def tokenizer_path(spec: str | None, model: str) -> str:
+    """The folder of `model.tokenizer` when it is set (checked like a model), else the model's."""
+    return model_path(spec, "model.tokenizer") if spec else model
+
+
 def builtin_model_path(name: str, verbose: bool = True) -> Path:
     """Folder of the built-in model `name`, building and warm-starting it on first use.
 
@@ -113,8 +128,8 @@ def builtin_model_path(name: str, verbose: bool = True) -> Path:
     task = get_task(spec["task"])
     tokenizer = char_tokenizer()
     model = tiny_qwen2(spec["size"], vocab_size=len(tokenizer))
-    settings = SFTSettings(**spec["sft"], log_every=100 if verbose else 0)
-    if settings.steps:
+    if spec["sft"]["steps"]:
+        settings = SFTSettings(**spec["sft"])
         if verbose:
             print(
                 f"building {PREFIX}{name}: warm start by SFT on an imperfect teacher "
@@ -122,7 +137,8 @@ def builtin_model_path(name: str, verbose: bool = True) -> Path:
                 file=sys.stderr,
             )
         rows = task.sft_rows(settings.steps * settings.batch_size, seed=settings.seed)
-        stats = supervised_finetune(model, tokenizer, rows, settings)
+        progress = _print_every(100, settings.steps) if verbose else None
+        stats = supervised_finetune(model, tokenizer, rows, settings, on_step=progress)
         if verbose:
             print(
                 f"warm start done in {stats['seconds']:.0f}s (final SFT loss {stats['loss']:.3f})",
@@ -139,6 +155,22 @@ def builtin_model_path(name: str, verbose: bool = True) -> Path:
     return path
 
 
+def _print_every(n: int, total: int):
+    """An `on_step` that prints the SFT loss every `n` steps (the warm start's progress)."""
+    start = time.perf_counter()
+
+    def on_step(step: int, metrics: dict) -> None:
+        if step % n == 0:
+            print(
+                f"  sft step {step}/{total}  loss {metrics['loss']:.4f}  "
+                f"{time.perf_counter() - start:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return on_step
+
+
 __all__ = [
     "BUILTIN_MODELS",
     "TASKS",
@@ -148,6 +180,8 @@ __all__ = [
     "get_task",
     "model_path",
     "parse_builtin",
+    "require_data",
     "reverse_reward",
     "task_of",
+    "tokenizer_path",
 ]

@@ -1,8 +1,17 @@
-"""A character tokenizer and tiny Qwen2 models built locally from a config (nothing downloaded)."""
+"""A character tokenizer and tiny Qwen2 models built locally from a config (nothing downloaded).
+
+`make_tiny_model(out_dir)` (public: `advantage.make_tiny_model`, `advantage init-model OUT`)
+writes one for a toy task of your own; `builtin:tiny-random` and `builtin:small-random` are the
+same models over the built-in character set, cached.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from ..engine.configlib import ConfigError
 
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 +-*/=<>:;,.?!'\"()[]\n"
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
@@ -18,11 +27,12 @@ SIZES = {
 }  # fmt: skip
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character; `<bos>` is prepended to every encoded text."""
+def char_tokenizer(chars: str = CHARS) -> PreTrainedTokenizerFast:
+    """One token per character of `chars` (others are `<unk>`); `<bos>` is prepended to every
+    encoded text."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + list(CHARS))}
+    vocab = {t: i for i, t in enumerate(SPECIALS + list(dict.fromkeys(chars)))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
@@ -59,3 +69,25 @@ def tiny_qwen2(
     )
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config)
+
+
+def make_tiny_model(
+    out_dir: str | Path, size: str = "tiny", chars: str | None = None, seed: int = 0
+) -> Path:
+    """Write a freshly initialised Qwen2 of `size` (tiny ≈ 2.4M parameters, small ≈ 24M, micro
+    ≈ 0.08M) and a character tokenizer over `chars` (default: letters, digits, space and
+    punctuation; `<pad> <eos> <bos> <unk>` are added) to `out_dir`, a new or empty folder that
+    `model.name_or_path` then takes. For a toy task of your own: warm it up with `advantage sft`
+    (a model trained from scratch wants train.lr ≈ 1e-3), then train it with RL."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"OUT {str(out)!r} exists and is not an empty folder; choose a new one")
+    if chars is not None and not chars:
+        raise ConfigError("chars: give at least one character")
+    if size not in SIZES:
+        raise ConfigError(f"size: unknown tiny model size {size!r}; valid: {', '.join(SIZES)}")
+    tokenizer = char_tokenizer(chars or CHARS)
+    model = tiny_qwen2(size, vocab_size=len(tokenizer), seed=seed)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
