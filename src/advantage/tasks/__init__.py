@@ -33,7 +33,7 @@ Task = ReverseTask | CalculatorTask
 BUILTIN_MODELS = {
     "tiny-reverse": dict(task="reverse", size="tiny", sft=dict(steps=600, batch_size=64, lr=2e-3)),
     "tiny-calculator": dict(
-        task="calculator", teacher=1, size="tiny", sft=dict(steps=600, batch_size=64, lr=2e-3)
+        task="calculator", teacher=1, size="tiny", sft=dict(steps=500, batch_size=32, lr=2e-3)
     ),
     "tiny-random": dict(task="reverse", size="tiny", sft=dict(steps=0)),
     "small-random": dict(task="reverse", size="small", sft=dict(steps=0)),
