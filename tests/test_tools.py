@@ -298,12 +298,13 @@ def test_sandbox_raises_gives_stdout_and_the_last_traceback_line():
 
 
 def test_sandbox_loop_forever_times_out():
+    quick = make_python_tool(timeout=1, cpu_seconds=1)
     start = time.monotonic()
-    assert sandbox("while True:\n    pass") in (
-        "error: timed out after 3s",
-        "error: CPU time limit of 3s exceeded",
+    assert quick("while True:\n    pass") in (
+        "error: timed out after 1s",  # a busy machine: the wall clock runs out first
+        "error: CPU time limit of 1s exceeded",
     )
-    assert time.monotonic() - start < 6
+    assert time.monotonic() - start < 3
 
 
 def test_sandbox_too_much_memory_is_an_error_not_a_crash():

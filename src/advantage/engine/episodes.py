@@ -341,9 +341,14 @@ def episode_metrics(rollout: Rollout, conversations: list[list[dict]]) -> dict[s
         "episode/truncated": float(rollout.truncated.float().mean()),
         "tools/calls_per_episode": len(replies) / n,
         "tools/call_rate": sum(any(m["role"] == "tool" for m in c) for c in conversations) / n,
-        "tools/errors": sum(str(m["content"]).startswith("error") for m in replies) / calls,
+        "tools/errors": sum(_is_error(str(m["content"])) for m in replies) / calls,
         "tools/timeouts": sum("timed out" in str(m["content"]) for m in replies) / calls,
     }
+
+
+def _is_error(reply: str) -> bool:
+    """A tool reply that reports a failure: ours (`error: ...`) or TRL's (`{'error': ...}`)."""
+    return reply.startswith(("error:", "{'error':"))
 
 
 def _short(x, limit: int = 60) -> str:

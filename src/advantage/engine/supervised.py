@@ -122,11 +122,42 @@ def completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**batch).loss
 
 
-def encode_pair(
-    tokenizer, prompt, completion, max_length: int | None = None
-) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids + EOS); prompts go through `encode_prompt` (chat templates)."""
+def is_segments(completion) -> bool:
+    """A completion given as (text, trainable) segments, e.g. a demonstrated episode
+    `[["<calc>37*48</calc>", True], ["<r>1776</r>", False], ["1776", True]]`."""
+    return (
+        isinstance(completion, (list, tuple))
+        and bool(completion)
+        and all(
+            isinstance(s, (list, tuple))
+            and len(s) == 2
+            and isinstance(s[0], str)
+            and isinstance(s[1], bool)
+            for s in completion
+        )
+    )
+
+
+def encode_pair(tokenizer, prompt, completion, max_length: int | None = None) -> tuple:
+    """(prompt ids, completion ids + EOS); prompts go through `encode_prompt` (chat templates).
+
+    A segment completion (`is_segments`) gives a third list, the completion's labels: each
+    segment is tokenized on its own (as an episode appends them), its ids are labels when it is
+    trainable and -100 when not (an environment's reply); the EOS after the last is trainable.
+    """
     prompt_ids = encode_prompt(tokenizer, prompt)
+    if is_segments(completion):
+        completion_ids, labels = [], []
+        for text, trainable in completion:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            completion_ids += ids
+            labels += ids if trainable else [-100] * len(ids)
+        completion_ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+        if max_length is not None:
+            keep = max(0, max_length - len(prompt_ids))
+            completion_ids, labels = completion_ids[:keep], labels[:keep]
+        return prompt_ids, completion_ids, labels
     completion_ids = tokenizer(completion_text(completion), add_special_tokens=False)["input_ids"]
     completion_ids = [*completion_ids, tokenizer.eos_token_id]
     if max_length is not None:
@@ -160,16 +191,19 @@ def rows_to_pairs(
     return pairs
 
 
-def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids, attention_mask and labels (-100 on prompt and padding)."""
-    L = max(len(p) + len(c) for p, c in pairs)
+def collate(pairs: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (-100 on prompt and padding).
+
+    Each item is `encode_pair`'s (prompt ids, completion ids[, completion labels]); without
+    labels every completion token is one."""
+    L = max(len(p) + len(c) for p, c, *_ in pairs)
     ids = torch.full((len(pairs), L), pad_id, dtype=torch.long)
     labels = torch.full((len(pairs), L), -100, dtype=torch.long)
     attn = torch.zeros((len(pairs), L), dtype=torch.long)
-    for i, (p, c) in enumerate(pairs):
+    for i, (p, c, *completion_labels) in enumerate(pairs):
         n = len(p) + len(c)
         ids[i, :n] = torch.tensor(p + c)
-        labels[i, len(p) : n] = torch.tensor(c)
+        labels[i, len(p) : n] = torch.tensor(completion_labels[0] if completion_labels else c)
         attn[i, :n] = 1
     return {"input_ids": ids, "attention_mask": attn, "labels": labels}
 

@@ -1,9 +1,11 @@
 """Built-in tasks and models that need no download, and the one parser of `builtin:` specs.
 
 - data `builtin:reverse` (training rows) and `builtin:reverse:eval` (its held-out split);
-- models `builtin:tiny-reverse` (the demo's tiny Qwen2, warm-started on the task by imitating an
-  imperfect teacher; built once and cached), `builtin:tiny-random` and `builtin:small-random`
-  (freshly initialised tiny / small Qwen2 with the character tokenizer).
+  `builtin:calculator` and `builtin:calculator:eval`, the multi-turn task with a calculator tool;
+- models `builtin:tiny-reverse` and `builtin:tiny-calculator` (the demos' tiny Qwen2, each
+  warm-started on its task by imitating an imperfect teacher; built once and cached),
+  `builtin:tiny-random` and `builtin:small-random` (freshly initialised tiny / small Qwen2 with
+  the character tokenizer).
 
 This package sits above the engine: the engine never imports it. Stages resolve a spec here
 (`model_path`, `dataset_rows`, `task_of`) and hand the engine plain paths and rows.
@@ -21,18 +23,24 @@ import time
 from pathlib import Path
 
 from ..engine.configlib import ConfigError
+from .calculator import CalculatorTask, calculator, calculator_reward
 from .reverse import ReverseTask, reverse_reward
 
 PREFIX = "builtin:"
-TASKS = {"reverse": ReverseTask}
+TASKS = {"reverse": ReverseTask, "calculator": CalculatorTask}
+Task = ReverseTask | CalculatorTask
 
-# builtin model name → (task, tiny size, SFT settings, demonstrations)
+# builtin model name → (task, tiny size, SFT settings of the warm start on the task's teacher)
 BUILTIN_MODELS = {
     "tiny-reverse": dict(task="reverse", size="tiny", sft=dict(steps=600, batch_size=64, lr=2e-3)),
+    "tiny-calculator": dict(
+        task="calculator", teacher=1, size="tiny", sft=dict(steps=500, batch_size=32, lr=2e-3)
+    ),
     "tiny-random": dict(task="reverse", size="tiny", sft=dict(steps=0)),
     "small-random": dict(task="reverse", size="small", sft=dict(steps=0)),
 }
 WARM_START_VERSION = 2  # bump when the task, tokenizer or warm-start code changes
+# (`teacher` in a model's entry versions that task's teacher alone: bump it to rebuild one model)
 
 
 def parse_builtin(spec: str) -> tuple[str, str] | None:
@@ -47,14 +55,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ADVANTAGE_CACHE", Path.home() / ".cache" / "advantage"))
 
 
-def get_task(name: str) -> ReverseTask:
+def get_task(name: str) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown built-in task {name!r}; valid: {', '.join(TASKS)}")
     return TASKS[name]()
 
 
-def task_of(spec: str | None, field: str = "data.train") -> ReverseTask | None:
-    """The built-in task a data spec names (`builtin:reverse[:eval]`), else None."""
+def task_of(spec: str | None, field: str = "data.train") -> Task | None:
+    """The built-in task a data spec names (`builtin:reverse[:eval]`, ...), else None."""
     parsed = parse_builtin(spec) if spec else None
     if parsed is None:
         return None
@@ -174,7 +182,12 @@ def _print_every(n: int, total: int):
 __all__ = [
     "BUILTIN_MODELS",
     "TASKS",
+    "CalculatorTask",
+    "ReverseTask",
+    "Task",
     "builtin_model_path",
+    "calculator",
+    "calculator_reward",
     "dataset_rows",
     "eval_spec",
     "get_task",
