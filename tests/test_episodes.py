@@ -251,3 +251,113 @@ def test_malformed_and_failing_tool_calls_answer_the_model():
     replies = [m["content"] for m in out.completions[0] if m["role"] == "tool"]
     assert "bad input" in replies[0] and replies[1].startswith("error")
     assert out.completions[0][-1]["content"] == "bye"
+
+
+class OneTurn:
+    """A single-turn task as an environment: the episode ends after the model's first turn."""
+
+    def reset(self, row):
+        return None
+
+    def step(self, message):
+        return None, None, True
+
+
+def ids_reward(prompts, completions, completion_ids, **kwargs):
+    """Depends on the token ids only, so it scores a text and a message list alike."""
+    return [len(ids) / 8.0 + (sum(ids) % 5) * 0.1 for ids in completion_ids]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["grpo", "ppo"])
+def test_a_one_turn_environment_equals_the_single_turn_path(preset, tmp_path, monkeypatch):
+    import advantage.rl.step as step_module
+    from advantage.rl.config import load_config
+    from advantage.rl.trainer import Trainer
+    from helpers import small_config
+
+    captured = []
+    original = step_module.compute_advantages
+
+    def capture(inputs, *args, **kwargs):
+        out = original(inputs, *args, **kwargs)
+        captured.append(out.advantages.clone())
+        return out
+
+    monkeypatch.setattr(step_module, "compute_advantages", capture)
+    results = []
+    for name, env in [("single", None), ("episode", OneTurn)]:
+        cfg = load_config(
+            None, small_config(tmp_path / name, f"algorithm={preset}", "train.steps=1")
+        )
+        trainer = Trainer(cfg, reward_funcs=[ids_reward], environment_factory=env)
+        results.append(trainer.fit().metrics[0])
+    single, episode = results
+    torch.testing.assert_close(captured[0], captured[1], rtol=0, atol=1e-6)
+    assert abs(single["loss"] - episode["loss"]) <= 1e-6
+    assert single["reward/mean"] == episode["reward/mean"]
+
+
+def episode_token_check(backend_name: str) -> dict:
+    """Episodes of the built-in calculator task on a real engine: the trained ids, split by the
+    action mask, are each turn's sampled ids and each reply's tokens; and the trainer's log-probs
+    of the trained ids equal the engine's at every model token (which holds only if they are the
+    tokens the engine sampled, in the context it sampled them in)."""
+    from advantage.engine.data import encode_prompt
+    from advantage.engine.models import completion_logprobs, load_causal_lm
+    from advantage.engine.rollout import TransformersBackend
+    from advantage.tasks import builtin_model_path, get_task
+    from advantage.tasks.tiny import char_tokenizer
+
+    task = get_task("calculator")
+    path = str(builtin_model_path("tiny-calculator"))
+    tokenizer, policy = char_tokenizer(), load_causal_lm(path).eval()
+    if backend_name == "vllm":
+        from advantage.engine.rollout.vllm import VLLMBackend
+
+        backend = VLLMBackend(path, tokenizer, max_model_len=128)
+        backend.sync_weights(policy)
+    else:
+        backend = TransformersBackend(policy, tokenizer)
+    parser = ToolCallParser(
+        task.tool_call_format,
+        stop=task.tool_call_stop,
+        schemas=[tool_schema(t) for t in task.tools],
+    )
+    settings = EpisodeSettings(max_turns=3, reply_template=task.reply_template)
+    episodes = Episodes(
+        backend, tokenizer, lambda p: encode_prompt(tokenizer, p), settings,
+        tools=task.tools, parser=parser,
+    )  # fmt: skip
+    rows = task.eval_rows()[:8]
+    out = episodes.sample(
+        rows, [r["prompt"] for r in rows], 4, SamplingParams(max_new_tokens=24, seed=0)
+    )
+    r = out.rollout
+    with torch.no_grad():
+        trainer_lp, _ = completion_logprobs(policy, r)
+    gap = (trainer_lp - r.logprobs)[r.model_mask].abs().max().item()
+    calls = 0
+    for i, messages in enumerate(out.completions):
+        ids = r.completion_ids[i][r.completion_mask[i]].tolist()
+        actions = r.action_mask[i][r.completion_mask[i]].tolist()
+        expected, expected_actions = [], []
+        for m in messages:
+            text = m["content"] if m["role"] == "assistant" else task.reply_template.format(**m)
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if m is messages[-1] and m["role"] == "assistant" and ids[-1] == tokenizer.eos_token_id:
+                piece = [*piece, tokenizer.eos_token_id]  # the final turn ends with EOS
+            expected += piece
+            expected_actions += [m["role"] == "assistant"] * len(piece)
+            calls += m["role"] == "tool"
+        assert ids == expected and actions == expected_actions, i
+    return {"gap": gap, "calls": calls}
+
+
+@pytest.mark.slow
+def test_calculator_episodes_are_token_exact_on_transformers():
+    found = episode_token_check("transformers")
+    print(
+        f"max |engine - trainer| log-prob on model tokens {found['gap']:.2e}; {found['calls']} tool calls"
+    )
+    assert found["gap"] < 1e-4 and found["calls"] > 0

@@ -47,3 +47,24 @@ def test_own_toy_task_example(tmp_path):
     work = tmp_path / "runs" / "own_toy_task"
     assert (work / "init" / "config.json").is_file()
     assert '"reward/upper_correct"' in (work / "grpo" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["tools", "environment"])
+def test_trl_tools_example(tmp_path, shape):
+    """A TRL-style tool function and a TRL-style environment class train unchanged."""
+    flags = ["--environment"] if shape == "environment" else []
+    out = run_example(
+        "trl_tools.py",
+        tmp_path,
+        *flags,
+        "train.steps=2",
+        "rollout.prompts_per_step=4",
+        f"log.run_dir={tmp_path}",
+        "eval.size=16",
+    )
+    assert "held-out accuracy:" in out and "tool-call rate" in out
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    assert '"tools/call_rate"' in metrics and '"reward/correct"' in metrics
+    if shape == "environment":  # the environment's get_reward() is a reward source
+        assert '"reward/environment"' in metrics

@@ -84,3 +84,13 @@ def test_training_with_vllm_backend_and_tis(run_dir):
     for m in result.metrics:
         assert m["rollout/logprob_gap"] < 1e-3, m  # weights were pushed after every update
         assert 0 < m["rollout/is_weight_mean"] <= 2.0
+
+
+def test_calculator_episodes_are_token_exact_on_vllm():
+    from test_episodes import episode_token_check
+
+    found = episode_token_check("vllm")
+    print(
+        f"vLLM episodes: max |engine - trainer| log-prob {found['gap']:.2e}; {found['calls']} calls"
+    )
+    assert found["gap"] < 1e-4 and found["calls"] > 0

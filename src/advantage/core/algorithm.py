@@ -252,6 +252,9 @@ class Algorithm:
                 else "no"
             ),
             f"  reference model  {'yes' if self.uses_reference else 'no (not loaded)'}",
+            "  episodes         environment tokens are context: not actions, not time steps (γ, λ "
+            "and GAE's next value skip them); the score on the last model token, per-turn "
+            "rewards on the last token of their turn",
         ]
         return "\n".join(rows)
 
