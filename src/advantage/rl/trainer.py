@@ -29,6 +29,7 @@ from ..engine.logger import MetricsLogger
 from ..engine.models import count_parameters
 from ..engine.parallel import global_sums
 from ..engine.runlock import RunDirLock
+from ..tasks import require_data
 from . import checkpointing
 from .config import Config, config_from
 from .records import ScoredRollout, TrainState
@@ -61,6 +62,7 @@ class Trainer:
         environment_factory: Callable | None = None,
     ) -> None:
         self.config = config
+        require_data(config.data.train)  # before the lock creates the run folder
         # one run per run_dir, held until `fit` ends (or `close()`); rank 0 under torchrun
         self._lock = RunDirLock(config.log.run_dir) if os.environ.get("RANK", "0") == "0" else None
         try:
