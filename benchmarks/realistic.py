@@ -52,7 +52,8 @@ VERSION = 1  # bump when the model surgery changes
 
 
 def prompt_rows(tokenizer) -> list[dict]:
-    """POOL prompts of lowercase words with their token counts (a column both systems pass on)."""
+    """POOL prompts of lowercase words, PROMPT_TOKENS long (the built-in character tokenizer
+    drops spaces), with their token counts: a column both systems pass to the reward."""
     rng = random.Random(0)
     count = lambda text: len(tokenizer(text)["input_ids"])  # noqa: E731
     rows = []
@@ -109,9 +110,8 @@ def with_stop_rate(model, tokenizer, stop_p: float) -> None:
         unit = math.sqrt(embed.shape[1]) * float(model.model.norm.weight[0])
         eos = tokenizer.eos_token_id
         specials = [i for i in tokenizer.all_special_ids if i != eos]
-        others = (
-            embed.shape[0] - 1 - len(specials)
-        )  # the other logits stay ≈ 0: p(EOS) = e^b/(e^b + others)
+        # the other logits stay ≈ 0 (near uniform): p(EOS) = e^b / (e^b + others)
+        others = embed.shape[0] - 1 - len(specials)
         head[:, 0] = 0
         head[eos, 0] = math.log(stop_p / (1 - stop_p) * others) / unit
         head[specials, 0] = -30.0 / unit
@@ -169,8 +169,9 @@ class PositionCounter:
         step = {"groups": CALLS[-1], "grad": self.grad - grad, "no_grad": self.no_grad - no_grad}
         processed, needed = step["no_grad"] + 3 * step["grad"], 5 * needed_positions(step["groups"])
         if processed < needed:
-            raise RuntimeError(f"counted {processed} positions, fewer than the {needed} the step "
-                               "needs: a forward bypassed Qwen2Model.forward")  # fmt: skip
+            raise RuntimeError(f"counted {processed} positions, fewer than the {needed} of the "
+                               "sampling, reference and policy passes the step needs: a forward "
+                               "bypassed Qwen2Model.forward, or a pass was left out")  # fmt: skip
         return step
 
 
