@@ -14,8 +14,9 @@ RMSNorm it is ≈ √H; an untied LM head reads only that channel for the EOS an
 biases. The other logits stay those of the random model (near uniform over the 84
 characters). Both systems load the same folder, sample at temperature 1 without top-k/top-p, so
 the completion lengths of both follow the same law: geometric with mean 1/STOP_P = 128, cut
-at BUDGET (≈ 7% end within 10 tokens, ≈ 13% reach the budget, mean ≈ 111). The matrix shapes
-are those of any Qwen2 of the size; only the weights' values are special.
+at BUDGET (≈ 7% end within 10 tokens, ≈ 13% reach the budget, mean ≈ 111; observed in a first
+run: means 105–127, 10–15% at the budget, `small` a little longer as its other logits spread
+more). The matrix shapes are those of any Qwen2 of the size; only the weights' values are special.
 
 The reward, `length_variety`, is |L − mean L of the group| / BUDGET: it favours spread within a
 group and gives advantages that are not all zero. It also records each step's prompt and
