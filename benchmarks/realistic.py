@@ -11,7 +11,7 @@ untrained `builtin:{size}-random` model into one that samples EOS with probabili
 every position, whatever the context, and never samples `<pad>`, `<bos>` or `<unk>`. Residual
 channel 0 holds a constant (every embedding has it, no layer writes it), so after the final
 RMSNorm it is ≈ √H; an untied LM head reads only that channel for the EOS and special-token
-biases. The other logits stay those of the random model (near uniform over the 84
+biases. The other logits stay those of the random model (near uniform over the 83
 characters). Both systems load the same folder, sample at temperature 1 without top-k/top-p, so
 the completion lengths of both follow the same law: geometric with mean 1/STOP_P = 128, cut
 at BUDGET (≈ 7% end within 10 tokens, ≈ 13% reach the budget, mean ≈ 111; observed in a first
