@@ -14,8 +14,8 @@ PROMPTS, GENERATIONS, BETA = 8, 8, 0.04  # a step of either workload: P prompts 
 def advantage_api() -> SimpleNamespace:
     """The only place the benchmarks import `advantage`; a module that moves is fixed here."""
     from advantage.rl.config import load_config
-    from advantage.tasks import builtin_model_path, get_task
     from advantage.rl.trainer import Trainer
+    from advantage.tasks import builtin_model_path, get_task
 
     return SimpleNamespace(load_config=load_config, Trainer=Trainer,
                            builtin_model_path=builtin_model_path, get_task=get_task)  # fmt: skip
