@@ -1,0 +1,132 @@
+"""The transformers backend's decode loop (engine/rollout/hf.py, kv_cache.py): rows that end leave
+the batch without changing any sample, the in-place KV cache equals transformers' own, the
+sampling draw is `torch.multinomial`'s, and a sharded (lockstep) run keeps decoding."""
+
+import pytest
+import torch
+
+from advantage.engine.models import load_causal_lm
+from advantage.engine.rollout import SamplingParams, TransformersBackend, hf
+from advantage.tasks import builtin_model_path
+from advantage.tasks.tiny import char_tokenizer
+
+PROMPTS = ["abc>", "a much longer prompt>", "xy>"]  # left-padded to different lengths
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return load_causal_lm(str(builtin_model_path("tiny-random"))).eval()
+
+
+@pytest.fixture
+def tokenizer():
+    return _tokenizer("e")
+
+
+def _tokenizer(eos: str):
+    tok = char_tokenizer()
+    tok.eos_token = eos  # a common character: rows of the untrained model end at different steps
+    return tok
+
+
+def _generate(policy, tokenizer, **params):
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    params = SamplingParams(**{"max_new_tokens": 40, "seed": 0, "stop": ["q"], **params})
+    return TransformersBackend(policy, tokenizer).generate(prompts, 4, params)
+
+
+@pytest.mark.parametrize(
+    "eos,params",
+    [
+        ("e", {}),
+        ("7", {"greedy": True, "stop": ["V"]}),  # the untrained model's greedy rows reach these
+        ("e", {"top_k": 7, "top_p": 0.9, "temperature": 0.7}),
+    ],
+)
+def test_rows_leaving_the_batch_change_no_sample(policy, monkeypatch, eos, params):
+    tokenizer = _tokenizer(eos)
+    left = _generate(policy, tokenizer, **params)
+    monkeypatch.setattr(hf, "LEAVE_EVERY", 10**9)  # every row decodes to the end
+    kept = _generate(policy, tokenizer, **params)
+    lengths = left.completion_mask.sum(-1)
+    assert lengths.min() < lengths.max() and not left.truncated.all()  # rows did leave early
+    assert torch.equal(left.completion_ids, kept.completion_ids)
+    assert torch.equal(left.truncated, kept.truncated)
+    if not params.get("greedy"):
+        gap = (left.logprobs - kept.logprobs)[left.completion_mask].abs().max().item()
+        assert gap <= 1e-5, gap
+
+
+def test_engine_logprobs_equal_the_trainers_after_rows_leave(policy, tokenizer):
+    from advantage.engine.models import completion_logprobs
+
+    out = _generate(policy, tokenizer, temperature=0.7)
+    with torch.no_grad():
+        trainer, _ = completion_logprobs(policy, out, temperature=0.7)
+    assert (trainer - out.logprobs)[out.completion_mask].abs().max().item() <= 1e-5
+
+
+def test_draw_is_torch_multinomial_with_noise_per_output_row():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 11)
+    params = SamplingParams(temperature=0.5)
+    torch.manual_seed(1)
+    expected = torch.multinomial(torch.softmax(logits / 0.5, -1), 1).squeeze(-1)
+    torch.manual_seed(1)
+    token, logprob = hf._draw(logits, params, None, None, torch.arange(6), 6)
+    assert torch.equal(token, expected)
+    torch.testing.assert_close(logprob, torch.log_softmax(logits / 0.5, -1)[range(6), token])
+    # rows 1, 4 alone (the others have left the batch) draw with the noise of rows 1, 4
+    torch.manual_seed(1)
+    token, _ = hf._draw(logits[[1, 4]], params, None, None, torch.tensor([1, 4]), 6)
+    assert torch.equal(token, expected[[1, 4]])
+
+
+def test_growing_cache_equals_dynamic_cache(policy, monkeypatch):
+    """Prefill, rows selected out, steps past a buffer's end: the same logits as DynamicCache."""
+    from transformers import DynamicCache
+
+    from advantage.engine.rollout import kv_cache
+
+    monkeypatch.setattr(kv_cache, "CHUNK", 3)  # the buffers grow every 3 steps
+    ids = torch.randint(4, 40, (2, 5))
+    logits = {}
+    assert isinstance(kv_cache.decode_cache(policy).layers[0], kv_cache.GrowingLayer)
+    for name, cache in [("growing", kv_cache.decode_cache(policy)), ("dynamic", DynamicCache())]:
+        with torch.no_grad():
+            steps = [policy(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+            cache.batch_select_indices(torch.tensor([0, 0, 1, 1, 1]))
+            token = torch.tensor([[5], [6], [7], [8], [9]])
+            for _ in range(4):
+                steps.append(
+                    policy(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+                )
+            cache.batch_select_indices(torch.tensor([4, 1]))  # two rows leave, in a new order
+            steps.append(
+                policy(input_ids=token[[4, 1]], past_key_values=cache, use_cache=True).logits[:, -1]
+            )
+        logits[name] = steps
+        assert cache.get_seq_length() == 5 + 5
+    for a, b in zip(logits["growing"], logits["dynamic"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_lockstep_keeps_decoding_after_every_row_has_ended(policy, tokenizer, monkeypatch):
+    """FSDP2: every rank runs every forward until all ranks are done. Here the other rank never
+    is: the loop runs to max_new_tokens with its ended rows (one kept in the batch)."""
+    alone = _generate(policy, tokenizer, max_new_tokens=120)
+    forwards = []
+    original_forward = policy.forward
+    monkeypatch.setattr(hf, "_all", lambda done, across_ranks: False)
+    monkeypatch.setattr(
+        policy, "forward", lambda *a, **k: forwards.append(1) or original_forward(*a, **k)
+    )
+    backend = TransformersBackend(policy, tokenizer, lockstep=True)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=120, seed=0, stop=["q"])
+    out = backend.generate(prompts, 4, params)
+    assert len(forwards) == 120  # the prefill and 119 decode steps
+    assert alone.completion_ids.shape[1] < 120  # every row had ended before the budget ...
+    n = alone.completion_ids.shape[1]  # ... with the tokens it has when decoding alone
+    assert torch.equal(out.completion_ids[:, :n], alone.completion_ids)
+    assert torch.equal(out.truncated, alone.truncated)
