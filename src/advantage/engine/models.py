@@ -1,7 +1,10 @@
 """Loading the policy, reference, critic and tokenizer; log-probs and values of a rollout.
 
 Log-probs are computed on `logits / temperature` (the sampling distribution), only for the
-completion positions (`logits_to_keep`), without materialising a full log-softmax.
+completion positions (`logits_to_keep`), without materialising a full log-softmax. The forward
+runs on packed rows (`packing.py`: each prompt once per group, no padding) when the model's
+attention takes a 4D mask, else on the `[B, Tp + Tc]` rectangle with the prompt shared through
+a KV cache (`completion_outputs`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from ..core import entropy_from_logits, logprobs_from_logits
 from .configlib import ConfigError
 from .hub import local_or_hub
+from .packing import attention_mask, pack, packable
 from .parallel import unwrap
 from .precision import autocast
 from .rollout import Rollout
@@ -223,23 +227,58 @@ def completion_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs `[B, Tc]` of the completion tokens under `model` (and their entropy `[B, Tc]`:
     `with_entropy=True` detached, as a metric; `"grad"` with its graph, for an entropy bonus),
-    on logits / temperature."""
-    logits = completion_outputs(model, batch, precision).float() / temperature  # [B, Tc, V]
-    logprobs = logprobs_from_logits(logits, batch.completion_ids.to(logits.device))
+    on logits / temperature; 0 where `completion_mask` is False."""
+    logits, mask = _token_outputs(model, batch, precision)  # [E, V] or [B, Tc, V]
+    logits = logits.float() / temperature
+    targets = batch.completion_ids.to(logits.device)
+    logprobs = logprobs_from_logits(logits, targets if mask is None else targets[mask])
     entropy = None
     if with_entropy == "grad":
         entropy = entropy_from_logits(logits)
     elif with_entropy:  # a metric only: no graph
         with torch.no_grad():
             entropy = entropy_from_logits(logits)
-    return logprobs, entropy
+    return _unpacked(logprobs, mask), _unpacked(entropy, mask)
 
 
 def completion_values(
     critic: torch.nn.Module, batch: Rollout, precision: str = "fp32"
 ) -> torch.Tensor:
     """Critic values `[B, Tc]`: V at the state before each completion token (position Tp + j - 1)."""
-    return completion_outputs(critic, batch, precision)[..., 0].float()
+    values, mask = _token_outputs(critic, batch, precision)
+    return _unpacked(values[..., 0].float(), mask)
+
+
+def _token_outputs(
+    model: torch.nn.Module, batch: Rollout, precision: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The outputs that predict / value each completion token: `[E, ...]` from packed rows with
+    the completion mask `[B, Tc]` that places them (E = its True entries), or `[B, Tc, ...]`
+    from the rectangle (`completion_outputs`) and None, when the model cannot take packed rows."""
+    config = unwrap(model).config
+    if not packable(config, batch):
+        return completion_outputs(model, batch, precision), None
+    device = next(model.parameters()).device
+    packed = pack(batch, pad_id=0)  # any token id: outputs at pads are never read
+    mask = attention_mask(packed.allowed, config._attn_implementation, torch.float32)
+    with autocast(precision, device):
+        out = model(
+            input_ids=packed.input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=packed.position_ids.to(device),
+            logits_to_keep=packed.columns.to(device),
+            use_cache=False,
+        )
+    return packed.entries(out.logits), batch.completion_mask.to(device)
+
+
+def _unpacked(values: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-token values `[E]` placed at the True entries of `mask` `[B, Tc]` (0 elsewhere)."""
+    if values is None or mask is None:
+        return values
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(
+        mask, values
+    )
 
 
 def _checkpointing(model: torch.nn.Module) -> bool:

@@ -1,0 +1,169 @@
+"""Packed forward passes (engine/packing.py) equal the padded rectangle: log-probs, entropies,
+values and parameter gradients, for shared and distinct prompts of different lengths, completions
+of different lengths (one token, none), and multi-turn completions with environment tokens."""
+
+import pytest
+import torch
+
+from advantage.engine import models
+from advantage.engine.models import completion_logprobs, completion_values
+from advantage.engine.packing import _first_fit, pack, packable
+from advantage.engine.rollout import Rollout, pad_completions, pad_prompts
+from advantage.tasks import builtin_model_path
+
+
+def rollout(prompts: list[list[int]], G: int, completions: list[list[int]]) -> Rollout:
+    ids, mask = pad_prompts(prompts, pad_id=0)
+    c_ids, c_mask, _ = pad_completions(completions, pad_id=0)
+    return Rollout(
+        prompt_ids=ids.repeat_interleave(G, 0),
+        prompt_mask=mask.repeat_interleave(G, 0),
+        completion_ids=c_ids,
+        completion_mask=c_mask,
+        truncated=torch.zeros(len(completions), dtype=torch.bool),
+    )
+
+
+def test_layout_of_one_group_by_hand():
+    # prompt [7 8] (left-padded to 3 by the other group), completions [1 2 3] and [4]
+    batch = rollout([[7, 8], [5, 6, 9]], 2, [[1, 2, 3], [4], [1], [2, 3]])
+    packed = pack(batch, pad_id=0)
+    # segments: [7 8 1 2] (completion [4] has no input token) and [5 6 9 | 2]; rows of 4
+    assert packed.input_ids.tolist() == [[7, 8, 1, 2], [5, 6, 9, 2]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    # row 0: completion [1 2 3] attends to the prompt and itself
+    assert packed.allowed[0, 0].int().tolist() == [
+        [1, 0, 0, 0],
+        [1, 1, 0, 0],
+        [1, 1, 1, 0],
+        [1, 1, 1, 1],
+    ]
+    # token 0 of every completion is predicted at the prompt's last position (column 1; row 1:
+    # column 2), token j at the completion's input j - 1
+    rows, cols = packed.entry_rows.tolist(), packed.entry_columns.tolist()
+    assert list(zip(rows, cols, strict=True)) == [
+        (0, 1), (0, 2), (0, 3),  # completion [1 2 3]
+        (0, 1),                  # completion [4]
+        (1, 2),                  # completion [1]
+        (1, 2), (1, 3),          # completion [2 3]
+    ]  # fmt: skip
+
+
+def test_two_completions_of_a_prompt_do_not_see_each_other():
+    batch = rollout([[7, 8]], 2, [[1, 2, 3], [4, 5]])
+    packed = pack(batch, pad_id=0)
+    assert packed.input_ids.tolist() == [[7, 8, 1, 2, 4]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2]]
+    assert packed.allowed[0, 0, 4].int().tolist() == [1, 1, 0, 0, 1]  # 4: the prompt and itself
+
+
+def test_short_segments_share_a_row_and_pads_see_only_pads():
+    placement, N = _first_fit([5, 2, 3, 4])
+    assert N == 5 and placement == [(0, 0), (2, 3), (2, 0), (1, 0)]  # rows: 5 | 4 | 3 + 2
+    batch = rollout([[7, 8, 9], [5], [6]], 1, [[1, 2, 3], [4], [3, 3]])
+    packed = pack(batch, pad_id=0)
+    assert packed.input_ids.tolist() == [[7, 8, 9, 1, 2], [6, 3, 5, 0, 0]]
+    assert packed.allowed[1, 0, 2].int().tolist() == [0, 0, 1, 0, 0]  # prompt [5]: itself
+    assert packed.allowed[1, 0, 4].int().tolist() == [0, 0, 0, 1, 1]  # a pad: pads before it
+
+
+def test_packable_needs_a_4d_mask_attention_and_full_attention_layers():
+    batch = rollout([[7, 8]], 1, [[1]])
+    config = type("C", (), {"_attn_implementation": "sdpa", "layer_types": ["full_attention"]})
+    assert packable(config, batch)
+    config._attn_implementation = "flash_attention_2"
+    assert not packable(config, batch)
+    config._attn_implementation, config.layer_types = "sdpa", ["sliding_attention"]
+    assert not packable(config, batch)
+
+
+def varied_batch() -> Rollout:
+    """Two groups of 3 (prompts of 5 and 2 tokens) and a lone prompt; completions of 1 to 6
+    tokens; the last group multi-turn: environment tokens (action mask False) inside."""
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(4, 60, (n,), generator=g).tolist()
+
+    prompts = [ids(5), ids(2), ids(4)]
+    lengths = [6, 1, 4, 3, 5, 2, 6]
+    batch = Rollout.concat(
+        [
+            rollout(prompts[:2], 3, [ids(n) for n in lengths[:6]]),
+            rollout([prompts[2]], 1, [ids(6)]),
+        ],
+        pad_id=0,
+    )
+    batch.action_mask = batch.completion_mask.clone()
+    batch.action_mask[3:6, 1:3] = False  # an environment reply inside the completion
+    return batch
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def policy(request):
+    model = models.load_causal_lm(str(builtin_model_path("tiny-random")))
+    model.config._attn_implementation = request.param
+    return model
+
+
+def _both(monkeypatch, fn):
+    """fn() packed, and on the padded rectangle with every prompt repeated (no sharing)."""
+    packed = fn()
+    original = models.completion_outputs
+    monkeypatch.setattr(models, "packable", lambda config, batch: False)
+    monkeypatch.setattr(models, "completion_outputs", lambda *a: original(*a, share_prompts=False))
+    padded = fn()
+    monkeypatch.undo()
+    return packed, padded
+
+
+def _loss_and_grads(model, fn):
+    """A small loss of the per-token outputs (a weighted mean over the mask) and its gradient."""
+    model.zero_grad()
+    batch = varied_batch()
+    out = fn(model, batch)
+    weights = torch.linspace(-1, 1, out.numel()).view(out.shape)
+    mask = batch.completion_mask
+    (out * weights * mask).sum().div(mask.sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads
+
+
+def assert_grads_equal(grads: dict, expected: dict) -> None:
+    """Each parameter's gradient within 1e-6 of the other's, relative to its largest entry when
+    that is above 1 (fp32 rounds a sum of 2 to ~2e-7)."""
+    assert grads.keys() == expected.keys() and len(grads) > 10
+    for name, g in grads.items():
+        scale = max(1.0, expected[name].abs().max().item())
+        assert (g - expected[name]).abs().max().item() <= 1e-6 * scale, name
+    assert max(g.abs().max().item() for g in grads.values()) > 1e-3  # a real gradient
+
+
+def test_packed_logprobs_entropy_and_gradients_equal_padded(policy, monkeypatch):
+    batch = varied_batch()
+    mask = batch.completion_mask
+    (lp, ent), (lp_pad, ent_pad) = _both(
+        monkeypatch, lambda: completion_logprobs(policy, batch, 0.7, with_entropy=True)
+    )
+    torch.testing.assert_close(lp[mask], lp_pad[mask], rtol=0, atol=1e-6)
+    torch.testing.assert_close(ent[mask], ent_pad[mask], rtol=0, atol=1e-6)
+    assert (lp[~mask] == 0).all()
+
+    def lp_of(model, b):
+        return completion_logprobs(model, b, 0.7)[0]
+
+    (_, grads), (_, grads_pad) = _both(monkeypatch, lambda: _loss_and_grads(policy, lp_of))
+    assert_grads_equal(grads, grads_pad)
+
+
+def test_packed_values_and_gradients_equal_padded(monkeypatch):
+    critic = models.load_critic(str(builtin_model_path("tiny-random")))
+    torch.nn.init.normal_(critic.score.weight, std=0.1)  # the zero-initialised head: no signal
+    batch = varied_batch()
+    mask = batch.completion_mask
+    values, padded = _both(monkeypatch, lambda: completion_values(critic, batch))
+    torch.testing.assert_close(values[mask], padded[mask], rtol=0, atol=1e-6)
+    (_, grads), (_, grads_pad) = _both(
+        monkeypatch, lambda: _loss_and_grads(critic, completion_values)
+    )
+    assert_grads_equal(grads, grads_pad)
