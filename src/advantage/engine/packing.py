@@ -170,3 +170,40 @@ def attention_mask(allowed: torch.Tensor, implementation: str, dtype: torch.dtyp
         return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     return allowed
 
+
+def micro_batches(
+    batch: Rollout, rows: torch.Tensor, max_rows: int | None, max_tokens: int | None
+) -> list[torch.Tensor]:
+    """`rows` (indices into `batch`, the G rows of a group consecutive) cut into micro-batches of
+    at most `max_rows` sequences and `max_tokens` packed positions (`packed_length`). Without a
+    token limit: consecutive slices of `max_rows`. With one: whole groups while they fit; a
+    group that does not fit on its own goes sequence by sequence, its prompt counted again in
+    each micro-batch it spans."""
+    order = rows.tolist()
+    max_rows = max_rows or len(order) or 1
+    if max_tokens is None:
+        return [rows[i : i + max_rows] for i in range(0, len(order), max_rows)]
+    prompt_lens = batch.prompt_mask.sum(-1).tolist()
+    inputs = (batch.completion_mask.sum(-1) - 1).clamp(min=0).tolist()
+    pieces: list[list[int]] = [[]]
+    used = 0
+    for group in _runs(batch, order):
+        Lp = prompt_lens[group[0]]
+        cost = packed_length(Lp, [inputs[b] + 1 for b in group])
+        if pieces[-1] and (used + cost > max_tokens or len(pieces[-1]) + len(group) > max_rows):
+            pieces.append([])
+            used = 0
+        if cost <= max_tokens and len(group) <= max_rows:
+            pieces[-1] += group
+            used += cost
+            continue
+        for i, b in enumerate(group):  # too large for any micro-batch: split
+            new_piece = pieces[-1] and (
+                used + inputs[b] > max_tokens or len(pieces[-1]) + 1 > max_rows
+            )
+            if new_piece:
+                pieces.append([])
+                used = 0
+            used += inputs[b] + (Lp if new_piece or i == 0 else 0)
+            pieces[-1].append(b)
+    return [torch.tensor(p, dtype=torch.long) for p in pieces if p]

@@ -50,6 +50,15 @@ def global_sums(values: list[float]) -> list[float]:
     return all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
+def global_max(value: int) -> int:
+    """The largest of every rank's `value`; the identity in one process. A sync point."""
+    if not is_distributed():
+        return value
+    out = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return int(out.item())
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -1,12 +1,14 @@
 """Step 3 of the loop: forward passes without gradient over the whole rollout, in micro-batches:
 the old policy's log-probs, the reference's, the critic's values — each only when the algorithm
-needs it."""
+needs it. `micro_batch_rows` is also how step 5 cuts a minibatch."""
 
 from __future__ import annotations
 
 import torch
 
 from ..engine.models import completion_logprobs, completion_values
+from ..engine.packing import micro_batches
+from ..engine.parallel import global_max
 from ..engine.rollout import Rollout
 from .records import NoGradPasses
 from .setup import Run
@@ -36,15 +38,30 @@ def forward_no_grad(run: Run, model: torch.nn.Module, rollout: Rollout, what: st
     """Log-probs (on logits / temperature) or values `[B, T]` of the whole rollout."""
     cfg = run.config
     B, T = rollout.completion_ids.shape
-    size = cfg.train.micro_batch_size or B
-    parts = []
-    for start in range(0, B, size):
-        part = rollout.select(slice(start, start + size))
+    out = torch.zeros(B, T)
+    for rows in micro_batch_rows(run, rollout, torch.arange(B)):
+        part = rollout.select(rows)
         if what == "logprobs":
-            out, _ = completion_logprobs(
+            values, _ = completion_logprobs(
                 model, part, cfg.rollout.temperature, precision=cfg.model.precision
             )
         else:
-            out = completion_values(model, part, cfg.model.precision)
-        parts.append(torch.nn.functional.pad(out.float().cpu(), (0, T - out.shape[1])))
-    return torch.cat(parts)
+            values = completion_values(model, part, cfg.model.precision)
+        out[rows, : values.shape[1]] = values.float().cpu()
+    return out
+
+
+def micro_batch_rows(run: Run, rollout: Rollout, rows: torch.Tensor) -> list[torch.Tensor]:
+    """`rows` cut into micro-batches (`train.micro_batch_size`, `train.max_tokens_per_micro_batch`).
+    Every rank runs as many as the rank with the most (FSDP2 gathers the weights in every
+    forward): the largest micro-batches are halved until the counts match."""
+    train = run.config.train
+    pieces = micro_batches(rollout, rows, train.micro_batch_size, train.max_tokens_per_micro_batch)
+    if not run.dist.enabled:
+        return pieces
+    target = global_max(len(pieces))
+    while len(pieces) < target:  # every rank holds >= target rows: each piece keeps one
+        i = max(range(len(pieces)), key=lambda i: len(pieces[i]))
+        half = (len(pieces[i]) + 1) // 2
+        pieces[i : i + 1] = [pieces[i][:half], pieces[i][half:]]
+    return pieces

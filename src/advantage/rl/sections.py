@@ -233,6 +233,11 @@ class TrainConfig:
     """Optimizer steps per epoch (the rollout batch is split into this many minibatches)."""
     micro_batch_size: int | None = None
     """Sequences per forward/backward (gradient accumulation; null = whole minibatch)."""
+    max_tokens_per_micro_batch: int | None = None
+    """Tokens per forward/backward after packing (each group's prompt once, then its completions
+    without their last token), instead of or on top of `micro_batch_size`: a micro-batch takes
+    whole groups while they fit; a group over the budget on its own is split, its prompt
+    repeated in each part. The gradient does not depend on the split. null = no token limit."""
     seed: int = 0
     """Seed of Python, NumPy and torch."""
     max_nonfinite_steps: int = 3
@@ -242,7 +247,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        for name in ("steps", "epochs", "minibatches", "micro_batch_size", "max_nonfinite_steps"):
+        for name in (
+            "steps",
+            "epochs",
+            "minibatches",
+            "micro_batch_size",
+            "max_tokens_per_micro_batch",
+            "max_nonfinite_steps",
+        ):
             check_at_least(f"train.{name}", getattr(self, name), 1)
         check_positive("train.lr", self.lr)
         check_positive("train.critic_lr", self.critic_lr)

@@ -19,6 +19,7 @@ from ..core import aggregate, policy_objective, value_loss
 from ..engine.models import completion_logprobs, completion_values
 from ..engine.parallel import global_sums
 from ..engine.precision import matmul_kernels
+from .passes import micro_batch_rows
 from .records import TokenBatch, TrainState
 from .setup import Run
 
@@ -42,7 +43,6 @@ def update(run: Run, state: TrainState, tokens: TokenBatch, say: Callable[[str],
     cfg, G = run.config, run.sizes.G
     B = tokens.mask.shape[0]
     mb_size = max(1, B // cfg.train.minibatches)
-    micro = cfg.train.micro_batch_size or mb_size
     sums: dict[str, float] = defaultdict(float)
     weight, grad_norms, skipped, objective = 0.0, [], 0, 0.0
     generator = torch.Generator().manual_seed(cfg.train.seed * 7919 + state.step)
@@ -62,10 +62,10 @@ def update(run: Run, state: TrainState, tokens: TokenBatch, say: Callable[[str],
             )
             zero_grad(run)
             all_finite = True
-            for micro_start in range(0, len(mb_rows), micro):
-                part = tokens.select(mb_rows[micro_start : micro_start + micro])
-                last = micro_start + micro >= len(mb_rows)
-                with gradient_sync(run, last):
+            pieces = micro_batch_rows(run, tokens.rollout, mb_rows)
+            for i, rows in enumerate(pieces):
+                part = tokens.select(rows)
+                with gradient_sync(run, last_micro_batch=i == len(pieces) - 1):
                     step = policy_micro_step(run, part, num_tokens, num_seqs)
                     if run.critic is not None:
                         critic = critic_micro_step(run, part, num_tokens, num_seqs)
