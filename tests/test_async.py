@@ -121,8 +121,43 @@ def dies_once(prompts, completions, **kwargs):
 def test_a_dead_worker_is_one_clear_error_and_the_run_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("ADVANTAGE_TEST_FLAG", str(tmp_path / "flag"))
     config = _config(tmp_path / "run", "train.max_staleness=0", "checkpoint.every=1")
-    with pytest.raises(WorkerError, match=r"the rollout worker \(pid \d+\) stopped .* resume"):
+    with pytest.raises(
+        WorkerError,
+        match=r"the rollout worker \(pid \d+\) was killed by SIGKILL; checkpoints .* resume",
+    ):
         Trainer(config, [dies_once]).fit()
     assert (tmp_path / "run" / "checkpoints" / "step-000001" / "trainer_state.json").exists()
     result = Trainer(config, [dies_once]).fit()  # the rerun resumes from step 1
     assert len(result.metrics) == 3
+
+
+def test_a_worker_started_separately_connects_to_its_trainer(tmp_path):
+    """`advantage rollout-worker CONFIG --connect HOST:PORT` (another machine's worker) is the
+    same worker: staleness 0 still gives the synchronous run's weights."""
+    from advantage.engine.link import free_port
+
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    remote = _cli(
+        tmp_path / "remote", "train.max_staleness=0", f"distributed.rollout_address={address}"
+    )
+    trainer = subprocess.Popen(
+        remote, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    worker_cmd = [
+        sys.executable,
+        "-m",
+        "advantage",
+        "rollout-worker",
+        *remote[4:],
+        "--connect",
+        address,
+    ]
+    worker = subprocess.run(worker_cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert trainer.wait(timeout=600) == 0, trainer.stderr.read()[-2000:]
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    local = tmp_path / "local"
+    subprocess.run(
+        _cli(local, "train.max_staleness=0"), env=_env(), check=True, capture_output=True
+    )
+    assert _weights(tmp_path / "remote", 5) == _weights(local, 5)

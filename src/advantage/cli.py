@@ -82,6 +82,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rollout_worker(args: argparse.Namespace) -> int:
+    from .rl.async_rollout import run_remote_worker
+    from .rl.config import load_config
+
+    run_remote_worker(load_config(*_split_config_arg(args.args)), args.connect, args.threads)
+    return 0
+
+
 DEMOS = {"reverse": "demo.yaml", "calculator": "calculator.yaml"}
 
 
@@ -315,6 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_card)
     p = _config_command(sub, "train", "train: advantage train CONFIG.yaml [key=value ...]")
     p.set_defaults(func=_train)
+    p = sub.add_parser(
+        "rollout-worker",
+        help="an asynchronous rollout worker for a trainer elsewhere (distributed.rollout_address)",
+    )
+    p.add_argument("args", nargs="*", metavar="CONFIG.yaml key=value")
+    p.add_argument("--connect", required=True, help="HOST:PORT of the trainer")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_rollout_worker)
     p = sub.add_parser(
         "demo", help="warm-start tiny models and train them on the built-in tasks (both by default)"
     )

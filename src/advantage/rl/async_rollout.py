@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import signal
 import time
 from collections import deque
 from collections.abc import Callable
@@ -58,17 +59,18 @@ class WorkerError(RuntimeError):
 
 @dataclass
 class WorkerSpec:
-    """Everything the worker process needs to start (picklable)."""
+    """What the worker process is started with (picklable); the rest (the first batch to
+    sample, the state to start from) comes over the link from the trainer."""
 
     config: dict
     reward_funcs: list[Callable] | None
     tools: list[Callable] | None
     environment_factory: Callable | None
+    host: str
     port: int
-    first_batch: int
-    state: dict
-    """The worker's state to start from: `rng` (and `prompts`, `reward_sources` on resume)."""
     threads: int
+    follow_parent: bool = True
+    """Exit when the process that started it ends (a worker spawned by its trainer)."""
 
 
 @dataclass
@@ -144,15 +146,17 @@ def restore_worker_state(side, state: dict) -> None:
 def worker_main(spec: WorkerSpec) -> None:
     """The rollout worker's process: sample batch i with version max(0, i - k), send it."""
     torch.set_num_threads(spec.threads)
-    _exit_with_parent()
+    if spec.follow_parent:
+        _exit_with_parent()
     cfg = config_from(spec.config)
     side = build_rollout_side(cfg, spec.reward_funcs, spec.tools, spec.environment_factory)
-    link = Link("127.0.0.1", spec.port, rank=1)
+    link = Link(spec.host, spec.port, rank=1)
+    start = link.recv()  # {"first_batch", "state"} (the state: RNG, prompts, reward sources)
     version = link.pull_weights(side.policy)
     side.backend.sync_weights(side.policy)
-    restore_worker_state(side, spec.state)
+    restore_worker_state(side, start["state"])
     k = cfg.train.max_staleness
-    for i in range(spec.first_batch, cfg.train.steps):
+    for i in range(start["first_batch"], cfg.train.steps):
         waited = time.perf_counter()
         while version < i - k:  # the version this batch must be sampled by
             version = link.pull_weights(side.policy)
@@ -197,20 +201,27 @@ class AsyncRollouts:
         )
         self.last_state = (saved or {}).get("worker") or {"rng": ckpt.rng_state()}
         self.worker_seconds: dict[int, float] = {}
-        spec = WorkerSpec(
-            config=dataclasses.asdict(cfg),
-            reward_funcs=reward_funcs,
-            tools=tools,
-            environment_factory=environment_factory,
-            port=free_port(),
-            first_batch=state.step + len(self.queue),
-            state=self.last_state,
-            threads=cfg.distributed.rollout_threads or max(1, torch.get_num_threads() // 2),
-        )
-        context = multiprocessing.get_context("spawn")
-        self.process = context.Process(target=worker_main, args=(spec,), daemon=True)
-        self.process.start()
-        self.link = Link("127.0.0.1", spec.port, rank=0)
+        self.process = None
+        address = cfg.distributed.rollout_address
+        if address:  # a worker started elsewhere (`advantage rollout-worker`) connects here
+            host, port = _host_port(address)
+        else:  # this machine: start the worker
+            host, port = "127.0.0.1", free_port()
+            spec = WorkerSpec(
+                config=dataclasses.asdict(cfg),
+                reward_funcs=reward_funcs,
+                tools=tools,
+                environment_factory=environment_factory,
+                host=host,
+                port=port,
+                threads=cfg.distributed.rollout_threads or max(1, torch.get_num_threads() // 2),
+            )
+            context = multiprocessing.get_context("spawn")
+            self.process = context.Process(target=worker_main, args=(spec,), daemon=True)
+            self.process.start()
+        self.link = Link("0.0.0.0" if address else host, port, rank=0)
+        start = {"first_batch": state.step + len(self.queue), "state": self.last_state}
+        self._guard(lambda: self.link.send(start))
         self.link.push_weights(state.step, run.policy)
 
     def next_batch(self, step: int) -> tuple[ScoredRollout, dict[str, float]]:
@@ -239,9 +250,9 @@ class AsyncRollouts:
         return {"queue": [b.to_state() for b in self.queue], "worker": self.last_state}
 
     def close(self) -> None:
-        if self.process.is_alive():
+        if self.process is not None and self.process.is_alive():
             self.process.terminate()
-        self.process.join(timeout=10)
+            self.process.join(timeout=10)
 
     def _receive(self, index: int) -> None:
         message = self._guard(self.link.recv)
@@ -255,12 +266,45 @@ class AsyncRollouts:
         try:
             return call()
         except PeerGone as e:
-            self.process.join(timeout=5)
+            how = f"stopped answering ({e})"
+            if self.process is not None:
+                self.process.join(timeout=5)
+                code = self.process.exitcode
+                how = (
+                    f"(pid {self.process.pid}) was killed by {signal.Signals(-code).name}"
+                    if code is not None and code < 0
+                    else f"(pid {self.process.pid}) exited with code {code}"
+                )
             raise WorkerError(
-                f"the rollout worker (pid {self.process.pid}) stopped (exit code "
-                f"{self.process.exitcode}; {e}); checkpoints already written are intact: run "
-                "the same command again to resume"
+                f"the rollout worker {how}; checkpoints already written are intact: run the "
+                "same command again to resume"
             ) from None
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(
+            f"distributed.rollout_address: {address!r} is not HOST:PORT (e.g. 10.0.0.2:29600)"
+        )
+    return host, int(port)
+
+
+def run_remote_worker(config: Config, address: str, threads: int | None = None) -> None:
+    """`advantage rollout-worker CONFIG --connect HOST:PORT`: a worker on another machine (its
+    engine, e.g. vLLM on a GPU node), connecting to a trainer that waits at HOST:PORT."""
+    host, port = _host_port(address)
+    spec = WorkerSpec(
+        config=dataclasses.asdict(config),
+        reward_funcs=None,
+        tools=None,
+        environment_factory=None,
+        host=host,
+        port=port,
+        threads=threads or torch.get_num_threads(),
+        follow_parent=False,
+    )
+    worker_main(spec)
 
 
 def check_async(cfg: Config, world_size: int) -> None:

@@ -325,6 +325,10 @@ class DistributedConfig:
     """gloo | nccl (default: nccl with CUDA, else gloo)."""
     rollout_threads: int | None = None
     """Threads of the asynchronous rollout worker (default: half of this process's)."""
+    rollout_address: str | None = None
+    """HOST:PORT where the trainer waits for a rollout worker started elsewhere (`advantage
+    rollout-worker CONFIG --connect HOST:PORT`, e.g. on a GPU node); null: the trainer starts
+    the worker on this machine."""
 
     def __post_init__(self) -> None:
         check_choice("distributed.strategy", self.strategy, ("ddp", "fsdp2"))
