@@ -155,10 +155,6 @@ class Config:
             )
         if algo.scope == "group" and G < 2:
             raise ConfigError(f"the group scope needs rollout.num_generations >= 2 (got {G})")
-        if self.model.lora is not None and self.rollout.backend == "vllm":
-            raise ConfigError(
-                "rollout.backend=vllm does not take LoRA adapters yet; use transformers"
-            )
 
 
 def load_config(

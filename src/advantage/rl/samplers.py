@@ -36,6 +36,7 @@ def make_backend(cfg: Config, policy, tokenizer, policy_path: str):
             seed=cfg.train.seed,
             max_model_len=min(2048, limit),
             engine_kwargs=cfg.rollout.vllm,
+            lora_rank=None if cfg.model.lora is None else cfg.model.lora.get("r", 8),
         )
         backend.sync_weights(policy)  # the policy may differ from the folder (resume, LoRA)
         return backend
