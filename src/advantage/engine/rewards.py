@@ -9,17 +9,14 @@ returns) is `reward_call.py`.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..core.scores import combine_rewards
-from .configlib import ConfigError
+from .configlib import ConfigError, import_object
 from .reward_call import ON_TIMEOUT, RewardError, RewardSource, call_reward_function
 
 RESERVED_ARGUMENTS = ("prompts", "completions", "completion_ids")
@@ -40,39 +37,13 @@ def load_function(
         return RewardSource(task_reward.__name__, task_reward)
     if spec in reward_helpers.HELPERS:
         return RewardSource(spec, reward_helpers.HELPERS[spec])
-    if ":" in spec:
-        module_name, fn_name = spec.rsplit(":", 1)
-    elif "." in spec:
-        module_name, fn_name = spec.rsplit(".", 1)
-    else:
+    if ":" not in spec and "." not in spec:
         raise ConfigError(
             f"{field}: {spec!r} is neither a helper ({', '.join(reward_helpers.HELPERS)}) "
             "nor a dotted path like my_module:my_reward"
         )
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise ConfigError(f"{field}: file {module_name!r} does not exist")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-        fn = getattr(module, fn_name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"{field}: cannot load {spec!r}: {e}") from None
-    except SyntaxError as e:
-        raise ConfigError(
-            f"{field}: {e.filename} line {e.lineno}: {e.msg} (loading {spec!r})"
-        ) from None
-    except ConfigError:
-        raise
-    except Exception as e:  # the module's own code failed while it was imported
-        raise ConfigError(
-            f"{field}: importing {module_name!r} raised {type(e).__name__}: {e}"
-        ) from None
-    return RewardSource(fn_name, fn)
+    fn = import_object(spec, field)
+    return RewardSource(spec.replace(":", ".").rsplit(".", 1)[1], fn)
 
 
 def required_arguments(fn: Callable) -> list[str]:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.algorithm import PRESETS, Algorithm, resolve
+from ..core.algorithm import Algorithm
+from ..core.presets import PRESETS, resolve
 from ..engine import configlib
 from ..engine.configlib import ConfigError
 from .sections import (
