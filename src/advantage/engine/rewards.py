@@ -103,7 +103,10 @@ class RewardComputer:
         timeout: float | None = None,
         extra: dict | None = None,
         on_timeout: str = "error",
+        sampler_arguments: tuple[str, ...] = (),
     ) -> None:
+        """`sampler_arguments`: names the sampler adds to every call (`environments` for
+        episodes with environments)."""
         if on_timeout not in ON_TIMEOUT:
             raise ValueError(f"on_timeout: {on_timeout!r} is not one of {', '.join(ON_TIMEOUT)}")
         self.sources = sources
@@ -112,24 +115,26 @@ class RewardComputer:
         self.timeout = timeout
         self.extra = extra or {}
         self.on_timeout = on_timeout
+        self.sampler_arguments = tuple(sampler_arguments)
+        self.arguments = (*RESERVED_ARGUMENTS, *sampler_arguments)
 
     def check_columns(self, columns: set[str], field: str = "data.train") -> None:
         """Fail before training when a column or a `reward.kwargs` key would replace an argument
         of the reward call, or when a function asks for a column the dataset lacks."""
-        reserved = ", ".join(RESERVED_ARGUMENTS)
-        clash = sorted(set(columns) & set(RESERVED_ARGUMENTS))
+        reserved = ", ".join(self.arguments)
+        clash = sorted(set(columns) & set(self.arguments))
         if clash:
             raise ConfigError(
                 f"{field}: column(s) {clash} have the names of arguments every reward function "
                 f"receives ({reserved}) and would replace the model's outputs; rename the column(s)"
             )
-        clash = sorted(set(self.extra) & (set(RESERVED_ARGUMENTS) | set(columns)))
+        clash = sorted(set(self.extra) & (set(self.arguments) | set(columns)))
         if clash:
             raise ConfigError(
                 f"reward.kwargs: key(s) {clash} collide with the reward call's own arguments "
                 f"({reserved}) or the dataset's columns; rename them"
             )
-        given = set(columns) | set(self.extra) | set(RESERVED_ARGUMENTS)
+        given = set(columns) | set(self.extra) | set(self.arguments)
         for source in self.sources:
             missing = [name for name in required_arguments(source.fn) if name not in given]
             if missing:

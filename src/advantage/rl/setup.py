@@ -303,7 +303,15 @@ def make_reward_computer(
             )
         for s, w in zip(sources, r.weights, strict=True):
             s.weight = w
-    return RewardComputer(sources, r.multi_reward, r.clip, r.timeout, r.kwargs, r.on_timeout)
+    return RewardComputer(
+        sources,
+        r.multi_reward,
+        r.clip,
+        r.timeout,
+        r.kwargs,
+        r.on_timeout,
+        sampler_arguments=("environments",) if environment_factory is not None else (),
+    )
 
 
 def make_eval_rewards(
@@ -320,4 +328,9 @@ def make_eval_rewards(
         sources = [load_function(spec, judge, "eval.functions") for spec in cfg.eval.functions]
     else:
         return rewards
-    return RewardComputer(sources, timeout=cfg.reward.timeout, on_timeout=cfg.reward.on_timeout)
+    return RewardComputer(
+        sources,
+        timeout=cfg.reward.timeout,
+        on_timeout=cfg.reward.on_timeout,
+        sampler_arguments=rewards.sampler_arguments,
+    )
