@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from advantage.core.algorithm import preset_table
+from advantage.core.presets import preset_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

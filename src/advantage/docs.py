@@ -118,7 +118,7 @@ def help_epilog(command: str) -> str:
 
 
 def algorithm_cards() -> str:
-    from .core.algorithm import PRESETS, preset_table, resolve
+    from .core.presets import PRESETS, preset_table, resolve
 
     parts = [
         "# Algorithm cards",

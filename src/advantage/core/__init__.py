@@ -6,7 +6,7 @@ No models, no I/O: tensors and numbers in, tensors (and detached metric tensors)
 """
 
 from .advantages import AdvantageInputs, AdvantageOutputs, compute_advantages
-from .algorithm import ALGORITHM_FIELDS, KL_PLACEMENTS, PRESETS, Algorithm, preset_table, resolve
+from .algorithm import ALGORITHM_FIELDS, KL_PLACEMENTS, Algorithm
 from .baselines import (
     BASELINES,
     EMABaseline,
@@ -38,6 +38,7 @@ from .normalize import (
 )
 from .objectives import OBJECTIVES, RATIO_LEVELS, objective_name, policy_objective
 from .offpolicy import CORRECTION_LEVELS, CORRECTION_MODES, rollout_correction
+from .presets import PRESETS, preset_table, resolve
 from .registry import Registry
 from .returns import discounted_returns, gae, last_token_mask, token_rewards
 from .scores import REWARD_COMBINATIONS, combine_rewards

@@ -6,6 +6,8 @@ are safetensors, the rest is JSON or `torch.load(weights_only=True)`.
         policy.safetensors        weights of the policy (and critic.safetensors, reference.safetensors)
           or dcp/                 FSDP2: every rank's shards (torch.distributed.checkpoint)
         optimizer.pt              optimizer and scheduler states (tensors and numbers only)
+        extra.pt                  the caller's other state (asynchronous rollouts: the batches
+                                  already sampled, the worker's state), if any
         rng-rank{r}.pt            Python, NumPy and torch RNG states of each rank
         trainer_state.json        step, data position, baseline and KL-controller state, config;
                                   written last: its presence marks a complete checkpoint
@@ -121,13 +123,15 @@ def save_checkpoint(
     *,
     rank: int = 0,
     sharded: bool = False,
+    extra: dict | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and keep the newest `keep` complete ones.
 
     Every rank calls this. `optimizers` maps names to optimizers / schedulers. Unsharded
     (one process or DDP): rank 0 writes the weights (safetensors) and optimizer states.
     Sharded (FSDP2): every rank writes its shards with torch.distributed.checkpoint. Every rank
-    writes its own RNG state. `trainer_state.json` is written last and marks completion.
+    writes its own RNG state. `extra` (tensors, numbers, strings, lists and dicts of them) goes
+    to `extra.pt`. `trainer_state.json` is written last and marks completion.
     """
     from .parallel import barrier
 
@@ -154,6 +158,8 @@ def save_checkpoint(
                 save_file(state_tensors(module), str(tmp / f"{name}.safetensors"))
             torch.save({k: v.state_dict() for k, v in optimizers.items()}, tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+        if rank == 0 and extra is not None:
+            torch.save(extra, tmp / "extra.pt")
         barrier()
         if rank == 0:
             trainer_state = {**trainer_state, "format": "sharded" if sharded else "safetensors"}
@@ -224,6 +230,10 @@ def load_checkpoint(
     rng = path / f"rng-rank{rank}.pt"
     rng = rng if rng.exists() else path / "rng-rank0.pt"
     set_rng_state(read_file(rng, lambda f: torch.load(f, weights_only=True)))
+    if (path / "extra.pt").exists():
+        trainer_state["extra"] = read_file(
+            path / "extra.pt", lambda f: torch.load(f, weights_only=True)
+        )
     return trainer_state
 
 

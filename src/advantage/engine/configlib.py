@@ -201,7 +201,9 @@ def load_config(
 
 def import_object(spec: str, field: str):
     """User code named in a config: `module:name`, `module.name` or `path/to/file.py:name`
-    (configs name code that is imported and run: trust them like scripts)."""
+    (configs name code that is imported and run: trust them like scripts). Every failure is a
+    `ConfigError` naming `field`: a missing file, a syntax error (file and line), an exception
+    raised while the module imports, a missing name."""
     import importlib
     import importlib.util
 
@@ -222,8 +224,18 @@ def import_object(spec: str, field: str):
         else:
             module = importlib.import_module(module_name)
         return getattr(module, name)
-    except (ImportError, AttributeError, SyntaxError) as e:
+    except (ImportError, AttributeError) as e:
         raise ConfigError(f"{field}: cannot load {spec!r}: {e}") from None
+    except SyntaxError as e:
+        raise ConfigError(
+            f"{field}: {e.filename} line {e.lineno}: {e.msg} (loading {spec!r})"
+        ) from None
+    except ConfigError:
+        raise
+    except Exception as e:  # the module's own code failed while it was imported
+        raise ConfigError(
+            f"{field}: importing {module_name!r} raised {type(e).__name__}: {e}"
+        ) from None
 
 
 def read_yaml(path: str | Path) -> dict:

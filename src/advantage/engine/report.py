@@ -27,7 +27,24 @@ PLOTS = [
     ("advantages", "Advantage std and zero-std groups", ["advantages/std", "frac_zero_std_groups"]),
     ("loss", "Losses", ["loss", "loss/policy", "loss/value"]),
     ("speed", "Step time (s)", ["time/step", "time/rollout", "time/update"]),
-    ("episodes", "Episodes: turns, tool calls, environment token share", ["episode/*", "tools/*"]),
+    ("episode-length", "Episode length (tokens after the prompt)", ["episode/length"]),
+    (
+        "episode-turns",
+        "Turns and tool calls per episode",
+        ["episode/turns", "tools/calls_per_episode"],
+    ),
+    (
+        "episode-rates",
+        "Episodes: tool-call rate, environment token share, truncated, tool errors",
+        [
+            "tools/call_rate",
+            "episode/env_token_share",
+            "episode/truncated",
+            "tools/errors",
+            "tools/timeouts",
+            "eval/tool_call_rate",
+        ],
+    ),
 ]
 
 log = logging.getLogger("advantage")

@@ -9,17 +9,14 @@ returns) is `reward_call.py`.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..core.scores import combine_rewards
-from .configlib import ConfigError
+from .configlib import ConfigError, import_object
 from .reward_call import ON_TIMEOUT, RewardError, RewardSource, call_reward_function
 
 RESERVED_ARGUMENTS = ("prompts", "completions", "completion_ids")
@@ -40,39 +37,13 @@ def load_function(
         return RewardSource(task_reward.__name__, task_reward)
     if spec in reward_helpers.HELPERS:
         return RewardSource(spec, reward_helpers.HELPERS[spec])
-    if ":" in spec:
-        module_name, fn_name = spec.rsplit(":", 1)
-    elif "." in spec:
-        module_name, fn_name = spec.rsplit(".", 1)
-    else:
+    if ":" not in spec and "." not in spec:
         raise ConfigError(
             f"{field}: {spec!r} is neither a helper ({', '.join(reward_helpers.HELPERS)}) "
             "nor a dotted path like my_module:my_reward"
         )
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise ConfigError(f"{field}: file {module_name!r} does not exist")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-        fn = getattr(module, fn_name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"{field}: cannot load {spec!r}: {e}") from None
-    except SyntaxError as e:
-        raise ConfigError(
-            f"{field}: {e.filename} line {e.lineno}: {e.msg} (loading {spec!r})"
-        ) from None
-    except ConfigError:
-        raise
-    except Exception as e:  # the module's own code failed while it was imported
-        raise ConfigError(
-            f"{field}: importing {module_name!r} raised {type(e).__name__}: {e}"
-        ) from None
-    return RewardSource(fn_name, fn)
+    fn = import_object(spec, field)
+    return RewardSource(spec.replace(":", ".").rsplit(".", 1)[1], fn)
 
 
 def required_arguments(fn: Callable) -> list[str]:
@@ -132,7 +103,10 @@ class RewardComputer:
         timeout: float | None = None,
         extra: dict | None = None,
         on_timeout: str = "error",
+        sampler_arguments: tuple[str, ...] = (),
     ) -> None:
+        """`sampler_arguments`: names the sampler adds to every call (`environments` for
+        episodes with environments)."""
         if on_timeout not in ON_TIMEOUT:
             raise ValueError(f"on_timeout: {on_timeout!r} is not one of {', '.join(ON_TIMEOUT)}")
         self.sources = sources
@@ -141,24 +115,26 @@ class RewardComputer:
         self.timeout = timeout
         self.extra = extra or {}
         self.on_timeout = on_timeout
+        self.sampler_arguments = tuple(sampler_arguments)
+        self.arguments = (*RESERVED_ARGUMENTS, *sampler_arguments)
 
     def check_columns(self, columns: set[str], field: str = "data.train") -> None:
         """Fail before training when a column or a `reward.kwargs` key would replace an argument
         of the reward call, or when a function asks for a column the dataset lacks."""
-        reserved = ", ".join(RESERVED_ARGUMENTS)
-        clash = sorted(set(columns) & set(RESERVED_ARGUMENTS))
+        reserved = ", ".join(self.arguments)
+        clash = sorted(set(columns) & set(self.arguments))
         if clash:
             raise ConfigError(
                 f"{field}: column(s) {clash} have the names of arguments every reward function "
                 f"receives ({reserved}) and would replace the model's outputs; rename the column(s)"
             )
-        clash = sorted(set(self.extra) & (set(RESERVED_ARGUMENTS) | set(columns)))
+        clash = sorted(set(self.extra) & (set(self.arguments) | set(columns)))
         if clash:
             raise ConfigError(
                 f"reward.kwargs: key(s) {clash} collide with the reward call's own arguments "
                 f"({reserved}) or the dataset's columns; rename them"
             )
-        given = set(columns) | set(self.extra) | set(RESERVED_ARGUMENTS)
+        given = set(columns) | set(self.extra) | set(self.arguments)
         for source in self.sources:
             missing = [name for name in required_arguments(source.fn) if name not in given]
             if missing:

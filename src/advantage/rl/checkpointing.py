@@ -45,7 +45,7 @@ def optimizers(run: Run) -> dict:
     return out
 
 
-def save(run: Run, state: TrainState) -> Path:
+def save(run: Run, state: TrainState, extra: dict | None = None) -> Path:
     """Every rank calls this (FSDP2 writes shards from every rank)."""
     trainer_state = {
         "step": state.step,
@@ -69,6 +69,7 @@ def save(run: Run, state: TrainState) -> Path:
         run.config.checkpoint.keep,
         rank=run.dist.rank,
         sharded=is_fsdp(run.policy),
+        extra=extra,
     )
 
 
@@ -161,6 +162,7 @@ def _restore(run: Run, state: TrainState, saved: dict) -> None:
     controller, reward sources; drop the metrics of steps the run will redo."""
     state.step = int(saved["step"])
     state.nonfinite_in_a_row = int(saved["nonfinite_in_a_row"])
+    state.pending = (saved.get("extra") or {}).get("async")
     run.prompts.load_state_dict(saved["data"])
     run.baseline.load_state_dict(saved["baseline"])
     run.kl_ctl.load_state_dict(saved["kl_controller"])

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.algorithm import PRESETS, Algorithm, resolve
+from ..core.algorithm import Algorithm
+from ..core.presets import PRESETS, resolve
 from ..engine import configlib
 from ..engine.configlib import ConfigError
 from .sections import (
@@ -155,10 +156,6 @@ class Config:
             )
         if algo.scope == "group" and G < 2:
             raise ConfigError(f"the group scope needs rollout.num_generations >= 2 (got {G})")
-        if self.model.lora is not None and self.rollout.backend == "vllm":
-            raise ConfigError(
-                "rollout.backend=vllm does not take LoRA adapters yet; use transformers"
-            )
 
 
 def load_config(

@@ -21,7 +21,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from ..core.algorithm import Algorithm, resolve
+from ..core.algorithm import Algorithm
+from ..core.presets import resolve
 
 REFUSED: dict[str, str] = {
     "algo.*": "the saved baseline, KL-controller and optimizer states belong to the resolved "

@@ -14,12 +14,15 @@ from .records import NoGradPasses
 from .setup import Run
 
 
-def no_grad_passes(run: Run, rollout: Rollout) -> NoGradPasses:
+def no_grad_passes(run: Run, rollout: Rollout, stale: bool = False) -> NoGradPasses:
+    """`stale`: sampled by older weights (asynchronous rollouts). Then the current weights'
+    log-probs are the proximal `old_logprobs` of the ratio, and the engine's (the sampling
+    version's) stay the behaviour policy: of the correction and of the KL in the reward."""
     cfg, algo = run.config, run.algo
     # KL in the reward uses the generating policy: with μ = 1 and the transformers engine in
     # fp32, its own log-probs (same weights, same arithmetic) instead of another forward pass
     exact_engine = getattr(run.backend, "exact_logprobs", False) and rollout.logprobs is not None
-    needs_old = algo.needs_old_logprobs(cfg.train.epochs, cfg.train.minibatches)
+    needs_old = stale or algo.needs_old_logprobs(cfg.train.epochs, cfg.train.minibatches)
     old = None
     if needs_old or (algo.kl_in_reward and not exact_engine):
         old = forward_no_grad(run, run.policy, rollout, "logprobs")
@@ -29,7 +32,7 @@ def no_grad_passes(run: Run, rollout: Rollout) -> NoGradPasses:
         old_logprobs=old,
         ref_logprobs=ref,
         old_values=values,
-        behaviour_logprobs=old if old is not None else rollout.logprobs,
+        behaviour_logprobs=old if old is not None and not stale else rollout.logprobs,
     )
 
 

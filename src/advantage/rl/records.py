@@ -12,7 +12,7 @@ T completion positions (right-padded); masks are bool, True = counts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -60,6 +60,36 @@ class ScoredRollout:
     """Rollout rounds this step (dynamic sampling)."""
     dropped_groups: int = 0
     """Groups set aside by dynamic sampling because all their scores were equal."""
+    version: int | None = None
+    """The policy version (updates done) whose weights sampled it (asynchronous rollouts);
+    None: the current weights."""
+
+    def to_state(self) -> dict:
+        """Plain data (tensors, numbers, strings, lists, dicts) for a checkpoint's `extra.pt`."""
+        return {
+            "rollout": {f.name: getattr(self.rollout, f.name) for f in fields(self.rollout)},
+            "scores": {f.name: getattr(self.scores, f.name) for f in fields(self.scores)},
+            **{
+                name: getattr(self, name)
+                for name in (
+                    "rows",
+                    "completions",
+                    "conversations",
+                    "rollout_seconds",
+                    "reward_seconds",
+                    "tries",
+                    "dropped_groups",
+                    "version",
+                )
+            },
+        }
+
+    @staticmethod
+    def from_state(state: dict) -> ScoredRollout:
+        rest = {k: v for k, v in state.items() if k not in ("rollout", "scores")}
+        return ScoredRollout(
+            rollout=Rollout(**state["rollout"]), scores=Scores(**state["scores"]), **rest
+        )
 
     def select_groups(self, groups: list[int], G: int) -> ScoredRollout:
         """The groups `groups` (indices into `rows`), with their G sequences each."""
@@ -172,3 +202,5 @@ class TrainState:
     """Training steps completed."""
     nonfinite_in_a_row: int = 0
     """Consecutive updates skipped for a non-finite loss or gradient."""
+    pending: dict | None = None
+    """Asynchronous rollouts: the queue and worker state saved with the checkpoint resumed."""

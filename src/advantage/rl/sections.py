@@ -244,6 +244,10 @@ class TrainConfig:
     """Stop after this many consecutive updates skipped for a non-finite loss or gradient."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms (bitwise-reproducible runs on CPU)."""
+    max_staleness: int | None = None
+    """Asynchronous rollouts: a worker process samples the next batches while the trainer
+    trains; batch i is sampled by the weights of update max(0, i - k), k = this (0: the
+    synchronous loop's samples, in two processes; null: one process, no overlap)."""
 
     def __post_init__(self) -> None:
         check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
@@ -331,6 +335,12 @@ class DistributedConfig:
     """ddp | fsdp2 (under torchrun; ignored in a single process)."""
     backend: str | None = None
     """gloo | nccl (default: nccl with CUDA, else gloo)."""
+    rollout_threads: int | None = None
+    """Threads of the asynchronous rollout worker (default: half of this process's)."""
+    rollout_address: str | None = None
+    """HOST:PORT where the trainer waits for a rollout worker started elsewhere (`advantage
+    rollout-worker CONFIG --connect HOST:PORT`, e.g. on a GPU node); null: the trainer starts
+    the worker on this machine."""
 
     def __post_init__(self) -> None:
         check_choice("distributed.strategy", self.strategy, ("ddp", "fsdp2"))

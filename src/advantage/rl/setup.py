@@ -19,9 +19,9 @@ import torch
 
 from ..core import KL_CONTROLLERS, Algorithm, make_baseline
 from ..core.baselines import Baseline
-from ..engine.configlib import ConfigError, import_object
-from ..engine.data import PromptStream, check_prompt_lengths, check_rows, encode_prompt
-from ..engine.episodes import Episodes, EpisodeSettings, class_tools, environment_reward
+from ..engine.configlib import ConfigError
+from ..engine.data import PromptStream, check_prompt_lengths, check_rows
+from ..engine.episodes import Episodes, environment_reward
 from ..engine.models import (
     AdapterDisabled,
     add_lora,
@@ -32,17 +32,16 @@ from ..engine.models import (
     quiet_transformers,
 )
 from ..engine.optim import make_optimizer
-from ..engine.parallel import DistInfo, init_distributed, is_fsdp, wrap_model
+from ..engine.parallel import DistInfo, init_distributed, wrap_model
 from ..engine.precision import log_bf16_kernels, set_bf16_matmul
 from ..engine.reward_model import RewardModel
 from ..engine.rewards import RewardComputer, RewardSource, load_function
-from ..engine.rollout import SamplingParams, TransformersBackend
+from ..engine.rollout import SamplingParams
 from ..engine.sampling import SingleTurn
-from ..engine.sandbox import make_python_tool
-from ..engine.tools import ToolCallParser, tool_schema
 from ..tasks import dataset_rows, eval_spec, model_path, task_of, tokenizer_path
 from .config import Config
 from .records import RunSizes
+from .samplers import load_environment, load_tools, make_backend, make_sampler
 
 log = logging.getLogger("advantage")
 
@@ -120,8 +119,7 @@ def build_run(
             "silences this)"
         )
     tools = tools if tools is not None else load_tools(cfg)
-    if environment_factory is None and cfg.rollout.environment:
-        environment_factory = import_object(cfg.rollout.environment, "rollout.environment")
+    environment_factory = load_environment(cfg, environment_factory)
     rewards = make_reward_computer(cfg, reward_funcs, environment_factory)
     rewards.check_columns(set(train_rows[0]) - {cfg.data.prompt_field})
     eval_rewards = make_eval_rewards(cfg, rewards, eval_funcs)
@@ -273,71 +271,6 @@ def optimizer_for(model: torch.nn.Module, cfg: Config, lr: float):
     )
 
 
-def make_backend(cfg: Config, policy, tokenizer, policy_path: str):
-    if cfg.rollout.backend == "vllm":
-        from ..engine.rollout.vllm import VLLMBackend
-
-        limit = getattr(policy.config, "max_position_embeddings", 2048)
-        backend = VLLMBackend(
-            policy_path,
-            tokenizer,
-            precision=cfg.model.precision,
-            seed=cfg.train.seed,
-            max_model_len=min(2048, limit),
-            engine_kwargs=cfg.rollout.vllm,
-        )
-        backend.sync_weights(policy)  # the policy may differ from the folder (resume, LoRA)
-        return backend
-    # FSDP2: every forward is collective, so every rank must run the same decode steps
-    return TransformersBackend(policy, tokenizer, cfg.model.precision, lockstep=is_fsdp(policy))
-
-
-def load_tools(cfg: Config) -> list[Callable]:
-    """`rollout.tools`: dotted paths, `python` (the sandbox), `builtin` (the task's tools)."""
-    tools = []
-    for spec in cfg.rollout.tools:
-        if spec == "python":
-            tools.append(make_python_tool())
-        elif spec == "builtin":
-            task = task_of(cfg.data.train)
-            if task is None or not getattr(task, "tools", None):
-                raise ConfigError("rollout.tools: 'builtin' needs a built-in task with tools")
-            tools += task.tools
-        else:
-            tools.append(import_object(spec, "rollout.tools"))
-    return tools
-
-
-def make_sampler(cfg: Config, backend, tokenizer, tools, environment_factory):
-    """One turn, or episodes when there are tools or an environment."""
-    r = cfg.rollout
-
-    def encode(prompt) -> list[int]:
-        schemas = tools or None  # the chat template renders the tools' schemas
-        return encode_prompt(
-            tokenizer, prompt, cfg.data.system_prompt, cfg.data.max_prompt_tokens, schemas
-        )
-
-    if not tools and environment_factory is None:
-        return SingleTurn(backend, tokenizer, encode)
-    functions = list(tools)
-    if environment_factory is not None and not hasattr(environment_factory, "step"):
-        functions += class_tools(environment_factory)
-    schemas = [tool_schema(f) for f in functions]
-    settings = EpisodeSettings(r.max_turns, r.max_episode_tokens, r.reply_template)
-    return Episodes(
-        backend,
-        tokenizer,
-        encode,
-        settings,
-        tools=tools,
-        environment_factory=environment_factory,
-        parser=ToolCallParser(r.tool_call_format, stop=r.tool_call_stop, schemas=schemas),
-        tool_timeout=r.tool_timeout,
-        tool_max_output=r.tool_max_output,
-    )
-
-
 def task_reward(cfg: Config) -> Callable | None:
     """The built-in task's verifier when `data.train` is a built-in task (for `builtin`)."""
     task = task_of(cfg.data.train)
@@ -370,7 +303,15 @@ def make_reward_computer(
             )
         for s, w in zip(sources, r.weights, strict=True):
             s.weight = w
-    return RewardComputer(sources, r.multi_reward, r.clip, r.timeout, r.kwargs, r.on_timeout)
+    return RewardComputer(
+        sources,
+        r.multi_reward,
+        r.clip,
+        r.timeout,
+        r.kwargs,
+        r.on_timeout,
+        sampler_arguments=("environments",) if environment_factory is not None else (),
+    )
 
 
 def make_eval_rewards(
@@ -387,4 +328,9 @@ def make_eval_rewards(
         sources = [load_function(spec, judge, "eval.functions") for spec in cfg.eval.functions]
     else:
         return rewards
-    return RewardComputer(sources, timeout=cfg.reward.timeout, on_timeout=cfg.reward.on_timeout)
+    return RewardComputer(
+        sources,
+        timeout=cfg.reward.timeout,
+        on_timeout=cfg.reward.on_timeout,
+        sampler_arguments=rewards.sampler_arguments,
+    )

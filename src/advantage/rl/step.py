@@ -25,21 +25,22 @@ from .update import update
 
 
 def train_step(
-    run: Run, state: TrainState, say: Callable[[str], None]
+    run: Run, state: TrainState, say: Callable[[str], None], batch: ScoredRollout | None = None
 ) -> tuple[dict[str, float], ScoredRollout]:
     """One step on this rank's share of the batch: (the step's metrics, averaged over ranks;
-    this rank's scored rollout)."""
+    this rank's scored rollout). `batch`: one sampled already (asynchronous rollouts)."""
     cfg, algo = run.config, run.algo
     t_step = time.perf_counter()
     # 1–2. rollout and score
-    batch = rollout_and_score(run)
+    batch = batch if batch is not None else rollout_and_score(run)
+    stale = batch.version is not None and batch.version < state.step
     rollout = batch.rollout
     mask = rollout.model_mask.clone()  # the model's tokens: environment tokens are not actions
     if cfg.rollout.mask_truncated:
         mask &= ~rollout.truncated.unsqueeze(-1)
     # 3. old policy, reference, critic: no gradient
     t_train = time.perf_counter()
-    passes = no_grad_passes(run, rollout)
+    passes = no_grad_passes(run, rollout, stale)
     # 4. advantages
     adv = compute_advantages(
         AdvantageInputs(

@@ -31,6 +31,7 @@ from ..engine.parallel import global_sums
 from ..engine.runlock import RunDirLock
 from ..tasks import require_data
 from . import checkpointing
+from .async_rollout import AsyncRollouts, check_async
 from .config import Config, config_from
 from .records import ScoredRollout, TrainState
 from .sampling import rollout_and_score
@@ -62,12 +63,15 @@ class Trainer:
         environment_factory: Callable | None = None,
     ) -> None:
         self.config = config
+        self.rollouts: AsyncRollouts | None = None
+        self._user_code = (reward_funcs, tools, environment_factory)  # the worker needs them too
         require_data(config.data.train)  # before the lock creates the run folder
         # one run per run_dir, held until `fit` ends (or `close()`); rank 0 under torchrun
         self._lock = RunDirLock(config.log.run_dir) if os.environ.get("RANK", "0") == "0" else None
         try:
             candidates = checkpointing.resume_candidates(config, is_main=self._lock is not None)
             self.run: Run = build_run(config, reward_funcs, eval_funcs, tools, environment_factory)
+            check_async(config, self.run.dist.world_size)
             self.state = TrainState()
             self.resumed_from = checkpointing.resume(self.run, self.state, candidates)
         except BaseException:
@@ -119,10 +123,12 @@ class Trainer:
             self.logger.log(0, result.eval_before)
         self.logger.start(state.step)
         try:
+            if cfg.train.max_staleness is not None:  # the worker starts from this RNG state
+                self.rollouts = AsyncRollouts(run, state, *self._user_code, saved=state.pending)
             with StopSignals(run.dist.is_main) as stop:
                 self._loop(result, stop)
             if not cfg.checkpoint.every or state.step % cfg.checkpoint.every:
-                checkpointing.save(run, state)
+                self.save_checkpoint()
             if run.eval_rows:
                 result.eval_after = self.evaluate()
                 self.logger.log(state.step, result.eval_after)
@@ -154,10 +160,10 @@ class Trainer:
             result.metrics.append(metrics)
             saved = None
             if _every(cfg.checkpoint.every, state.step):
-                saved = checkpointing.save(run, state)
+                saved = self.save_checkpoint()
             signum = stop.agreed()
             if signum:
-                saved = saved or checkpointing.save(run, state)
+                saved = saved or self.save_checkpoint()
                 raise TrainingStopped(
                     f"stopped by {signal.Signals(signum).name} after step {state.step} of "
                     f"{cfg.train.steps}: checkpoint saved in {saved}; run the same command again "
@@ -166,13 +172,22 @@ class Trainer:
                 )
 
     def close(self) -> None:
-        """Release the run directory (done by `fit` at its end)."""
+        """Release the run directory and stop the rollout worker (done by `fit` at its end)."""
+        if self.rollouts is not None:
+            self.rollouts.close()
+            self.rollouts = None
         if self._lock is not None:
             self._lock.release()
 
     def train_step(self) -> dict[str, float]:
         """One training step (the state's step counter is advanced by `fit`)."""
-        metrics, batch = train_step(self.run, self.state, self.logger.print)
+        if self.rollouts is None:
+            metrics, batch = train_step(self.run, self.state, self.logger.print)
+        else:  # the batch the worker sampled; then the worker may take the new weights
+            batch, waits = self.rollouts.next_batch(self.state.step)
+            metrics, batch = train_step(self.run, self.state, self.logger.print, batch)
+            metrics.update(waits)
+            self.rollouts.pushed(self.state.step + 1)
         if self.run.dist.is_main and self.config.log.samples:
             samples = sample_records(self.run, batch, self.config.log.samples)
             self.logger.log_samples(self.state.step + 1, samples)
@@ -202,7 +217,11 @@ class Trainer:
             )
 
     def save_checkpoint(self) -> Path:
-        return checkpointing.save(self.run, self.state)
+        """A checkpoint of the run (with asynchronous rollouts, their queue too)."""
+        extra = None
+        if self.rollouts is not None:
+            extra = {"async": self.rollouts.checkpoint_state(self.state.step)}
+        return checkpointing.save(self.run, self.state, extra)
 
 
 def _every(n: int, step: int) -> bool:

@@ -35,7 +35,10 @@ class VLLMBackend:
         seed: int = 0,
         max_model_len: int = 2048,
         engine_kwargs: dict | None = None,
+        lora_rank: int | None = None,
     ) -> None:
+        """`lora_rank`: the policy trains LoRA adapters; the engine keeps the base weights and
+        takes each update's adapter as a LoRA request (only the adapter is synced)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         # vLLM lowers torch's thread count "for serving" unless OMP_NUM_THREADS is set; training
         # in the same process needs every core
@@ -63,18 +66,47 @@ class VLLMBackend:
             # on CPU vLLM sizes the KV cache from the process's RSS, which here includes the
             # training models: give it an explicit size instead (override: rollout.vllm)
             kwargs["kv_cache_memory_bytes"] = 1 << 30
+        if lora_rank is not None:
+            kwargs.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=1)
         kwargs.update(engine_kwargs or {})
         threads = torch.get_num_threads()
         self.llm = LLM(**kwargs)
         torch.set_num_threads(threads)
         self.tokenizer = tokenizer
         self._logit_scale = 1.0
+        self.lora = lora_rank is not None
+        self._adapter = None  # (LoRARequest, its folder) of the latest sync
+        self._adapters_made = 0
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Reload the engine's weights in place from `model` (HF parameter names)."""
+        """Reload the engine's weights in place from `model` (HF parameter names); with LoRA,
+        only the adapter: a new LoRA request with the adapter's current weights."""
+        if self.lora:
+            self._sync_adapter(unwrap(model))
+            return
         state = unwrap(model).state_dict()
         weights = ((name, tensor.detach()) for name, tensor in state.items())
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+
+    def _sync_adapter(self, peft_model: torch.nn.Module) -> None:
+        import shutil
+        import tempfile
+
+        from vllm.lora.request import LoRARequest
+
+        self._adapters_made += 1
+        folder = tempfile.mkdtemp(prefix="advantage-lora-")
+        peft_model.save_pretrained(folder)  # the adapter alone (PEFT's folder, as vLLM reads it)
+        previous, self._adapter = (
+            self._adapter,
+            (
+                LoRARequest(f"policy-{self._adapters_made}", self._adapters_made, folder),
+                folder,
+            ),
+        )
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous[0].lora_int_id)
+            shutil.rmtree(previous[1], ignore_errors=True)
 
     def _set_logit_scale(self, scale: float) -> None:
         if scale != self._logit_scale:
@@ -102,7 +134,10 @@ class VLLMBackend:
             ignore_eos=params.ignore_eos,
         )
         outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=p) for p in prompts],
+            sampling,
+            use_tqdm=False,
+            lora_request=self._adapter[0] if self._adapter is not None else None,
         )
         completions, logprobs, truncated = [], [], []
         for out in outputs:  # prompt-major: the n completions of each prompt, in order
