@@ -1,10 +1,10 @@
 """GRPO step time: `advantage` against TRL's GRPOTrainer, same machine, same models, same work.
 
-    make bench                                   # every size, precision and system
-    make bench BENCH_ARGS="--sizes tiny --precisions fp32 --steps 3"
-    make bench BENCH_ARGS="--workload realistic --systems advantage trl --steps 3"
+    make bench                                   # both workloads, every size, precision, system
+    make bench BENCH_ARGS="--systems advantage trl --steps 3"     # the README's tables
+    make bench BENCH_ARGS="--workload fixed --sizes tiny --precisions fp32 --steps 3"
 
-`--workload fixed` (the default), per step in every system: 8 prompts × 8 completions × exactly
+`--workload both` (the default) runs `fixed`, then `realistic`. `fixed`, per step in every system: 8 prompts × 8 completions × exactly
 16 new tokens (EOS ignored), β = 0.04 (a reference forward pass), one epoch, one minibatch, on
 locally built Qwen2 models: `tiny` (hidden 256, 4 layers, 4 heads, 2 KV heads, MLP 512) and
 `small` (512, 8, 8, 4, 1408). `--workload realistic`: the same models with an EOS rate in their
@@ -203,7 +203,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--worker", nargs=3, metavar=("SYSTEM", "SIZE", "PRECISION"))
-    parser.add_argument("--workload", choices=("fixed", "realistic"), default="fixed")
+    parser.add_argument(
+        "--workload",
+        choices=("both", "fixed", "realistic"),
+        default="both",
+        help="both: the fixed workload, then the realistic one, in one run",
+    )
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
@@ -229,30 +234,40 @@ def main() -> None:
             result = worker_advantage(system, size, precision, args)
         print(json.dumps(result))
         return
-    if args.workload == "realistic" and "advantage-vllm" in args.systems:
-        parser.error("--workload realistic counts the positions of transformers' Qwen2Model "
-                     "forwards, which vLLM does not call: leave advantage-vllm out of --systems")  # fmt: skip
-    for size in args.sizes:  # build the models once, before the workers
-        WORKLOADS[args.workload].settings(size)
+    if args.workload != "fixed" and "advantage-vllm" in args.systems:
+        print("the realistic workload counts the positions of transformers' Qwen2Model forwards, "
+              "which vLLM does not call: advantage-vllm runs in the fixed one only", flush=True)  # fmt: skip
     peaks = matmul_peak()
     print(
         f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s",
         flush=True,
     )
+    for workload in ("fixed", "realistic") if args.workload == "both" else (args.workload,):
+        run_workload(workload, peaks, args)
+
+
+def run_workload(workload: str, peaks: dict, args: argparse.Namespace) -> None:
+    """Every (size, precision, system) of `workload`, the systems alternating over rounds; the
+    results table written to `args.out`."""
+    opts = argparse.Namespace(**{**vars(args), "workload": workload})
+    systems = [s for s in args.systems if workload == "fixed" or s != "advantage-vllm"]
+    for size in args.sizes:  # build the models once, before the workers
+        WORKLOADS[workload].settings(size)
+    print(f"workload {workload}", flush=True)
     results: dict = {}
     for size in args.sizes:
         for precision in args.precisions:
             for r in range(args.rounds if precision == "fp32" else args.bf16_rounds):
-                k = r % len(args.systems)
-                for system in args.systems[k:] + args.systems[:k]:
+                k = r % len(systems)
+                for system in systems[k:] + systems[:k]:
                     if system == "advantage-native" and precision != "bf16":
                         continue
                     steps = args.steps if precision == "fp32" else max(2, args.steps // 2)
-                    res = run_worker(system, size, precision, steps, args)
+                    res = run_worker(system, size, precision, steps, opts)
                     results.setdefault((system, size, precision), []).append(res)
                     print(f"  {size} {precision} round {r + 1} {system}: median "
                           f"{statistics.median(res['step_s']):.3f} s/step", flush=True)  # fmt: skip
-    rows, table = WORKLOADS[args.workload].summarise(results, peaks)
+    rows, table = WORKLOADS[workload].summarise(results, peaks)
     table = "\n".join([table, *top_ops_lines(rows)])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -260,13 +275,13 @@ def main() -> None:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {cpu_name()} ({bf16_flags()})"
     header = (f"Run {stamp} on {machine}; torch {version('torch')}, transformers {version('transformers')}, "
               f"trl {version('trl')}, {vllm_version()}; `{' '.join(sys.argv[1:])}`.\n\n")  # fmt: skip
-    record = {"date": stamp, "machine": machine, "workload": args.workload, "argv": sys.argv[1:],
+    record = {"date": stamp, "machine": machine, "workload": workload, "argv": sys.argv[1:],
               "peaks_gflops": peaks, "rows": rows}  # fmt: skip
-    prefix = "" if args.workload == "fixed" else f"{args.workload}-"
+    prefix = "" if workload == "fixed" else f"{workload}-"
     for name in ("latest", stamp):
         (out / f"{prefix}{name}.json").write_text(json.dumps(record, indent=1))
         (out / f"{prefix}{name}.md").write_text(header + table + "\n")
-    print(header + table)
+    print(header + table, flush=True)
 
 
 if __name__ == "__main__":
