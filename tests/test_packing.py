@@ -7,7 +7,7 @@ import torch
 
 from advantage.engine import models
 from advantage.engine.models import completion_logprobs, completion_values
-from advantage.engine.packing import _first_fit, pack, packable
+from advantage.engine.packing import _first_fit, bucket, pack, packable
 from advantage.engine.rollout import Rollout, pad_completions, pad_prompts
 from advantage.tasks import builtin_model_path
 
@@ -58,13 +58,39 @@ def test_two_completions_of_a_prompt_do_not_see_each_other():
 
 
 def test_short_segments_share_a_row_and_pads_see_only_pads():
-    placement, N = _first_fit([5, 2, 3, 4])
+    placement, N = _first_fit([5, 2, 3, 4], bucketed=False)
     assert N == 5 and placement == [(0, 0), (2, 3), (2, 0), (1, 0)]  # rows: 5 | 4 | 3 + 2
     batch = rollout([[7, 8, 9], [5], [6]], 1, [[1, 2, 3], [4], [3, 3]])
     packed = pack(batch, pad_id=0)
     assert packed.input_ids.tolist() == [[7, 8, 9, 1, 2], [6, 3, 5, 0, 0]]
     assert packed.allowed[1, 0, 2].int().tolist() == [0, 0, 1, 0, 0]  # prompt [5]: itself
     assert packed.allowed[1, 0, 4].int().tolist() == [0, 0, 0, 1, 1]  # a pad: pads before it
+
+
+def test_bucketed_rows_are_longer_and_give_the_same_logprobs():
+    # 1/8 of the power of two at or below n, at least 8: at most 7 or 12.5% more positions
+    assert [bucket(n) for n in (1, 8, 9, 130, 256, 257, 1000, 2200)] == [
+        8, 8, 16, 144, 256, 288, 1024, 2304,
+    ]  # fmt: skip
+    assert all(n <= bucket(n) <= max(n + 7, 1.125 * n) for n in range(1, 5000))
+    batch = varied_batch()
+    plain, bucketed = pack(batch, pad_id=0), pack(batch, pad_id=0, bucketed=True)
+    assert bucketed.input_ids.shape[1] == bucket(plain.input_ids.shape[1])
+    assert (bucketed.entry_columns == plain.entry_columns).all()
+    model = models.load_causal_lm(str(builtin_model_path("tiny-random")))
+    with torch.no_grad():
+        out = [
+            p.entries(
+                model(
+                    input_ids=p.input_ids,
+                    attention_mask=p.allowed,
+                    position_ids=p.position_ids,
+                    logits_to_keep=p.columns,
+                ).logits
+            )
+            for p in (plain, bucketed)
+        ]
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=1e-5)
 
 
 def test_packable_needs_a_4d_mask_attention_and_full_attention_layers():

@@ -259,7 +259,8 @@ def _token_outputs(
     if not packable(config, batch):
         return completion_outputs(model, batch, precision), None
     device = next(model.parameters()).device
-    packed = pack(batch, pad_id=0)  # any token id: outputs at pads are never read
+    # any token id pads: outputs at pads are never read
+    packed = pack(batch, pad_id=0, bucketed=precision != "fp32")
     mask = attention_mask(packed.allowed, config._attn_implementation, torch.float32)
     with autocast(precision, device):
         out = model(

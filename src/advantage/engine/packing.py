@@ -95,8 +95,11 @@ def packed_length(prompt_len: int, completion_lens: list[int]) -> int:
     return prompt_len + sum(max(n - 1, 0) for n in completion_lens)
 
 
-def pack(batch: Rollout, pad_id: int, share_prompts: bool = True) -> PackedBatch:
-    """The packed rows of `batch` (see the module docstring)."""
+def pack(
+    batch: Rollout, pad_id: int, share_prompts: bool = True, bucketed: bool = False
+) -> PackedBatch:
+    """The packed rows of `batch` (see the module docstring); `bucketed`: rows `bucket`ed
+    lengths long (for bf16 and fp16, whose CPU matrix products cache a kernel per shape)."""
     Tp = batch.prompt_ids.shape[1]
     prompt_lens = batch.prompt_mask.sum(-1).tolist()
     completion_lens = batch.completion_mask.sum(-1).tolist()
@@ -117,7 +120,7 @@ def pack(batch: Rollout, pad_id: int, share_prompts: bool = True) -> PackedBatch
             start += n
         parts.append((torch.cat(ids), torch.cat(pos), torch.cat(comp)))
         needed.append(cols)
-    placement, N = _first_fit([len(p[0]) for p in parts])
+    placement, N = _first_fit([len(p[0]) for p in parts], bucketed)
     R = max(r for r, _ in placement) + 1 if placement else 1
     input_ids = torch.full((R, N), pad_id, dtype=batch.prompt_ids.dtype)
     position_ids = torch.zeros((R, N), dtype=torch.long)
@@ -149,10 +152,11 @@ def pack(batch: Rollout, pad_id: int, share_prompts: bool = True) -> PackedBatch
     )
 
 
-def _first_fit(lengths: list[int]) -> tuple[list[tuple[int, int]], int]:
-    """(row, offset) of each segment in rows of N = the longest length (longest first, first
-    row with room), and N."""
+def _first_fit(lengths: list[int], bucketed: bool) -> tuple[list[tuple[int, int]], int]:
+    """(row, offset) of each segment in rows of N = the longest length (`bucket`ed if asked;
+    longest first, first row with room), and N."""
     N = max(lengths, default=1)
+    N = bucket(N) if bucketed else N
     free: list[int] = []  # room left in each row
     placement: list[tuple[int, int]] = [(0, 0)] * len(lengths)
     for s in sorted(range(len(lengths)), key=lambda s: -lengths[s]):
@@ -162,6 +166,17 @@ def _first_fit(lengths: list[int]) -> tuple[list[tuple[int, int]], int]:
         placement[s] = (r, N - free[r])
         free[r] -= lengths[s]
     return placement, N
+
+
+def bucket(n: int) -> int:
+    """`n` rounded up to a multiple of 1/8 of the power of two at or below it (at least 8): at
+    most 8 row lengths per octave, ≤ 12.5% (or 7) more positions. In bf16 a matrix product of a new
+    shape costs memory that stays (oneDNN, PyTorch's bf16 GEMM on CPU, caches a primitive per
+    shape): with rows exactly as long as their longest segment, the realistic benchmark's tiny
+    bf16 run grew to 1.48 GB of RSS in 4 steps; bucketed, 1.00 GB (TRL: 1.19 GB), same speed.
+    fp32 products (MKL) keep nothing per shape and are not bucketed."""
+    step = max(8, (1 << (n.bit_length() - 1)) // 8)
+    return -(-n // step) * step
 
 
 def attention_mask(allowed: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
