@@ -20,12 +20,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from bench_utils import bf16_flags, cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "src" / "advantage" / "recipes" / "demo.yaml"
@@ -64,17 +65,6 @@ def summarise(system: str, records: list[dict], warmup: int) -> dict:
     }  # fmt: skip
 
 
-def cpu_name() -> str:
-    """The CPU's model name and whether it has bf16 matrix units (the figures depend on both)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "cpu"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                 if line.startswith("model name")), "cpu")  # fmt: skip
-    return f"{name}, {'AVX512-BF16' if 'avx512_bf16' in info else 'no AVX512-BF16'}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -89,7 +79,7 @@ def main() -> None:
     R, U = sync["rollout_s"], sync["s_per_step"] - sync["rollout_s"]
     gpu_gain = (R + U) / max(R, U)
     lines = [
-        f"# sync vs async rollouts ({datetime.date.today()}, {cpu_name()}, "
+        f"# sync vs async rollouts ({datetime.date.today()}, {cpu_name()} ({bf16_flags()}), "
         f"{os.cpu_count()} cores, {args.steps} steps, median after {args.warmup})",
         "",
         "| system | s/step | × vs sync | rollout tok/s | trainer busy | worker busy |",
