@@ -73,10 +73,9 @@ def prompt_rows(tokenizer) -> list[dict]:
 
 def model_folder(size: str) -> str:
     """`builtin:{size}-random` with the stop rate in its weights; built once, cached beside it."""
-    import shutil
-    import tempfile
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from advantage.tasks import save_folder
 
     source = Path(builtin_model_folder(size))
     path = source.parent / f"bench-realistic-{size}-v{VERSION}-p{round(1 / STOP_P)}"
@@ -85,13 +84,7 @@ def model_folder(size: str) -> str:
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source)
     with_stop_rate(model, tokenizer, STOP_P)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(path)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_folder(model, tokenizer, path)
     return str(path)
 
 

@@ -152,15 +152,21 @@ def builtin_model_path(name: str, verbose: bool = True) -> Path:
                 f"warm start done in {stats['seconds']:.0f}s (final SFT loss {stats['loss']:.3f})",
                 file=sys.stderr,
             )
+    save_folder(model, tokenizer, path)
+    return path
+
+
+def save_folder(model, tokenizer, path: Path) -> None:
+    """`model` and `tokenizer` saved to `path` through a temporary folder renamed into place, so
+    an interrupted save is never picked up (another process that finished first wins)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     try:
         tmp.rename(path)
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 def _print_every(n: int, total: int):
