@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .rollout import Rollout
+from .rollout.kv_cache import full_attention_only
 
 
 @dataclass
@@ -61,56 +62,47 @@ class PackedBatch:
 def packable(config, batch: Rollout) -> bool:
     """Whether `pack` can serve a model of this config: 4D masks (sdpa, eager), no sliding
     window layers, and every prompt non-empty (its last position predicts token 0)."""
-    types = getattr(config, "layer_types", None) or ["full_attention"]
     return (
         getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
-        and all(t == "full_attention" for t in types)
+        and full_attention_only(config)
         and bool(batch.prompt_mask.any(-1).all())
     )
-
-
-def segments(batch: Rollout, share_prompts: bool = True) -> list[list[int]]:
-    """Runs of consecutive rows with the same prompt (each row alone if not `share_prompts`)."""
-    B = batch.prompt_ids.shape[0]
-    return _runs(batch, list(range(B))) if share_prompts else [[b] for b in range(B)]
 
 
 def _runs(batch: Rollout, order: list[int]) -> list[list[int]]:
     """`order` (row indices) cut into runs of consecutive rows with the same prompt."""
     if not order:
         return []
-    prompts = batch.prompt_ids[order]
-    same = (prompts[1:] == prompts[:-1]).all(-1).tolist()
-    runs = [[order[0]]]
-    for b, joined in zip(order[1:], same, strict=True):
-        if joined:
-            runs[-1].append(b)
-        else:
-            runs.append([b])
-    return runs
+    counts = torch.unique_consecutive(batch.prompt_ids[order], dim=0, return_counts=True)[1]
+    return [run.tolist() for run in torch.tensor(order).split(counts.tolist())]
 
 
-def packed_length(prompt_len: int, completion_lens: list[int]) -> int:
-    """Positions of one segment: the prompt once, each completion without its last token."""
-    return prompt_len + sum(max(n - 1, 0) for n in completion_lens)
+def completion_inputs(batch: Rollout) -> list[int]:
+    """Input positions of each completion: its tokens but the last (which predicts nothing the
+    loss needs)."""
+    return (batch.completion_mask.sum(-1) - 1).clamp(min=0).tolist()
 
 
-def pack(
-    batch: Rollout, pad_id: int, share_prompts: bool = True, bucketed: bool = False
-) -> PackedBatch:
+def packed_length(prompt_len: int, inputs: list[int]) -> int:
+    """Positions of one segment: the prompt once, then each completion's `completion_inputs`."""
+    return prompt_len + sum(inputs)
+
+
+def pack(batch: Rollout, pad_id: int, bucketed: bool = False) -> PackedBatch:
     """The packed rows of `batch` (see the module docstring); `bucketed`: rows `bucket`ed
     lengths long (for bf16 and fp16, whose CPU matrix products cache a kernel per shape)."""
     Tp = batch.prompt_ids.shape[1]
     prompt_lens = batch.prompt_mask.sum(-1).tolist()
     completion_lens = batch.completion_mask.sum(-1).tolist()
+    inputs = completion_inputs(batch)
     parts, needed = [], []  # per segment: (ids, positions, completion index), output columns
-    for rows in segments(batch, share_prompts):
+    for rows in _runs(batch, list(range(batch.prompt_ids.shape[0]))):
         Lp = prompt_lens[rows[0]]
         ids = [batch.prompt_ids[rows[0], Tp - Lp :]]
         pos, comp = [torch.arange(Lp)], [torch.full((Lp,), -1)]
         cols, start = [], Lp
         for i, b in enumerate(rows):
-            n = max(completion_lens[b] - 1, 0)  # inputs: the completion but its last token
+            n = inputs[b]
             ids.append(batch.completion_ids[b, :n])
             pos.append(Lp + torch.arange(n))
             comp.append(torch.full((n,), i))
@@ -199,12 +191,12 @@ def micro_batches(
     if max_tokens is None:
         return [rows[i : i + max_rows] for i in range(0, len(order), max_rows)]
     prompt_lens = batch.prompt_mask.sum(-1).tolist()
-    inputs = (batch.completion_mask.sum(-1) - 1).clamp(min=0).tolist()
+    inputs = completion_inputs(batch)
     pieces: list[list[int]] = [[]]
     used = 0
     for group in _runs(batch, order):
         Lp = prompt_lens[group[0]]
-        cost = packed_length(Lp, [inputs[b] + 1 for b in group])
+        cost = packed_length(Lp, [inputs[b] for b in group])
         if pieces[-1] and (used + cost > max_tokens or len(pieces[-1]) + len(group) > max_rows):
             pieces.append([])
             used = 0

@@ -23,11 +23,16 @@ def no_grad_passes(run: Run, rollout: Rollout, stale: bool = False) -> NoGradPas
     # fp32, its own log-probs (same weights, same arithmetic) instead of another forward pass
     exact_engine = getattr(run.backend, "exact_logprobs", False) and rollout.logprobs is not None
     needs_old = stale or algo.needs_old_logprobs(cfg.train.epochs, cfg.train.minibatches)
+    pieces = micro_batch_rows(run, rollout, torch.arange(rollout.completion_ids.shape[0]))
     old = None
     if needs_old or (algo.kl_in_reward and not exact_engine):
-        old = forward_no_grad(run, run.policy, rollout, "logprobs")
-    ref = forward_no_grad(run, run.ref, rollout, "logprobs") if run.ref is not None else None
-    values = forward_no_grad(run, run.critic, rollout, "values") if algo.uses_critic else None
+        old = forward_no_grad(run, run.policy, rollout, pieces, "logprobs")
+    ref = (
+        forward_no_grad(run, run.ref, rollout, pieces, "logprobs") if run.ref is not None else None
+    )
+    values = (
+        forward_no_grad(run, run.critic, rollout, pieces, "values") if algo.uses_critic else None
+    )
     return NoGradPasses(
         old_logprobs=old,
         ref_logprobs=ref,
@@ -37,12 +42,14 @@ def no_grad_passes(run: Run, rollout: Rollout, stale: bool = False) -> NoGradPas
 
 
 @torch.no_grad()
-def forward_no_grad(run: Run, model: torch.nn.Module, rollout: Rollout, what: str) -> torch.Tensor:
-    """Log-probs (on logits / temperature) or values `[B, T]` of the whole rollout."""
+def forward_no_grad(
+    run: Run, model: torch.nn.Module, rollout: Rollout, pieces: list[torch.Tensor], what: str
+) -> torch.Tensor:
+    """Log-probs (on logits / temperature) or values `[B, T]` of the whole rollout, micro-batch
+    by micro-batch (`pieces`: `micro_batch_rows`)."""
     cfg = run.config
-    B, T = rollout.completion_ids.shape
-    out = torch.zeros(B, T)
-    for rows in micro_batch_rows(run, rollout, torch.arange(B)):
+    out = torch.zeros(rollout.completion_ids.shape)
+    for rows in pieces:
         part = rollout.select(rows)
         if what == "logprobs":
             values, _ = completion_logprobs(

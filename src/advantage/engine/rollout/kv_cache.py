@@ -30,11 +30,18 @@ _GQA_SDPA = "advantage_sdpa_gqa"
 def decode_cache(model: torch.nn.Module) -> Cache:
     """A cache of `GrowingLayer`s for `model` (every layer full attention), else transformers'
     `DynamicCache` (sliding-window layers keep their own kind)."""
-    config = model.config.get_text_config(decoder=True)
-    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    if any(t != "full_attention" for t in types):
+    if not full_attention_only(model.config):
         return DynamicCache(config=model.config)
-    return Cache(layers=[GrowingLayer() for _ in types])
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    return Cache(layers=[GrowingLayer() for _ in range(layers)])
+
+
+def full_attention_only(config) -> bool:
+    """Whether every decoder layer of a model of this config attends to the whole context (no
+    sliding-window or other layer types)."""
+    get_text = getattr(config, "get_text_config", None)
+    text = get_text(decoder=True) if get_text else config
+    return all(t == "full_attention" for t in getattr(text, "layer_types", None) or [])
 
 
 class GrowingLayer(DynamicLayer):
