@@ -176,31 +176,9 @@ class Algorithm:
 
     def card(self) -> str:
         """A printable resolution of this algorithm: the pipeline of SPEC §3–§4, step by step."""
-        bessel = lambda unbiased: "n-1" if unbiased else "n"  # noqa: E731
-        beta = f"β={self.kl_coef:g} {self.kl_controller}" + (
-            f" (target {self.kl_target:g}, horizon {self.kl_horizon:g})"
-            if self.kl_controller == "adaptive"
-            else ""
-        )
         baseline = BASELINES[self.baseline].__doc__.strip().splitlines()[0]
         if self.baseline == "ema":
             baseline += f" (α={self.ema_alpha:g})"
-        scope_group = {
-            "group": f"/ (σ_g(s) + {self.group_std_eps:g}), σ of the group's scores, "
-            f"{bessel(self.group_std_unbiased)}",
-            "batch_std": f"/ (σ(s) + {self.group_std_eps:g}), σ of the whole batch's scores, "
-            f"{bessel(self.group_std_unbiased)}, all-reduced across ranks",
-        }.get(self.scope, "off")
-        kl_reward = (
-            f"-β·{self.kl_estimator}(old, ref) on every token, {beta}"
-            if self.kl_placement == "reward" and self.kl_coef > 0
-            else "none"
-        )
-        kl_loss = (
-            f"+β·{self.kl_estimator}(π, ref) per token, {beta}"
-            if self.kl_placement == "loss" and self.kl_coef > 0
-            else "none"
-        )
         adv = (
             f"GAE γ={self.gamma:g} λ={self.lam:g}; returns = A + V"
             if self.uses_critic
@@ -208,49 +186,37 @@ class Algorithm:
         )
         whiten = (
             f"(A - μ) / sqrt(σ² + {self.whiten_eps:g}) over all valid tokens, σ² with "
-            f"{bessel(self.whiten_unbiased)}, all-reduced across ranks"
+            f"{_bessel(self.whiten_unbiased)}, all-reduced across ranks"
             if self.scope == "batch"
             else "off"
         )
-        dual = f"dual-clip c={self.dual_clip:g}" if self.dual_clip else "no dual-clip"
-        objective = {
-            "ppo_clip": f"clip(ρ, 1-{self.clip_low:g}, 1+{self.clip_high:g}), {dual}",
-            "gspo": f"GSPO: sequence ratio exp(mean_t log ρ) clipped to "
-            f"[1-{self.clip_low:g}, 1+{self.clip_high:g}], {dual}",
-            "gspo_token": f"GSPO-token: sg[s_i]·π_t/sg[π_t] clipped to "
-            f"[1-{self.clip_low:g}, 1+{self.clip_high:g}], {dual}",
-            "cispo": f"CISPO: -sg(clip(ρ, 1-{self.clip_low:g}, 1+{self.clip_high:g}))·A·log π",
-            "pg": "plain policy gradient -A·log π (no ratio)",
-        }[self.loss_name]
         bounds = f"[{_bound(self.correction_low)}, {_bound(self.correction_high)}]"
         correction = (
             "none"
             if self.correction == "none"
             else f"{self.correction} at {self.correction_level} level, ratio bounds {bounds}"
         )
-        sampling = "dynamic sampling (drop groups of equal scores)" if self.dynamic_sampling else ""
-        if self.overlong_fraction:
-            sampling += ("; " if sampling else "") + (
-                f"overlong shaping over the last {self.overlong_fraction:g} of the token budget"
-            )
+        critic = (
+            f"yes, clipped value loss ε_v={self.value_clip}, coef {self.value_coef:g}"
+            if self.uses_critic
+            else "no"
+        )
+        kl_reward = f"-β·{self.kl_estimator}(old, ref) on every token, {self._beta_text()}"
+        kl_loss = f"+β·{self.kl_estimator}(π, ref) per token, {self._beta_text()}"
         rows = [
             f"algorithm: {self.name}",
-            f"  0. scores        {sampling or 'as the reward sources give them'}",
+            f"  0. scores        {self._scores_text()}",
             f"  1. baseline      {self.baseline}: {baseline}",
-            f"  2. score scope   {scope_group}",
-            f"  3. token reward  score on the last completion token; KL in reward: {kl_reward}",
+            f"  2. score scope   {self._score_scope_text()}",
+            "  3. token reward  score on the last completion token; KL in reward: "
+            + (kl_reward if self.kl_in_reward else "none"),
             f"  4. advantages    {adv}",
             f"  5. batch scope   {whiten}",
-            f"  policy loss      {objective}; KL in loss: {kl_loss}; "
-            f"entropy coef {self.entropy_coef:g}",
+            f"  policy loss      {self._objective_text()}; KL in loss: "
+            f"{kl_loss if self.kl_in_loss else 'none'}; entropy coef {self.entropy_coef:g}",
             f"  engine/trainer   off-policy correction: {correction}",
             f"  aggregation      {self.aggregation}",
-            "  critic           "
-            + (
-                f"yes, clipped value loss ε_v={self.value_clip}, coef {self.value_coef:g}"
-                if self.uses_critic
-                else "no"
-            ),
+            f"  critic           {critic}",
             f"  reference model  {'yes' if self.uses_reference else 'no (not loaded)'}",
             "  episodes         environment tokens are context: not actions, not time steps (γ, λ "
             "and GAE's next value skip them); the score on the last model token, per-turn "
@@ -258,8 +224,45 @@ class Algorithm:
         ]
         return "\n".join(rows)
 
+    def _beta_text(self) -> str:
+        beta = f"β={self.kl_coef:g} {self.kl_controller}"
+        if self.kl_controller == "adaptive":
+            beta += f" (target {self.kl_target:g}, horizon {self.kl_horizon:g})"
+        return beta
+
+    def _scores_text(self) -> str:
+        parts = ["dynamic sampling (drop groups of equal scores)"] if self.dynamic_sampling else []
+        if self.overlong_fraction:
+            parts.append(
+                f"overlong shaping over the last {self.overlong_fraction:g} of the token budget"
+            )
+        return "; ".join(parts) or "as the reward sources give them"
+
+    def _score_scope_text(self) -> str:
+        return {
+            "group": f"/ (σ_g(s) + {self.group_std_eps:g}), σ of the group's scores, "
+            f"{_bessel(self.group_std_unbiased)}",
+            "batch_std": f"/ (σ(s) + {self.group_std_eps:g}), σ of the whole batch's scores, "
+            f"{_bessel(self.group_std_unbiased)}, all-reduced across ranks",
+        }.get(self.scope, "off")
+
+    def _objective_text(self) -> str:
+        clip = f"[1-{self.clip_low:g}, 1+{self.clip_high:g}]"
+        dual = f"dual-clip c={self.dual_clip:g}" if self.dual_clip else "no dual-clip"
+        return {
+            "ppo_clip": f"clip(ρ, 1-{self.clip_low:g}, 1+{self.clip_high:g}), {dual}",
+            "gspo": f"GSPO: sequence ratio exp(mean_t log ρ) clipped to {clip}, {dual}",
+            "gspo_token": f"GSPO-token: sg[s_i]·π_t/sg[π_t] clipped to {clip}, {dual}",
+            "cispo": f"CISPO: -sg(clip(ρ, 1-{self.clip_low:g}, 1+{self.clip_high:g}))·A·log π",
+            "pg": "plain policy gradient -A·log π (no ratio)",
+        }[self.loss_name]
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _bessel(unbiased: bool) -> str:
+    return "n-1" if unbiased else "n"
 
 
 def _bound(value: float | None) -> str:
