@@ -108,16 +108,7 @@ def build_run(
     set_seed(cfg.train.seed + dist.rank)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    # data first: a bad dataset fails before any model is loaded
-    train_rows = dataset_rows(cfg.data.train, "data.train")
-    check_rows(train_rows, cfg.data.prompt_field, "data.train")
-    eval_rows = load_eval_rows(cfg)[: cfg.eval.size]
-    if not eval_rows and cfg.eval.size:
-        log.warning(
-            "data.eval is not set: no held-out set is evaluated, so result.eval_before and "
-            "result.eval_after stay empty; give held-out prompts in data.eval (eval.size=0 "
-            "silences this)"
-        )
+    train_rows, eval_rows = _load_rows(cfg)  # a bad dataset fails before any model is loaded
     tools = tools if tools is not None else load_tools(cfg)
     environment_factory = load_environment(cfg, environment_factory)
     rewards = make_reward_computer(cfg, reward_funcs, environment_factory)
@@ -125,33 +116,9 @@ def build_run(
     eval_rewards = make_eval_rewards(cfg, rewards, eval_funcs)
     if eval_rows:
         eval_rewards.check_columns(set(eval_rows[0]) - {cfg.data.prompt_field}, "data.eval")
-    # models
-    policy_path = model_path(cfg.model.name_or_path)
-    tokenizer = load_tokenizer(
-        tokenizer_path(cfg.model.tokenizer, policy_path), cfg.model.trust_remote_code
-    )
-    policy = load_causal_lm(policy_path, cfg.model.trust_remote_code)
-    check_context(cfg, tokenizer, policy.config, train_rows, eval_rows)
-    if cfg.model.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-    ref = None
-    if cfg.model.lora is not None:
-        policy = add_lora(policy, cfg.model.lora)
-        if algo.uses_reference:
-            ref = AdapterDisabled(policy)
-    elif algo.uses_reference:
-        ref = frozen_copy(policy)
-    critic = None
-    if algo.uses_critic:
-        critic_path = model_path(cfg.model.critic, "model.critic") if cfg.model.critic else None
-        critic = load_critic(critic_path or policy_path, cfg.model.trust_remote_code)
+    policy_path, tokenizer, policy, ref, critic = _load_models(cfg, algo, train_rows, eval_rows)
     # data parallel (DDP) or sharded (FSDP2) before the optimizers see the parameters
-    strategy = cfg.distributed.strategy
-    policy = wrap_model(policy, strategy, dist)
-    if ref is not None and not isinstance(ref, AdapterDisabled):
-        ref = wrap_model(ref, strategy, dist, trainable=False)
-    if critic is not None:
-        critic = wrap_model(critic, strategy, dist)
+    policy, ref, critic = _wrap_models(cfg, dist, policy, ref, critic)
     optimizer, scheduler = optimizer_for(policy, cfg, cfg.train.lr)
     critic_optimizer = critic_scheduler = None
     if critic is not None:
@@ -181,6 +148,57 @@ def build_run(
         baseline=make_baseline(algo.baseline, ema_alpha=algo.ema_alpha),
         kl_ctl=KL_CONTROLLERS[algo.kl_controller](algo.kl_coef, algo.kl_target, algo.kl_horizon),
     )
+
+
+def _load_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """The training rows (checked) and the held-out rows (`eval.size` of them)."""
+    train_rows = dataset_rows(cfg.data.train, "data.train")
+    check_rows(train_rows, cfg.data.prompt_field, "data.train")
+    eval_rows = load_eval_rows(cfg)[: cfg.eval.size]
+    if not eval_rows and cfg.eval.size:
+        log.warning(
+            "data.eval is not set: no held-out set is evaluated, so result.eval_before and "
+            "result.eval_after stay empty; give held-out prompts in data.eval (eval.size=0 "
+            "silences this)"
+        )
+    return train_rows, eval_rows
+
+
+def _load_models(cfg: Config, algo, train_rows: list[dict], eval_rows: list[dict]):
+    """(policy path, tokenizer, policy, reference or None, critic or None), unwrapped: the
+    reference is the policy with its adapter disabled under LoRA, else a frozen copy."""
+    policy_path = model_path(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(
+        tokenizer_path(cfg.model.tokenizer, policy_path), cfg.model.trust_remote_code
+    )
+    policy = load_causal_lm(policy_path, cfg.model.trust_remote_code)
+    check_context(cfg, tokenizer, policy.config, train_rows, eval_rows)
+    if cfg.model.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    ref = None
+    if cfg.model.lora is not None:
+        policy = add_lora(policy, cfg.model.lora)
+        if algo.uses_reference:
+            ref = AdapterDisabled(policy)
+    elif algo.uses_reference:
+        ref = frozen_copy(policy)
+    critic = None
+    if algo.uses_critic:
+        critic_path = model_path(cfg.model.critic, "model.critic") if cfg.model.critic else None
+        critic = load_critic(critic_path or policy_path, cfg.model.trust_remote_code)
+    return policy_path, tokenizer, policy, ref, critic
+
+
+def _wrap_models(cfg: Config, dist, policy, ref, critic):
+    """The models wrapped for `distributed.strategy` (the frozen reference not trainable; a
+    LoRA reference is the wrapped policy itself)."""
+    strategy = cfg.distributed.strategy
+    policy = wrap_model(policy, strategy, dist)
+    if ref is not None and not isinstance(ref, AdapterDisabled):
+        ref = wrap_model(ref, strategy, dist, trainable=False)
+    if critic is not None:
+        critic = wrap_model(critic, strategy, dist)
+    return policy, ref, critic
 
 
 def run_sizes(cfg: Config, world: int) -> RunSizes:
