@@ -6,7 +6,6 @@ Also: every series of a report plot has its own style, and evaluating changes no
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -19,7 +18,13 @@ from advantage.engine.configlib import ConfigError
 from advantage.engine.report import series_style
 from advantage.rl.config import load_config
 from advantage.rl.trainer import Trainer
-from advantage.stages.compare import find_configurations, summarize, t_975
+from advantage.stages.compare import (
+    Configuration,
+    RunCurves,
+    find_configurations,
+    summarize,
+    t_975,
+)
 from advantage.stages.sweep import combinations, parse_grid
 from helpers import rendered_page, small_config
 
@@ -222,8 +227,17 @@ def test_compare_table_equals_hand_computation(swept):
 def test_t_quantiles():
     assert t_975(1) == 12.706 and t_975(2) == 4.303 and t_975(30) == 2.042
     assert t_975(60) == pytest.approx(2.000, abs=1e-3) and t_975(10**6) == pytest.approx(1.96, 1e-3)
-    values = [0.5, 0.75, 0.625]  # a 3-seed interval by hand: s = 0.125, t(0.975, 2) = 4.303
-    assert statistics.stdev(values) == pytest.approx(0.125)
+    # a 3-seed interval by hand: mean 0.625, s = 0.125, t(0.975, 2) = 4.303,
+    # half-width 4.303 · 0.125 / √3 = 0.31054
+    runs = [
+        RunCurves(Path(f"s{i}"), {"accuracy": {0: 0.0, 10: a}, "kl": {}, "entropy": {}},
+                  {0: 0.0, 10: 1.0}, None)
+        for i, a in enumerate([0.5, 0.75, 0.625])
+    ]  # fmt: skip
+    summary = summarize(Configuration("c", runs), target=1.0)
+    assert summary.accuracy_mean == pytest.approx(0.625)
+    assert summary.accuracy_std == pytest.approx(0.125)
+    assert summary.accuracy_ci == pytest.approx((0.625 - 0.31054, 0.625 + 0.31054), abs=1e-5)
 
 
 @pytest.mark.slow
