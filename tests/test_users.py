@@ -2,6 +2,7 @@
 templates, `advantage eval`, built-in reward helpers, and the generated config reference."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +195,13 @@ def test_generated_docs_are_current(name):
     from advantage.docs import GENERATED
 
     assert (ROOT / "docs" / name).read_text() == GENERATED[name](), "run: advantage docs"
+
+
+def test_the_config_reference_names_every_preset():
+    from advantage.core.presets import PRESETS
+
+    line = next(
+        line for line in (ROOT / "docs" / "config.md").read_text().splitlines()
+        if line.startswith("| `algorithm` |")
+    )  # fmt: skip
+    assert set(PRESETS) - set(re.findall(r"[a-z_]+", line)) == set()

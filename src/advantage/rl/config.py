@@ -102,7 +102,8 @@ class AlgoConfig:
 @dataclass
 class Config:
     algorithm: str = "grpo"
-    """Preset: ppo | grpo | dr_grpo | rloo | reinforce | reinforce_pp | reinforce_pp_baseline."""
+    """A preset of `core.presets.PRESETS` (`advantage presets` prints them): ppo | grpo | dr_grpo |
+    rloo | reinforce | reinforce_pp | reinforce_pp_baseline | gspo | cispo | dapo."""
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     """Axis overrides of the preset (see the algorithm card)."""
     model: ModelConfig = field(default_factory=ModelConfig)
