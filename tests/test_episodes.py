@@ -361,3 +361,29 @@ def test_calculator_episodes_are_token_exact_on_transformers():
         f"max |engine - trainer| log-prob on model tokens {found['gap']:.2e}; {found['calls']} tool calls"
     )
     assert found["gap"] < 1e-4 and found["calls"] > 0
+
+
+def test_the_prompt_shows_a_trl_environments_methods_as_tools(tmp_path, monkeypatch):
+    """TRL renders an environment's public methods in the prompt's tool list, beside `tools=`."""
+    import advantage.rl.samplers as samplers
+    from advantage.rl.config import load_config
+    from helpers import small_config
+
+    def calculator(expression: str) -> str:
+        """Evaluate an expression.
+
+        Args:
+            expression: the arithmetic to evaluate
+        """
+        return expression
+
+    rendered = []
+    monkeypatch.setattr(
+        samplers, "encode_prompt", lambda tok, prompt, system, limit, tools: rendered.append(tools)
+    )
+    cfg = load_config(None, small_config(tmp_path))
+    for tools, env in [([], CounterEnv), ([calculator], CounterEnv), ([calculator], None)]:
+        sampler = samplers.make_sampler(cfg, None, chat_tokenizer(), tools, env)
+        sampler.encode("ab")
+    names = [[s["function"]["name"] for s in tools] for tools in rendered]
+    assert names == [["add"], ["calculator", "add"], ["calculator"]]

@@ -224,7 +224,8 @@ class Episodes:
         """(a dummy conversation up to the end token of its assistant turn, the same conversation
         with `replies` and the next generation prompt): the reply's text is the difference."""
         dummy = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
-        tools = [t for t in self.tools] or None
+        schemas = self.parser.schemas.values() if self.parser is not None else []
+        tools = list(schemas) or None  # as the prompt renders them
         render = self.tokenizer.apply_chat_template
         first = render(dummy, tools=tools, tokenize=False)
         end = self.tokenizer.eos_token or ""

@@ -63,19 +63,19 @@ def load_tools(cfg: Config) -> list[Callable]:
 def make_sampler(cfg: Config, backend, tokenizer, tools, environment_factory):
     """One turn, or episodes when there are tools or an environment."""
     r = cfg.rollout
+    functions = list(tools or [])
+    if environment_factory is not None and not hasattr(environment_factory, "step"):
+        functions += class_tools(environment_factory)  # a TRL environment's methods are tools
+    schemas = [tool_schema(f) for f in functions]
 
     def encode(prompt) -> list[int]:
-        schemas = tools or None  # the chat template renders the tools' schemas
+        # the chat template renders the schemas of every tool the model may call
         return encode_prompt(
-            tokenizer, prompt, cfg.data.system_prompt, cfg.data.max_prompt_tokens, schemas
+            tokenizer, prompt, cfg.data.system_prompt, cfg.data.max_prompt_tokens, schemas or None
         )
 
     if not tools and environment_factory is None:
         return SingleTurn(backend, tokenizer, encode)
-    functions = list(tools)
-    if environment_factory is not None and not hasattr(environment_factory, "step"):
-        functions += class_tools(environment_factory)
-    schemas = [tool_schema(f) for f in functions]
     settings = EpisodeSettings(r.max_turns, r.max_episode_tokens, r.reply_template)
     return Episodes(
         backend,
