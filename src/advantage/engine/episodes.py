@@ -16,20 +16,22 @@ in `Rollout.action_mask`, log-prob 0, and out of the loss, every statistic, the 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from .configlib import ConfigError
+from .environments import (
+    EpisodeError,
+    append_to_prompt,
+    environment_tools,
+    failure,
+    is_gym,
+)
 from .rollout import Rollout, SamplingParams, pad_completions, pad_prompts
 from .sampling import Encode, Sampled
 from .tools import Toolbox, ToolCallParser, ToolResult
-
-
-class EpisodeError(RuntimeError):
-    """An environment failed; the message names the environment, the episode and its row."""
 
 
 @dataclass
@@ -97,7 +99,7 @@ class Episodes:
         self.settings = settings
         self.tools = list(tools or [])
         self.environment_factory = environment_factory
-        self.gym = environment_factory is not None and hasattr(environment_factory, "step")
+        self.gym = is_gym(environment_factory)
         self.parser = parser
         self.tool_timeout, self.tool_max_output = tool_timeout, tool_max_output
         self.chat = bool(getattr(tokenizer, "chat_template", None))
@@ -125,9 +127,9 @@ class Episodes:
             try:
                 first = env.reset(row) if self.gym else env.reset(**row)
             except Exception as e:
-                raise EpisodeError(self._where(env, index, row, "reset", e)) from e
+                raise EpisodeError(failure(env, index, row, "reset", e)) from e
             if first:  # TRL: appended to the (last user message of the) prompt
-                prompt = _append_to_prompt(prompt, str(first))
+                prompt = append_to_prompt(prompt, str(first))
         return _Episode(index=index, row=row, prompt_ids=self.encode(prompt), env=env)
 
     def _model_turn(self, running: list[_Episode], params: SamplingParams, n: int) -> None:
@@ -166,7 +168,7 @@ class Episodes:
             try:
                 reply, reward, done = e.env.step(text)
             except Exception as err:
-                raise EpisodeError(self._where(e.env, e.index, e.row, "step", err)) from err
+                raise EpisodeError(failure(e.env, e.index, e.row, "step", err)) from err
             if reward:
                 e.rewards[-1] += float(reward)  # on the last token of the turn it answers
             replies = [] if reply is None else [{"role": "user", "content": str(reply)}]
@@ -271,60 +273,6 @@ class Episodes:
             reward_kwargs={"environments": envs} if self.environment_factory else {},
         )
 
-    @staticmethod
-    def _where(env, index: int, row: dict, method: str, error: Exception) -> str:
-        return (
-            f"environment {type(env).__name__}.{method} raised {type(error).__name__} in "
-            f"episode {index} (row {_short(row)}): {error}"
-        )
-
-
-def _append_to_prompt(prompt, text: str):
-    """A prompt with `text` appended (to the last user message of a conversation)."""
-    if isinstance(prompt, str):
-        return prompt + text
-    messages = [dict(m) for m in prompt]
-    last = max(i for i, m in enumerate(messages) if m.get("role") == "user")
-    messages[last]["content"] = f"{messages[last]['content']}{text}"
-    return messages
-
-
-def class_tools(cls: type) -> list[Callable]:
-    """The tools of a TRL-style environment class: its public methods other than reset and
-    get_reward (unbound; `environment_tools` binds them to an episode's instance)."""
-    skip = {"reset", "get_reward", "step"}
-    return [
-        member
-        for name, member in inspect.getmembers(cls, inspect.isfunction)
-        if not name.startswith("_") and name not in skip
-    ]
-
-
-def environment_tools(env) -> list[Callable]:
-    """The tools of one environment instance: its public methods, bound."""
-    return [getattr(env, f.__name__) for f in class_tools(type(env))]
-
-
-def environment_reward(prompts, completions, environments, **kwargs) -> list[float | None]:
-    """A reward function that asks each episode's environment (`get_reward()`, sync or async;
-    TRL's environment reward, weight 1)."""
-    out = []
-    for env in environments:
-        value = env.get_reward()
-        if inspect.isawaitable(value):
-            value = _run_coroutine(value)
-        out.append(value)
-    return out
-
-
-def _run_coroutine(coroutine):
-    """Await `coroutine` on a loop of its own in a helper thread (safe inside a running loop)."""
-    import asyncio
-    import concurrent.futures
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, coroutine).result()
-
 
 def episode_metrics(rollout: Rollout, conversations: list[list[dict]]) -> dict[str, float]:
     """Statistics of B episodes: model turns, length (all tokens after the prompt), the
@@ -350,8 +298,3 @@ def episode_metrics(rollout: Rollout, conversations: list[list[dict]]) -> dict[s
 def _is_error(reply: str) -> bool:
     """A tool reply that reports a failure: ours (`error: ...`) or TRL's (`{'error': ...}`)."""
     return reply.startswith(("error:", "{'error':"))
-
-
-def _short(x, limit: int = 60) -> str:
-    text = repr(x)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

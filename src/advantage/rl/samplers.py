@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 from ..engine.configlib import ConfigError, import_object
 from ..engine.data import encode_prompt
-from ..engine.episodes import Episodes, EpisodeSettings, class_tools
+from ..engine.environments import class_tools, is_gym
+from ..engine.episodes import Episodes, EpisodeSettings
 from ..engine.parallel import is_fsdp
 from ..engine.rollout import TransformersBackend
 from ..engine.sampling import SingleTurn
@@ -64,7 +65,7 @@ def make_sampler(cfg: Config, backend, tokenizer, tools, environment_factory):
     """One turn, or episodes when there are tools or an environment."""
     r = cfg.rollout
     functions = list(tools or [])
-    if environment_factory is not None and not hasattr(environment_factory, "step"):
+    if environment_factory is not None and not is_gym(environment_factory):
         functions += class_tools(environment_factory)  # a TRL environment's methods are tools
     schemas = [tool_schema(f) for f in functions]
 

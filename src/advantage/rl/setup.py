@@ -21,7 +21,8 @@ from ..core import KL_CONTROLLERS, Algorithm, make_baseline
 from ..core.baselines import Baseline
 from ..engine.configlib import ConfigError
 from ..engine.data import PromptStream, check_prompt_lengths, check_rows
-from ..engine.episodes import Episodes, environment_reward
+from ..engine.environments import environment_reward
+from ..engine.episodes import Episodes
 from ..engine.models import (
     AdapterDisabled,
     add_lora,

@@ -1,0 +1,81 @@
+"""The environments of multi-turn episodes, in TRL's shape and gym's (SPEC §7).
+
+TRL's `environment_factory`: one instance per episode, `reset(**row)` (its text, if any, is
+appended to the prompt), its public methods are tools, an optional `get_reward()` (sync or
+async) scores the episode. Gym-style: `reset(row)` and `step(text) -> (reply, reward, done)`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+
+class EpisodeError(RuntimeError):
+    """An environment failed; the message names the environment, the episode and its row."""
+
+
+def is_gym(factory) -> bool:
+    """Whether an environment factory is gym-style (`step`), not TRL-style (methods as tools)."""
+    return factory is not None and hasattr(factory, "step")
+
+
+def failure(env, index: int, row: dict, method: str, error: Exception) -> str:
+    """The message of an environment method that raised: the class, the method, the episode
+    and its row."""
+    return (
+        f"environment {type(env).__name__}.{method} raised {type(error).__name__} in "
+        f"episode {index} (row {_short(row)}): {error}"
+    )
+
+
+def append_to_prompt(prompt, text: str):
+    """A prompt with `text` appended (to the last user message of a conversation)."""
+    if isinstance(prompt, str):
+        return prompt + text
+    messages = [dict(m) for m in prompt]
+    last = max(i for i, m in enumerate(messages) if m.get("role") == "user")
+    messages[last]["content"] = f"{messages[last]['content']}{text}"
+    return messages
+
+
+def class_tools(cls: type) -> list[Callable]:
+    """The tools of a TRL-style environment class: its public methods other than reset and
+    get_reward (unbound; `environment_tools` binds them to an episode's instance)."""
+    skip = {"reset", "get_reward", "step"}
+    return [
+        member
+        for name, member in inspect.getmembers(cls, inspect.isfunction)
+        if not name.startswith("_") and name not in skip
+    ]
+
+
+def environment_tools(env) -> list[Callable]:
+    """The tools of one environment instance: its public methods, bound."""
+    return [getattr(env, f.__name__) for f in class_tools(type(env))]
+
+
+def environment_reward(prompts, completions, environments, **kwargs) -> list[float | None]:
+    """A reward function that asks each episode's environment (`get_reward()`, sync or async;
+    TRL's environment reward, weight 1)."""
+    out = []
+    for env in environments:
+        value = env.get_reward()
+        if inspect.isawaitable(value):
+            value = _run_coroutine(value)
+        out.append(value)
+    return out
+
+
+def _run_coroutine(coroutine):
+    """Await `coroutine` on a loop of its own in a helper thread (safe inside a running loop)."""
+    import asyncio
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+def _short(x, limit: int = 60) -> str:
+    text = repr(x)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
