@@ -63,6 +63,7 @@ class _Episode:
     done: bool = False
     truncated: bool = False
     turns: int = 0
+    toolbox: Toolbox | None = None
 
     def append(self, ids: list[int], action: bool, logprobs: list[float] | None = None) -> None:
         self.tokens += ids
@@ -179,7 +180,7 @@ class Episodes:
             if not results:
                 e.done = True  # the model ended without acting
                 return
-            replies = [{"role": "tool", "name": r.name, "content": r.content} for r in results]
+            replies = [r.message for r in results]
         if e.done:
             return
         if e.turns >= self.settings.max_turns:
@@ -194,19 +195,19 @@ class Episodes:
             e.done = e.truncated = True
 
     def _call_tools(self, e: _Episode, text: str) -> list[ToolResult]:
-        if self.parser is None:
+        """The results of the turn's tool calls, one after the other (an environment's tools
+        share its state); a parser's error result passes through."""
+        calls = self.parser.parse(text) if self.parser is not None else []
+        if not calls:
             return []
-        results = []
-        toolbox = self._toolbox(e)
-        for call in self.parser.parse(text):
-            results.append(call if isinstance(call, ToolResult) else toolbox.call(call))
-        return results
-
-    def _toolbox(self, e: _Episode) -> Toolbox:
-        functions = list(self.tools)
-        if e.env is not None and not self.gym:
-            functions += environment_tools(e.env)
-        return Toolbox(functions, timeout=self.tool_timeout, max_output_chars=self.tool_max_output)
+        if e.toolbox is None:  # built once per episode: its environment's tools are bound
+            functions = list(self.tools)
+            if e.env is not None and not self.gym:
+                functions += environment_tools(e.env)
+            e.toolbox = Toolbox(
+                functions, timeout=self.tool_timeout, max_output_chars=self.tool_max_output
+            )
+        return [e.toolbox.call(call) for call in calls]
 
     def _tokens_left(self, e: _Episode) -> int:
         limit = self.settings.max_episode_tokens
