@@ -186,7 +186,7 @@ def execute(
     overrides: list[str],
     parallel: int,
     threads: int,
-) -> dict[Path, dict]:
+) -> dict[Path, str]:
     """Run `todo`, `parallel` at a time; {run_dir: status} as they end. Interrupting the sweep
     stops its runs (a rerun resumes them)."""
     results: dict[Path, str] = {}
@@ -243,17 +243,16 @@ def run_sweep(
     for name, why in rejected.items():
         print(f"skipped {name}: the config validation rejects it: {why}")
     todo = [r for r in runs if not is_finished(r.run_dir, r.config)]
+    finished = {r.run_dir for r in runs} - {r.run_dir for r in todo}
     threads = max(1, (cores or available_cores()) // max(1, parallel))
     print(f"{len(runs)} runs: {len(runs) - len(todo)} finished earlier, {len(todo)} to run")
     manifest = _manifest(command, config_path, overrides, presets, grid, seeds, out)
-    manifest["configurations"] = _configurations(runs, out)
+    manifest["configurations"] = _configurations(runs, finished, out)
     manifest["rejected"] = [{"name": k, "reason": v} for k, v in rejected.items()]
     manifest.update(parallel=parallel, threads_per_run=threads)
     _write_json(out / "sweep.json", manifest)
     for spec in sorted({r.config.model.name_or_path for r in todo}):
-        model_path(
-            spec
-        )  # a built-in model is built (warm-started) here once, not by N runs at once
+        model_path(spec)  # a built-in model is built (warm-started) here once, not by N runs
     results = execute(todo, config_path, overrides, parallel, threads)
     for entry in manifest["configurations"]:
         for run in entry["runs"]:
@@ -279,9 +278,10 @@ def _manifest(command, config_path, overrides, presets, grid, seeds, out) -> dic
     }
 
 
-def _configurations(runs: list[SweepRun], out: Path) -> list[dict]:
+def _configurations(runs: list[SweepRun], finished: set[Path], out: Path) -> list[dict]:
     """The manifest's configurations: name, overrides, preset and axis overrides (for the
-    algorithm card), and each seed's run folder (relative to the sweep folder) and status."""
+    algorithm card), and each seed's run folder (relative to the sweep folder) and status
+    (`finished`: the run folders found finished)."""
     configurations: dict[str, dict] = {}
     for run in runs:
         entry = configurations.setdefault(
@@ -296,7 +296,7 @@ def _configurations(runs: list[SweepRun], out: Path) -> list[dict]:
                 "runs": [],
             },
         )
-        status = "finished" if is_finished(run.run_dir, run.config) else "to run"
+        status = "finished" if run.run_dir in finished else "to run"
         entry["runs"].append(
             {"seed": run.seed, "run_dir": str(run.run_dir.relative_to(out)), "status": status}
         )
