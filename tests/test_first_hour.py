@@ -187,3 +187,23 @@ def test_rerun_of_a_finished_run_says_so_on_one_line(run_dir, capsys):
         "and a new log.run_dir to train again)"
     )
     assert result.metrics == [] and rerun.step == 2
+
+
+def test_a_rerun_or_resumed_run_reports_its_logged_evaluations(run_dir):
+    """`eval_before` / `eval_after` of a rerun are the run's own, read back from its metrics
+    (a chain or a script reading them after a rerun gets numbers, not a KeyError)."""
+    evals = ["data.eval=builtin:reverse", "eval.size=8"]
+    first = Trainer(
+        load_config(None, small_config(run_dir, "train.steps=2", *evals)), [length_reward]
+    ).fit()
+    assert "eval/accuracy" in first.eval_before and "eval/accuracy" in first.eval_after
+    rerun = Trainer(
+        load_config(None, small_config(run_dir, "train.steps=2", *evals)), [length_reward]
+    ).fit()
+    for got, want in [(rerun.eval_before, first.eval_before), (rerun.eval_after, first.eval_after)]:
+        assert {k: got[k] for k in want} == want
+    resumed = Trainer(
+        load_config(None, small_config(run_dir, "train.steps=3", *evals)), [length_reward]
+    ).fit()
+    assert resumed.eval_before["eval/accuracy"] == first.eval_before["eval/accuracy"]
+    assert "eval/accuracy" in resumed.eval_after

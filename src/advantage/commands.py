@@ -107,8 +107,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         with _writing(cfg.log.run_dir):
             result = train(cfg)
         before, after = result.eval_before, result.eval_after
-        if not before:  # finished earlier: its logged evaluations
-            before, after = _logged_evaluations(result.run_dir)
         print(
             f"{task}: wall time {time.perf_counter() - start:.0f}s (warm start included when it "
             f"was built); run folder {result.run_dir}"
@@ -122,14 +120,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 f"{task}: held-out accuracy: {100 * accuracy[0]:.1f}% -> {100 * accuracy[1]:.1f}%"
             )
     return 0
-
-
-def _logged_evaluations(run_dir: Path) -> tuple[dict, dict]:
-    """(the first, the last) held-out evaluation in a run's metrics.jsonl."""
-    from .engine.report import read_jsonl
-
-    evals = [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "eval/accuracy" in r]
-    return (evals[0], evals[-1]) if evals else ({}, {})
 
 
 def cmd_sft(args: argparse.Namespace) -> int:

@@ -83,6 +83,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return [record for _, record in records]
 
 
+def logged_evaluations(run_dir: Path) -> tuple[dict, dict]:
+    """(the first, the last) held-out evaluation in a run's metrics.jsonl ({} when none)."""
+    evals = [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "eval/accuracy" in r]
+    return (evals[0], evals[-1]) if evals else ({}, {})
+
+
 def _series(records: list[dict], patterns: list[str]) -> dict[str, tuple[list[int], list[float]]]:
     keys: list[str] = []
     for pattern in patterns:

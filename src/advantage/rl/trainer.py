@@ -28,6 +28,7 @@ from ..engine.evaluation import evaluate
 from ..engine.logger import MetricsLogger
 from ..engine.models import count_parameters
 from ..engine.parallel import global_sums
+from ..engine.report import logged_evaluations, make_report
 from ..engine.runlock import RunDirLock
 from ..tasks import require_data
 from . import checkpointing
@@ -46,7 +47,9 @@ class RunResult:
     run_dir: Path
     metrics: list[dict] = field(default_factory=list)
     eval_before: dict = field(default_factory=dict)
+    """The held-out evaluation before RL (a resumed or finished run: its logged one)."""
     eval_after: dict = field(default_factory=dict)
+    """The held-out evaluation after the last step (a finished run's rerun: its logged one)."""
     seconds: float = 0.0
 
 
@@ -106,6 +109,7 @@ class Trainer:
                 "checkpoint.resume=none and a new log.run_dir to train again)"
             )
             self.logger.close()
+            result.eval_before, result.eval_after = logged_evaluations(run.run_dir)
             return result
         start = time.perf_counter()
         self.logger.print(run.algo.card())
@@ -121,6 +125,8 @@ class Trainer:
             result.eval_before = self.evaluate()
             self.logger.print(_eval_line("before RL", result.eval_before))
             self.logger.log(0, result.eval_before)
+        elif run.eval_rows:  # resumed: the evaluation logged before RL
+            result.eval_before = logged_evaluations(run.run_dir)[0]
         self.logger.start(state.step)
         try:
             if cfg.train.max_staleness is not None:  # the worker starts from this RNG state
@@ -136,8 +142,6 @@ class Trainer:
             if cfg.checkpoint.save_final:
                 checkpointing.save_final(run)
             if cfg.log.report and run.dist.is_main:
-                from ..engine.report import make_report
-
                 self.logger.print(f"report: {make_report(run.run_dir)}")
         finally:
             self.logger.close()
