@@ -34,6 +34,15 @@ def _config_command(sub, name: str, help: str) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advantage", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _training_commands(sub)
+    _run_commands(sub)
+    _comparison_commands(sub)
+    _model_commands(sub)
+    return parser
+
+
+def _training_commands(sub) -> None:
+    """presets, card, train, rollout-worker, demo and the stages (sft, rm, chain)."""
     p = sub.add_parser("presets", help="print the preset table (markdown)")
     p.set_defaults(func=commands.cmd_presets)
     p = sub.add_parser("card", help="print the algorithm card of a preset, with overrides")
@@ -66,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/chain")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the PPO stage")
     p.set_defaults(func=commands.cmd_chain)
+
+
+def _run_commands(sub) -> None:
+    """What to do with a run's folder: consolidate a checkpoint, draw the report."""
     p = sub.add_parser("consolidate", help="a checkpoint (sharded or not) → a Hugging Face folder")
     p.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-NNNNNN")
     p.add_argument("out", help="output folder (loads with from_pretrained)")
@@ -78,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="PNG plots and an HTML page of a run (RUN_DIR/report)")
     p.add_argument("run_dir")
     p.set_defaults(func=commands.cmd_report)
+
+
+def _comparison_commands(sub) -> None:
+    """sweep (runs, then the comparison page) and compare (the page of existing runs)."""
     p = sub.add_parser(
         "sweep",
         help="every preset × grid point × seed as an ordinary run, then the comparison page",
@@ -110,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: the first DIR/compare)")
     p.add_argument("--target", type=float, default=0.9, help="held-out accuracy to reach")
     p.set_defaults(func=commands.cmd_compare)
+
+
+def _model_commands(sub) -> None:
+    """eval, merge, init-model, docs."""
     p = sub.add_parser("eval", help="greedy accuracy and pass@k of MODEL on DATASET")
     p.add_argument("model", help="model folder, hub id, or builtin:NAME")
     p.add_argument("dataset", help=".jsonl, a local datasets folder/file, or builtin:TASK[:eval]")
@@ -143,7 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("docs", help="write the generated docs (config reference, algorithm cards)")
     p.add_argument("--out", help="output folder (default: docs/ of the source checkout)")
     p.set_defaults(func=commands.cmd_docs)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
