@@ -387,3 +387,35 @@ def test_the_prompt_shows_a_trl_environments_methods_as_tools(tmp_path, monkeypa
         sampler.encode("ab")
     names = [[s["function"]["name"] for s in tools] for tools in rendered]
     assert names == [["add"], ["calculator", "add"], ["calculator"]]
+
+
+def test_an_environment_reward_may_be_async_or_any_awaitable():
+    import asyncio
+
+    from advantage.engine.environments import environment_reward
+
+    class Later:  # an awaitable that is not a coroutine
+        def __await__(self):
+            yield from asyncio.sleep(0).__await__()
+            return 0.25
+
+    class Sync:
+        def get_reward(self):
+            return 1.0
+
+    class Async:
+        async def get_reward(self):
+            await asyncio.sleep(0)
+            return 0.5
+
+    class Awaitable:
+        def get_reward(self):
+            return Later()
+
+    envs = [Sync(), Async(), Awaitable()]
+    assert environment_reward(None, None, envs) == [1.0, 0.5, 0.25]
+
+    async def inside_a_running_loop():
+        return environment_reward(None, None, envs)
+
+    assert asyncio.run(inside_a_running_loop()) == [1.0, 0.5, 0.25]

@@ -7,8 +7,11 @@ async) scores the episode. Gym-style: `reset(row)` and `step(text) -> (reply, re
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable
+
+from .reward_call import in_thread
 
 
 class EpisodeError(RuntimeError):
@@ -62,18 +65,14 @@ def environment_reward(prompts, completions, environments, **kwargs) -> list[flo
     for env in environments:
         value = env.get_reward()
         if inspect.isawaitable(value):
-            value = _run_coroutine(value)
+            # on a loop of its own in a helper thread (safe inside a running loop)
+            value = in_thread(lambda v=value: asyncio.run(_awaited(v)), None, "environment")
         out.append(value)
     return out
 
 
-def _run_coroutine(coroutine):
-    """Await `coroutine` on a loop of its own in a helper thread (safe inside a running loop)."""
-    import asyncio
-    import concurrent.futures
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, coroutine).result()
+async def _awaited(awaitable):
+    return await awaitable
 
 
 def _short(x, limit: int = 60) -> str:

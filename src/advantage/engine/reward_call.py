@@ -38,7 +38,7 @@ class RewardSource:
     weight: float = 1.0
 
 
-def _in_thread(work: Callable[[], object], timeout: float | None, name: str) -> object:
+def in_thread(work: Callable[[], object], timeout: float | None, name: str) -> object:
     """`work()` in a daemon thread: its result, its exception re-raised, or TimeoutError."""
     done = threading.Event()
     box: dict = {}
@@ -63,13 +63,10 @@ def _call(source: RewardSource, timeout: float | None, kwargs: dict) -> object:
     """Call one reward function (sync or async), with an optional timeout in seconds."""
     fn = source.fn
     if inspect.iscoroutinefunction(fn):
-        return _in_thread(lambda: asyncio.run(fn(**kwargs)), timeout, source.name)
-    if timeout is None:
-        out = fn(**kwargs)
-    else:
-        out = _in_thread(lambda: fn(**kwargs), timeout, source.name)
+        return in_thread(lambda: asyncio.run(fn(**kwargs)), timeout, source.name)
+    out = fn(**kwargs) if timeout is None else in_thread(lambda: fn(**kwargs), timeout, source.name)
     if inspect.iscoroutine(out):  # e.g. an object with `async def __call__`
-        return _in_thread(lambda: asyncio.run(out), timeout, source.name)
+        return in_thread(lambda: asyncio.run(out), timeout, source.name)
     return out
 
 
