@@ -51,16 +51,15 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_card(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .core import PRESETS, resolve
+    from .core.presets import PRESETS, resolve_axes
     from .engine.configlib import ConfigError, load_config
     from .rl.config import AlgoConfig
 
     if args.preset not in PRESETS:
         raise ConfigError(f"unknown preset {args.preset!r}; valid: {', '.join(PRESETS)}")
     axes = load_config(AlgoConfig, None, args.overrides)  # names and types checked
-    overrides = {k: v for k, v in dataclasses.asdict(axes).items() if v is not None}
     try:
-        print(resolve(args.preset, **overrides).card())
+        print(resolve_axes(args.preset, dataclasses.asdict(axes)).card())
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return 0

@@ -118,3 +118,9 @@ def preset_table() -> str:
 
 
 __all__ = ["PRESETS", "preset_table", "resolve"]
+
+
+def resolve_axes(preset: str, axes: dict) -> Algorithm:
+    """`resolve` with the axes of an `algo:` config section: an axis set to None keeps the
+    preset's value (as in a config; `resolve` itself takes an explicit None as the value)."""
+    return resolve(preset, **{k: v for k, v in axes.items() if v is not None})

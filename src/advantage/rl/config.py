@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.algorithm import Algorithm
-from ..core.presets import PRESETS, resolve
+from ..core.presets import PRESETS, resolve_axes
 from ..engine import configlib
 from ..engine.configlib import ConfigError
 from .sections import (
@@ -121,9 +121,8 @@ class Config:
             raise ConfigError(
                 f"algorithm: unknown preset {self.algorithm!r}; valid: {', '.join(PRESETS)}"
             )
-        overrides = {k: v for k, v in dataclasses.asdict(self.algo).items() if v is not None}
         try:
-            self._algorithm = resolve(self.algorithm, **overrides)
+            self._algorithm = resolve_axes(self.algorithm, dataclasses.asdict(self.algo))
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self._check_batch()

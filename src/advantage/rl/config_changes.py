@@ -22,7 +22,7 @@ import dataclasses
 import json
 
 from ..core.algorithm import Algorithm
-from ..core.presets import resolve
+from ..core.presets import resolve_axes
 
 REFUSED: dict[str, str] = {
     "algo.*": "the saved baseline, KL-controller and optimizer states belong to the resolved "
@@ -79,8 +79,7 @@ def saved_algorithm(trainer_state: dict) -> dict:
     if "algorithm" in trainer_state:
         return trainer_state["algorithm"]
     cfg = trainer_state["config"]
-    overrides = {k: v for k, v in cfg.get("algo", {}).items() if v is not None}
-    return dataclasses.asdict(resolve(cfg["algorithm"], **overrides))
+    return dataclasses.asdict(resolve_axes(cfg["algorithm"], cfg.get("algo", {})))
 
 
 def is_refused(key: str) -> bool:

@@ -26,7 +26,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core import resolve
+from ..core.presets import resolve_axes
 from ..engine.checkpoint import latest_checkpoint
 from ..engine.report import figures_html, page_html, pyplot, read_jsonl, save_figure, series_style
 
@@ -106,8 +106,7 @@ def algorithm_card(config: dict | None) -> str | None:
     """The card of a config's preset with its `algo.*` overrides (keys `algorithm`, `algo`)."""
     if not config:
         return None
-    axes = {k: v for k, v in config.get("algo", {}).items() if v is not None}
-    return resolve(config["algorithm"], **axes).card()
+    return resolve_axes(config["algorithm"], config.get("algo", {})).card()
 
 
 def find_configurations(dirs: list[Path]) -> tuple[list[Configuration], list[dict]]:
