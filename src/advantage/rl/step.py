@@ -151,7 +151,7 @@ def sample_records(run: Run, batch: ScoredRollout, n: int) -> list[dict]:
     B, G = len(batch.completions), run.sizes.G
     field = run.config.data.prompt_field
     records = []
-    for i in list(range(0, B, max(1, B // n)))[:n]:
+    for i in range(0, B, max(1, B // n))[:n]:
         record = {
             "prompt": str(batch.rows[i // G][field]),
             "completion": batch.completions[i],

@@ -103,6 +103,10 @@ def _sdpa_gqa(
     return out.transpose(1, 2).contiguous(), None
 
 
+AttentionInterface.register(_GQA_SDPA, _sdpa_gqa)
+ALL_MASK_ATTENTION_FUNCTIONS.register(_GQA_SDPA, sdpa_mask)
+
+
 @contextmanager
 def grouped_kv_attention(model: torch.nn.Module, device: torch.device):
     """Inside, `model` (SDPA attention, on CPU) attends with grouped K/V heads (`_sdpa_gqa`).
@@ -112,8 +116,6 @@ def grouped_kv_attention(model: torch.nn.Module, device: torch.device):
     if device.type != "cpu" or getattr(config, "_attn_implementation", None) != "sdpa":
         yield
         return
-    AttentionInterface.register(_GQA_SDPA, _sdpa_gqa)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(_GQA_SDPA, sdpa_mask)
     config._attn_implementation = _GQA_SDPA
     try:
         yield
