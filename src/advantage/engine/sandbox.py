@@ -100,16 +100,11 @@ def run_python(code: str, limits: SandboxLimits) -> str:
     return cut(text, limits.max_output_chars)
 
 
-def make_python_tool(
-    timeout: float = 5.0,
-    cpu_seconds: int = 5,
-    memory_mb: int = 512,
-    max_output_chars: int = 4000,
-    file_mb: int = 16,
-) -> Callable[[str], str]:
-    """A `python(code) -> str` tool with these limits (a plain function: type hints and a
-    docstring, so `get_json_schema` and chat templates take it)."""
-    limits = SandboxLimits(timeout, cpu_seconds, memory_mb, file_mb, max_output_chars)
+def make_python_tool(**limits: float) -> Callable[[str], str]:
+    """A `python(code) -> str` tool with these `SandboxLimits` (keywords; the rest default) —
+    a plain function with type hints and a docstring, so `get_json_schema` and chat templates
+    take it."""
+    bounds = SandboxLimits(**limits)
 
     def python(code: str) -> str:
         """Run a Python program in a sandbox and return what it prints.
@@ -120,7 +115,7 @@ def make_python_tool(
         Returns:
             The program's standard output, or the error it ended with.
         """
-        return run_python(code, limits)
+        return run_python(code, bounds)
 
     return python
 
