@@ -13,6 +13,9 @@ from collections.abc import Callable
 
 from .reward_call import in_thread
 
+REWARD_ARGUMENT = "environments"
+"""The reward functions' keyword argument with each sample's environment instance (TRL's)."""
+
 
 class EpisodeError(RuntimeError):
     """An environment failed; the message names the environment, the episode and its row."""

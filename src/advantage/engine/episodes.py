@@ -23,6 +23,7 @@ import torch
 
 from .configlib import ConfigError
 from .environments import (
+    REWARD_ARGUMENT,
     EpisodeError,
     append_to_prompt,
     environment_tools,
@@ -271,7 +272,7 @@ class Episodes:
             completions=[e.messages for e in episodes],
             completion_ids=[e.tokens for e in episodes],
             texts=texts,
-            reward_kwargs={"environments": envs} if self.environment_factory else {},
+            reward_kwargs={REWARD_ARGUMENT: envs} if self.environment_factory else {},
         )
 
 

@@ -98,7 +98,7 @@ class RolloutSide:
 def build_rollout_side(cfg: Config, reward_funcs, tools, environment_factory) -> RolloutSide:
     quiet_transformers()
     rows = dataset_rows(cfg.data.train, "data.train")
-    tools = tools if tools is not None else load_tools(cfg)
+    tools = load_tools(cfg, tools)
     environment_factory = load_environment(cfg, environment_factory)
     path = model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(

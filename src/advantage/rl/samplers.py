@@ -45,8 +45,11 @@ def make_backend(cfg: Config, policy, tokenizer, policy_path: str):
     return TransformersBackend(policy, tokenizer, cfg.model.precision, lockstep=is_fsdp(policy))
 
 
-def load_tools(cfg: Config) -> list[Callable]:
-    """`rollout.tools`: dotted paths, `python` (the sandbox), `builtin` (the task's tools)."""
+def load_tools(cfg: Config, given: list[Callable] | None = None) -> list[Callable]:
+    """The tools: the Python API's (`given`), or `rollout.tools`' — dotted paths, `python` (the
+    sandbox), `builtin` (the task's tools)."""
+    if given is not None:
+        return list(given)
     tools = []
     for spec in cfg.rollout.tools:
         if spec == "python":

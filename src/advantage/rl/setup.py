@@ -21,7 +21,7 @@ from ..core import KL_CONTROLLERS, Algorithm, make_baseline
 from ..core.baselines import Baseline
 from ..engine.configlib import ConfigError
 from ..engine.data import PromptStream, check_prompt_lengths, check_rows
-from ..engine.environments import environment_reward
+from ..engine.environments import REWARD_ARGUMENT, environment_reward
 from ..engine.episodes import Episodes
 from ..engine.models import (
     AdapterDisabled,
@@ -110,7 +110,7 @@ def build_run(
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     train_rows, eval_rows = _load_rows(cfg)  # a bad dataset fails before any model is loaded
-    tools = tools if tools is not None else load_tools(cfg)
+    tools = load_tools(cfg, tools)
     environment_factory = load_environment(cfg, environment_factory)
     rewards = make_reward_computer(cfg, reward_funcs, environment_factory)
     rewards.check_columns(set(train_rows[0]) - {cfg.data.prompt_field})
@@ -329,7 +329,7 @@ def make_reward_computer(
         r.timeout,
         r.kwargs,
         r.on_timeout,
-        sampler_arguments=("environments",) if environment_factory is not None else (),
+        sampler_arguments=(REWARD_ARGUMENT,) if environment_factory is not None else (),
     )
 
 
