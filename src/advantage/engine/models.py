@@ -18,7 +18,7 @@ import torch
 from ..core import entropy_from_logits, logprobs_from_logits
 from .configlib import ConfigError
 from .hub import local_or_hub
-from .packing import attention_mask, pack, packable
+from .packing import attention_mask, pack, packable, segment_attention_for
 from .parallel import unwrap
 from .precision import autocast
 from .rollout import Rollout
@@ -262,13 +262,14 @@ def _token_outputs(
     # any token id pads: outputs at pads are never read
     packed = pack(batch, pad_id=0, bucketed=precision != "fp32")
     mask = attention_mask(packed.allowed, config._attn_implementation, torch.float32)
-    with autocast(precision, device):
+    with autocast(precision, device), segment_attention_for(config, device):
         out = model(
             input_ids=packed.input_ids.to(device),
             attention_mask=mask.to(device),
             position_ids=packed.position_ids.to(device),
             logits_to_keep=packed.columns.to(device),
             use_cache=False,
+            packed_segments=packed.segments,
         )
     return packed.entries(out.logits), batch.completion_mask.to(device)
 

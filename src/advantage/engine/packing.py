@@ -21,16 +21,38 @@ The same log-probs and gradients as the rectangle (tests/test_packing.py: ≤ 1e
 `Σ_segments (Lp + Σ_i (Lc_i - 1))` positions instead of `B·(Tp + Tc)`. Needs a model whose
 attention takes a 4D mask (transformers' `sdpa` or `eager`, every layer full attention);
 `packable` says when, and the rectangle is used otherwise.
+
+Attention with the mask costs the whole `N × N` square of a row: PyTorch's CPU kernel skips no
+masked block. With SDPA on CPU, `segment_attention` computes only what the mask allows: per
+segment, the prompt causally, then each completion's inputs against the prompt's keys and
+their own (one SDPA call each). On a realistic row (a prompt of 150, 8 completions of 3–256)
+that is 3× less time forward and 2.5× forward + backward; outputs equal the masked call's to
+fp32 rounding. It needs the `packed_segments` keyword to reach the attention (transformers
+models pass their forward's keywords down); without it, the 4D mask is used.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .rollout import Rollout
-from .rollout.kv_cache import full_attention_only
+from .rollout.kv_cache import full_attention_only, register_attention, sdpa_gqa, sdpa_replaced
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A prompt and its completions' inputs, as placed in a packed row."""
+
+    row: int
+    offset: int
+    """Column of the prompt's first token; the completions' inputs follow it."""
+    prompt_len: int
+    inputs: tuple[int, ...]
+    """Each completion's input positions (`completion_inputs`), in order."""
 
 
 @dataclass
@@ -50,6 +72,7 @@ class PackedBatch:
     in the row-major order of `completion_mask`)."""
     entry_columns: torch.Tensor
     """`[E]` its column."""
+    segments: list[Segment]
 
     def entries(self, outputs: torch.Tensor) -> torch.Tensor:
         """`[E, ...]` from the model's outputs `[R, C or N, ...]` (a head that ignores
@@ -96,7 +119,8 @@ def pack(batch: Rollout, pad_id: int, bucketed: bool = False) -> PackedBatch:
     completion_lens = batch.completion_mask.sum(-1).tolist()
     inputs = completion_inputs(batch)
     parts, needed = [], []  # per segment: (ids, positions, completion index), output columns
-    for rows in _runs(batch, list(range(batch.prompt_ids.shape[0]))):
+    runs = _runs(batch, list(range(batch.prompt_ids.shape[0])))
+    for rows in runs:
         Lp = prompt_lens[rows[0]]
         ids = [batch.prompt_ids[rows[0], Tp - Lp :]]
         pos, comp = [torch.arange(Lp)], [torch.full((Lp,), -1)]
@@ -141,6 +165,10 @@ def pack(batch: Rollout, pad_id: int, bucketed: bool = False) -> PackedBatch:
         columns=torch.unique(entry_cols),
         entry_rows=torch.cat(entry_rows) if entry_rows else torch.zeros(0, dtype=torch.long),
         entry_columns=entry_cols,
+        segments=[
+            Segment(r, offset, prompt_lens[rows[0]], tuple(inputs[b] for b in rows))
+            for rows, (r, offset) in zip(runs, placement, strict=True)
+        ],
     )
 
 
@@ -176,6 +204,62 @@ def attention_mask(allowed: torch.Tensor, implementation: str, dtype: torch.dtyp
     if implementation == "eager":
         return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     return allowed
+
+
+_SEGMENT_SDPA = "advantage_segment_sdpa"
+
+
+def segment_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, packed_segments=None, **kw
+):
+    """SDPA over packed rows that computes only what the block mask allows (module docstring):
+    `query` `[R, H, N, d]`, `key`/`value` `[R, H_kv, N, d]`; returns `[R, N, H, d]` (zeros
+    at the pads after a row's last segment). Without `packed_segments`: the masked SDPA call."""
+    if packed_segments is None:
+        return sdpa_gqa(module, query, key, value, attention_mask, dropout, scaling, **kw)
+    R, _, N, _ = query.shape
+    attend = functools.partial(
+        F.scaled_dot_product_attention,
+        dropout_p=dropout,
+        scale=scaling,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
+    pieces: list[list[torch.Tensor]] = [[] for _ in range(R)]
+    for s in packed_segments:
+        q, k, v = query[s.row : s.row + 1], key[s.row : s.row + 1], value[s.row : s.row + 1]
+        prompt = slice(s.offset, s.offset + s.prompt_len)
+        pieces[s.row].append(
+            attend(q[:, :, prompt], k[:, :, prompt], v[:, :, prompt], is_causal=True)
+        )
+        start = prompt.stop
+        for n in s.inputs:
+            if not n:
+                continue
+            own = slice(start, start + n)
+            sees = torch.ones(n, s.prompt_len + n, dtype=torch.bool, device=q.device)
+            pieces[s.row].append(
+                attend(
+                    q[:, :, own],
+                    torch.cat([k[:, :, prompt], k[:, :, own]], 2),
+                    torch.cat([v[:, :, prompt], v[:, :, own]], 2),
+                    attn_mask=sees.tril(s.prompt_len),
+                )
+            )
+            start = own.stop
+    rows = []
+    for row in pieces:
+        used = sum(p.shape[2] for p in row)
+        row.append(query.new_zeros(1, query.shape[1], N - used, query.shape[3]))
+        rows.append(torch.cat(row, 2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+register_attention(_SEGMENT_SDPA, segment_attention)
+
+
+def segment_attention_for(config, device: torch.device):
+    """Inside, a model of `config` with SDPA attention on CPU uses `segment_attention`."""
+    return sdpa_replaced(config, _SEGMENT_SDPA, device)
 
 
 def micro_batches(

@@ -84,7 +84,7 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = self._keys[:, :, :n], self._values[:, :, :n]
 
 
-def _sdpa_gqa(
+def sdpa_gqa(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **_
 ):
     """transformers' SDPA attention without `repeat_kv`: PyTorch groups the K/V heads."""
@@ -103,21 +103,30 @@ def _sdpa_gqa(
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(_GQA_SDPA, _sdpa_gqa)
-ALL_MASK_ATTENTION_FUNCTIONS.register(_GQA_SDPA, sdpa_mask)
+def register_attention(name: str, function) -> None:
+    """`function` as transformers' attention implementation `name` (SDPA's masks)."""
+    AttentionInterface.register(name, function)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+
+
+register_attention(_GQA_SDPA, sdpa_gqa)
 
 
 @contextmanager
-def grouped_kv_attention(model: torch.nn.Module, device: torch.device):
-    """Inside, `model` (SDPA attention, on CPU) attends with grouped K/V heads (`_sdpa_gqa`).
-    Elsewhere nothing changes: on CUDA a masked GQA call would fall back to the math kernel,
-    and eager or flash attention have their own paths."""
-    config = model.config
+def sdpa_replaced(config, name: str, device: torch.device):
+    """Inside, a model of `config` with SDPA attention, on CPU, attends with the registered
+    implementation `name` instead. Elsewhere nothing changes: on CUDA a masked GQA call would
+    fall back to the math kernel, and eager or flash attention have their own paths."""
     if device.type != "cpu" or getattr(config, "_attn_implementation", None) != "sdpa":
         yield
         return
-    config._attn_implementation = _GQA_SDPA
+    config._attn_implementation = name
     try:
         yield
     finally:
         config._attn_implementation = "sdpa"
+
+
+def grouped_kv_attention(model: torch.nn.Module, device: torch.device):
+    """Inside, `model` (SDPA attention, on CPU) attends with grouped K/V heads (`sdpa_gqa`)."""
+    return sdpa_replaced(model.config, _GQA_SDPA, device)
