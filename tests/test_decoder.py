@@ -82,53 +82,32 @@ def test_draw_is_torch_multinomial_with_noise_per_output_row():
     assert torch.equal(token, expected[[1, 4]])
 
 
-@pytest.mark.parametrize("kind", ["growing", "shared_prompt"])
-def test_decode_caches_equal_dynamic_cache(policy, monkeypatch, kind):
-    """Prefill, rows selected out, steps past a buffer's end, rows leaving in a new order: the
-    same logits as DynamicCache. `shared_prompt`: the SharedPromptLayer cache read by
-    shared_prompt_attention (each prompt's K/V once for its rows)."""
+def test_growing_cache_equals_dynamic_cache(policy, monkeypatch):
+    """Prefill, rows selected out, steps past a buffer's end: the same logits as DynamicCache."""
     from transformers import DynamicCache
 
     from advantage.engine.rollout import kv_cache
 
     monkeypatch.setattr(kv_cache, "CHUNK", 3)  # the buffers grow every 3 steps
     ids = torch.randint(4, 40, (2, 5))
-    mask = torch.ones(2, 5, dtype=torch.long)
-    mask[1, :2] = 0  # the second prompt left-padded
-    layers = policy.config.num_hidden_layers
-    made = {
-        "growing": kv_cache.Cache(layers=[kv_cache.GrowingLayer() for _ in range(layers)]),
-        "shared_prompt": kv_cache.decode_cache(policy),
-    }[kind]
-    assert type(made.layers[0]).__name__ == {"growing": "GrowingLayer"}.get(
-        kind, "SharedPromptLayer"
-    )
     logits = {}
-    for name, cache in [(kind, made), ("dynamic", DynamicCache())]:
-        attention = mask.clone()
-
-        def step(tokens, rows):
-            nonlocal attention
-            attention = torch.cat([attention[rows], torch.ones(len(rows), 1, dtype=torch.long)], 1)
-            return policy(
-                input_ids=tokens, attention_mask=attention, past_key_values=cache, use_cache=True,
-                shared_prompt_cache=cache,
-            ).logits[:, -1]  # fmt: skip
-
-        with torch.no_grad(), kv_cache.decode_attention(policy, torch.device("cpu")):
-            steps = [policy(input_ids=ids, attention_mask=mask, past_key_values=cache,
-                            use_cache=True, shared_prompt_cache=cache).logits[:, -1]]  # fmt: skip
-            rows = torch.tensor([0, 0, 1, 1, 1])
-            cache.batch_select_indices(rows)
+    assert isinstance(kv_cache.decode_cache(policy).layers[0], kv_cache.GrowingLayer)
+    for name, cache in [("growing", kv_cache.decode_cache(policy)), ("dynamic", DynamicCache())]:
+        with torch.no_grad():
+            steps = [policy(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+            cache.batch_select_indices(torch.tensor([0, 0, 1, 1, 1]))
             token = torch.tensor([[5], [6], [7], [8], [9]])
-            steps.append(step(token, rows))
-            for _ in range(3):
-                steps.append(step(token, torch.arange(5)))
+            for _ in range(4):
+                steps.append(
+                    policy(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+                )
             cache.batch_select_indices(torch.tensor([4, 1]))  # two rows leave, in a new order
-            steps.append(step(token[[4, 1]], torch.tensor([4, 1])))
+            steps.append(
+                policy(input_ids=token[[4, 1]], past_key_values=cache, use_cache=True).logits[:, -1]
+            )
         logits[name] = steps
         assert cache.get_seq_length() == 5 + 5
-    for a, b in zip(logits[kind], logits["dynamic"], strict=True):
+    for a, b in zip(logits["growing"], logits["dynamic"], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 

@@ -81,15 +81,15 @@ class TransformersBackend:
 
         Rows whose completion has ended leave the decode batch (their KV cache rows are dropped)
         once 1/LEAVE_EVERY of the batch has ended; `active` maps decode rows to output rows."""
-        from .kv_cache import decode_attention, decode_cache
+        from .kv_cache import decode_cache, grouped_kv_attention
 
         warpers, stop = _warpers(params), _stop_criterion(self.tokenizer, params)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         Tp, Tn = ids.shape[1], params.max_new_tokens
         # 1. prefill each distinct prompt once, then give every completion its prompt's cache
-        cache = decode_cache(model, ids.device)
+        cache = decode_cache(model)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        with decode_attention(model, ids.device):
+        with grouped_kv_attention(model, ids.device):
             out = model(
                 input_ids=ids,
                 attention_mask=mask.long(),
@@ -97,7 +97,6 @@ class TransformersBackend:
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
-                shared_prompt_cache=cache,
             )
             rows = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(G)
             cache.batch_select_indices(rows)
@@ -137,7 +136,6 @@ class TransformersBackend:
                     position_ids=position,
                     past_key_values=cache,
                     use_cache=True,
-                    shared_prompt_cache=cache,
                 )
                 logits = out.logits[:, -1].float()
                 position = position + 1
