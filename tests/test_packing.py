@@ -5,10 +5,11 @@ of different lengths (one token, none), and multi-turn completions with environm
 import pytest
 import torch
 
-from advantage.engine import models
+from advantage.engine import models, packing
 from advantage.engine.models import completion_logprobs, completion_values
-from advantage.engine.packing import _first_fit, bucket, pack, packable
+from advantage.engine.packing import _first_fit, bucket, pack, packable, segment_attention
 from advantage.engine.rollout import Rollout, pad_completions, pad_prompts
+from advantage.engine.rollout.kv_cache import sdpa_gqa
 from advantage.tasks import builtin_model_path
 
 
@@ -93,6 +94,43 @@ def test_bucketed_rows_are_longer_and_give_the_same_logprobs():
     torch.testing.assert_close(out[0], out[1], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("shared_rows", [False, True])
+def test_segment_attention_equals_the_masked_call(shared_rows):
+    """Outputs and gradients of segment_attention (SDPA per prompt and per completion) equal
+    the masked SDPA call over the whole row at every position of a segment; pads get zeros."""
+    batch = (
+        rollout([[7, 8, 9], [5], [6]], 1, [[1, 2, 3], [4], [3, 3]])  # rows of two segments
+        if shared_rows
+        else varied_batch()  # 1-token completions (no inputs), environment tokens
+    )
+    packed = pack(batch, pad_id=0)
+    R, N = packed.input_ids.shape
+    assert len({s.row for s in packed.segments}) < len(packed.segments) or not shared_rows
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(R, 4, N, 8, generator=g).requires_grad_()
+    k, v = (torch.randn(R, 2, N, 8, generator=g).requires_grad_() for _ in range(2))
+    used = torch.zeros(R, N, dtype=torch.bool)  # positions inside a segment
+    for s in packed.segments:
+        used[s.row, s.offset : s.offset + s.prompt_len + sum(s.inputs)] = True
+    assert not used.all() or not shared_rows  # some pads
+    module = torch.nn.Module()
+    outs, grads = [], []
+    for kw in ({"packed_segments": packed.segments}, {}):
+        out, _ = segment_attention(module, q, k, v, packed.allowed, scaling=0.3, **kw)
+        weights = torch.linspace(-1, 1, out.numel()).view(out.shape)
+        (out * weights)[used].sum().backward()
+        outs.append(out.detach())
+        grads.append([t.grad.clone() for t in (q, k, v)])
+        for t in (q, k, v):
+            t.grad = None
+    masked, _ = sdpa_gqa(module, q, k, v, packed.allowed, scaling=0.3)
+    torch.testing.assert_close(outs[1], masked.detach())  # without segments: the masked call
+    torch.testing.assert_close(outs[0][used], outs[1][used], rtol=0, atol=1e-6)
+    assert (outs[0][~used] == 0).all()
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 def test_packable_needs_a_4d_mask_attention_and_full_attention_layers():
     batch = rollout([[7, 8]], 1, [[1]])
     config = type("C", (), {"_attn_implementation": "sdpa", "layer_types": ["full_attention"]})
@@ -165,7 +203,17 @@ def assert_grads_equal(grads: dict, expected: dict) -> None:
     assert max(g.abs().max().item() for g in grads.values()) > 1e-3  # a real gradient
 
 
-def test_packed_logprobs_entropy_and_gradients_equal_padded(policy, monkeypatch):
+@pytest.fixture(params=["masked", "segments"])
+def attention_kind(request):
+    """The packed pass with the block mask, or with segment_attention (forced: these rows are
+    too short for it to pay)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "segments":
+            patch.setattr(packing, "MIN_GAIN", 0)
+        yield request.param
+
+
+def test_packed_logprobs_entropy_and_gradients_equal_padded(policy, monkeypatch, attention_kind):
     batch = varied_batch()
     mask = batch.completion_mask
     (lp, ent), (lp_pad, ent_pad) = _both(
@@ -182,7 +230,7 @@ def test_packed_logprobs_entropy_and_gradients_equal_padded(policy, monkeypatch)
     assert_grads_equal(grads, grads_pad)
 
 
-def test_packed_values_and_gradients_equal_padded(monkeypatch):
+def test_packed_values_and_gradients_equal_padded(monkeypatch, attention_kind):
     critic = models.load_critic(str(builtin_model_path("tiny-random")))
     torch.nn.init.normal_(critic.score.weight, std=0.1)  # the zero-initialised head: no signal
     batch = varied_batch()

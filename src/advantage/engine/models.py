@@ -262,14 +262,17 @@ def _token_outputs(
     # any token id pads: outputs at pads are never read
     packed = pack(batch, pad_id=0, bucketed=precision != "fp32")
     mask = attention_mask(packed.allowed, config._attn_implementation, torch.float32)
-    with autocast(precision, device), segment_attention_for(config, device):
+    with (
+        autocast(precision, device),
+        segment_attention_for(config, device, packed, precision) as segments,
+    ):
         out = model(
             input_ids=packed.input_ids.to(device),
             attention_mask=mask.to(device),
             position_ids=packed.position_ids.to(device),
             logits_to_keep=packed.columns.to(device),
             use_cache=False,
-            packed_segments=packed.segments,
+            **segments,
         )
     return packed.entries(out.logits), batch.completion_mask.to(device)
 
