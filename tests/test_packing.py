@@ -232,11 +232,15 @@ def test_packed_logprobs_entropy_and_gradients_equal_padded(policy, monkeypatch,
 
 def test_packed_values_and_gradients_equal_padded(monkeypatch, attention_kind):
     critic = models.load_critic(str(builtin_model_path("tiny-random")))
-    torch.nn.init.normal_(critic.score.weight, std=0.1)  # the zero-initialised head: no signal
+    # the zero-initialised head gives no signal
+    torch.nn.init.normal_(critic.score.weight, std=0.1, generator=torch.Generator().manual_seed(0))
     batch = varied_batch()
     mask = batch.completion_mask
     values, padded = _both(monkeypatch, lambda: completion_values(critic, batch))
-    torch.testing.assert_close(values[mask], padded[mask], rtol=0, atol=1e-6)
+    # values ~1: segment attention's products have other shapes than the rectangle's, and its
+    # fp32 sums round differently (over 15 random heads: masked ≤ 7.2e-7, segments ≤ 1.4e-6)
+    tolerance = 1e-6 if attention_kind == "masked" else 2e-6
+    torch.testing.assert_close(values[mask], padded[mask], rtol=0, atol=tolerance)
     (_, grads), (_, grads_pad) = _both(
         monkeypatch, lambda: _loss_and_grads(critic, completion_values)
     )
