@@ -265,9 +265,10 @@ MIN_GAIN = 2  # segments when the masked squares are at least this many times th
 def segment_attention_for(config, device: torch.device, packed: PackedBatch, precision: str):
     """Inside, a model of `config` with SDPA attention on CPU uses `segment_attention` for
     `packed` when that pays: the rows' masked squares at least `MIN_GAIN` times the scores the
-    segments need (each call counted `CALL_COST` more), i.e. long rows (the realistic workload's, not
-    the fixed one's 8 × 16 tokens), and not for a bf16 backward (measured slower: tiny bf16
-    realistic update 2.18 → 2.52 s). Returns the keywords the model call then takes."""
+    segments need (each call counted `CALL_COST` more), i.e. long rows (the realistic
+    workload's, not the fixed one's 8 × 16 tokens), and not for a backward in bf16 or fp16
+    (measured slower in bf16: tiny bf16 realistic update 2.18 → 2.52 s). Yields the keywords
+    the model call then takes."""
     R, N = packed.input_ids.shape
     needed = sum(
         s.prompt_len**2
