@@ -48,9 +48,10 @@ from ..engine.rewards import RewardComputer
 from ..tasks import dataset_rows, model_path, tokenizer_path
 from .config import Config, config_from
 from .records import RunSizes, ScoredRollout, TrainState
+from .rewarding import make_reward_computer
 from .samplers import load_environment, load_tools, make_backend, make_sampler
 from .sampling import rollout_and_score
-from .setup import Run, make_reward_computer, run_sizes, sampling_params
+from .setup import Run, run_sizes, sampling_params
 
 
 class WorkerError(RuntimeError):

@@ -20,8 +20,7 @@ import torch
 from ..core import KL_CONTROLLERS, Algorithm, make_baseline
 from ..core.baselines import Baseline
 from ..engine.configlib import ConfigError
-from ..engine.data import PromptStream, check_prompt_lengths, check_rows
-from ..engine.environments import REWARD_ARGUMENT, environment_reward
+from ..engine.data import PromptStream
 from ..engine.episodes import Episodes
 from ..engine.models import (
     AdapterDisabled,
@@ -35,13 +34,14 @@ from ..engine.models import (
 from ..engine.optim import make_optimizer
 from ..engine.parallel import DistInfo, init_distributed, wrap_model
 from ..engine.precision import log_bf16_kernels, set_bf16_matmul
-from ..engine.reward_model import RewardModel
-from ..engine.rewards import RewardComputer, RewardSource, load_function
+from ..engine.rewards import RewardComputer
 from ..engine.rollout import SamplingParams
 from ..engine.sampling import SingleTurn
-from ..tasks import dataset_rows, eval_spec, model_path, task_of, tokenizer_path
+from ..tasks import model_path, tokenizer_path
 from .config import Config
 from .records import RunSizes
+from .rewarding import make_eval_rewards, make_reward_computer
+from .rows import check_context, load_rows
 from .samplers import load_environment, load_tools, make_backend, make_sampler
 
 log = logging.getLogger("advantage")
@@ -109,7 +109,7 @@ def build_run(
     set_seed(cfg.train.seed + dist.rank)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    train_rows, eval_rows = _load_rows(cfg)  # a bad dataset fails before any model is loaded
+    train_rows, eval_rows = load_rows(cfg)  # a bad dataset fails before any model is loaded
     tools = load_tools(cfg, tools)
     environment_factory = load_environment(cfg, environment_factory)
     rewards = make_reward_computer(cfg, reward_funcs, environment_factory)
@@ -149,20 +149,6 @@ def build_run(
         baseline=make_baseline(algo.baseline, ema_alpha=algo.ema_alpha),
         kl_ctl=KL_CONTROLLERS[algo.kl_controller](algo.kl_coef, algo.kl_target, algo.kl_horizon),
     )
-
-
-def _load_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
-    """The training rows (checked) and the held-out rows (`eval.size` of them)."""
-    train_rows = dataset_rows(cfg.data.train, "data.train")
-    check_rows(train_rows, cfg.data.prompt_field, "data.train")
-    eval_rows = load_eval_rows(cfg)[: cfg.eval.size]
-    if not eval_rows and cfg.eval.size:
-        log.warning(
-            "data.eval is not set: no held-out set is evaluated, so result.eval_before and "
-            "result.eval_after stay empty; give held-out prompts in data.eval (eval.size=0 "
-            "silences this)"
-        )
-    return train_rows, eval_rows
 
 
 def _load_models(cfg: Config, algo, train_rows: list[dict], eval_rows: list[dict]):
@@ -224,58 +210,6 @@ def sampling_params(cfg: Config) -> SamplingParams:
     )
 
 
-def held_out_spec(cfg: Config) -> str | None:
-    """The held-out data the run evaluates on: `data.eval`, or the built-in task's held-out
-    split; None when the run does not evaluate (no such data, or `eval.size=0`)."""
-    if cfg.eval.size <= 0:
-        return None
-    return cfg.data.eval if cfg.data.eval is not None else eval_spec(cfg.data.train)
-
-
-def load_eval_rows(cfg: Config) -> list[dict]:
-    spec = held_out_spec(cfg)
-    if spec is None:
-        return []
-    rows = dataset_rows(spec, "data.eval")
-    check_rows(rows, cfg.data.prompt_field, "data.eval")
-    return rows
-
-
-def check_context(cfg: Config, tokenizer, model_config, train_rows, eval_rows) -> None:
-    """Prompt + completion fit in the model's positions (`max_position_embeddings`), before
-    training; the error names the first row that does not."""
-    context = getattr(model_config, "max_position_embeddings", None)
-    if context is None:
-        return
-    d, new = cfg.data, cfg.rollout.max_new_tokens
-    budget = context - new
-    where = f"the model's max_position_embeddings={context} minus rollout.max_new_tokens={new}"
-    if budget < 1:
-        raise ConfigError(f"rollout.max_new_tokens={new} leaves no room for a prompt: {where}")
-    if d.max_prompt_tokens is not None and d.max_prompt_tokens > budget:
-        raise ConfigError(
-            f"data.max_prompt_tokens={d.max_prompt_tokens} does not fit: {where} leaves {budget}"
-        )
-    if d.max_prompt_tokens is None:  # (prompts are cut to max_prompt_tokens when it is set)
-        long = check_prompt_lengths(tokenizer, train_rows, d.prompt_field, d.system_prompt, budget)
-        if long is not None:
-            raise ConfigError(
-                f"data.train: row {long[0]}: the prompt has {long[1]} tokens; {where} leaves "
-                f"{budget}; set data.max_prompt_tokens={budget} (cuts prompts from the left) or "
-                "shorten it"
-            )
-    eval_new = cfg.eval.max_new_tokens or new
-    long = check_prompt_lengths(
-        tokenizer, eval_rows, d.prompt_field, d.system_prompt, context - eval_new
-    )
-    if long is not None:
-        raise ConfigError(
-            f"data.eval: row {long[0]}: the prompt has {long[1]} tokens; the model's "
-            f"max_position_embeddings={context} minus {eval_new} new tokens leaves "
-            f"{context - eval_new}; shorten it"
-        )
-
-
 def optimizer_for(model: torch.nn.Module, cfg: Config, lr: float):
     t = cfg.train
     return make_optimizer(
@@ -287,69 +221,4 @@ def optimizer_for(model: torch.nn.Module, cfg: Config, lr: float):
         betas=tuple(t.adam_betas),
         eps=t.adam_eps,
         weight_decay=t.weight_decay,
-    )
-
-
-def task_reward(cfg: Config) -> Callable | None:
-    """The built-in task's verifier when `data.train` is a built-in task (for `builtin`)."""
-    task = task_of(cfg.data.train)
-    return None if task is None else task.reward_fn
-
-
-def make_reward_computer(
-    cfg: Config, reward_funcs: list[Callable] | None, environment_factory=None
-) -> RewardComputer:
-    r = cfg.reward
-    if reward_funcs:
-        sources = [
-            RewardSource(getattr(f, "__name__", f"reward_{i}"), f)
-            for i, f in enumerate(reward_funcs)
-        ]
-    else:
-        builtin = task_reward(cfg)
-        sources = [load_function(spec, builtin) for spec in r.functions]
-    if environment_factory is not None and hasattr(environment_factory, "get_reward"):
-        sources.append(RewardSource("environment", environment_reward))  # TRL: weight 1
-    if r.model:
-        path = model_path(r.model, "reward.model")
-        rm = RewardModel(path, r.model_batch_size, cfg.model.trust_remote_code, r.model_normalize)
-        sources.append(RewardSource(rm.__name__, rm))
-    if r.weights is not None:
-        if len(r.weights) != len(sources):
-            raise ConfigError(
-                f"reward.weights has {len(r.weights)} entries for {len(sources)} reward sources "
-                f"({', '.join(s.name for s in sources)})"
-            )
-        for s, w in zip(sources, r.weights, strict=True):
-            s.weight = w
-    return RewardComputer(
-        sources,
-        r.multi_reward,
-        r.clip,
-        r.timeout,
-        r.kwargs,
-        r.on_timeout,
-        sampler_arguments=(REWARD_ARGUMENT,) if environment_factory is not None else (),
-    )
-
-
-def make_eval_rewards(
-    cfg: Config, rewards: RewardComputer, eval_funcs: list[Callable] | None = None
-) -> RewardComputer:
-    """The judge of held-out evaluation: `eval_funcs` (callables, from the Python API), else
-    `eval.functions`, else the training rewards."""
-    if eval_funcs:
-        sources = [
-            RewardSource(getattr(f, "__name__", f"eval_{i}"), f) for i, f in enumerate(eval_funcs)
-        ]
-    elif cfg.eval.functions:
-        judge = task_reward(cfg)
-        sources = [load_function(spec, judge, "eval.functions") for spec in cfg.eval.functions]
-    else:
-        return rewards
-    return RewardComputer(
-        sources,
-        timeout=cfg.reward.timeout,
-        on_timeout=cfg.reward.on_timeout,
-        sampler_arguments=rewards.sampler_arguments,
     )

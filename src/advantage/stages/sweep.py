@@ -9,7 +9,7 @@ folder, then one comparison page (`advantage.stages.compare`):
       compare/index.html      the comparison page and its PNGs; compare/table.md
 
 A run is **finished** when its newest complete checkpoint is at step `train.steps` and, if the
-run evaluates (`rl.setup.held_out_spec`), `metrics.jsonl` holds an evaluation at that step (the
+run evaluates (`rl.rows.held_out_spec`), `metrics.jsonl` holds an evaluation at that step (the
 final one, logged after the final checkpoint). A rerun of the same command skips finished runs
 and resumes the others with `checkpoint.resume=auto` from their newest checkpoint (set
 `checkpoint.every` to keep mid-run checkpoints; without one an unfinished run starts over).
@@ -32,7 +32,7 @@ from ..engine.checkpoint import latest_checkpoint
 from ..engine.configlib import ConfigError
 from ..engine.report import read_jsonl
 from ..rl.config import AlgoConfig, Config, load_config
-from ..rl.setup import held_out_spec
+from ..rl.rows import held_out_spec
 from ..tasks import model_path
 from .compare import make_compare
 

@@ -1,0 +1,79 @@
+"""The run's prompt rows: training and held-out rows loaded and checked, and checked against the
+model's context before any training."""
+
+from __future__ import annotations
+
+import logging
+
+from ..engine.configlib import ConfigError
+from ..engine.data import check_prompt_lengths, check_rows
+from ..tasks import dataset_rows, eval_spec
+from .config import Config
+
+log = logging.getLogger("advantage")
+
+
+def load_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """The training rows (checked) and the held-out rows (`eval.size` of them)."""
+    train_rows = dataset_rows(cfg.data.train, "data.train")
+    check_rows(train_rows, cfg.data.prompt_field, "data.train")
+    eval_rows = load_eval_rows(cfg)[: cfg.eval.size]
+    if not eval_rows and cfg.eval.size:
+        log.warning(
+            "data.eval is not set: no held-out set is evaluated, so result.eval_before and "
+            "result.eval_after stay empty; give held-out prompts in data.eval (eval.size=0 "
+            "silences this)"
+        )
+    return train_rows, eval_rows
+
+
+def held_out_spec(cfg: Config) -> str | None:
+    """The held-out data the run evaluates on: `data.eval`, or the built-in task's held-out
+    split; None when the run does not evaluate (no such data, or `eval.size=0`)."""
+    if cfg.eval.size <= 0:
+        return None
+    return cfg.data.eval if cfg.data.eval is not None else eval_spec(cfg.data.train)
+
+
+def load_eval_rows(cfg: Config) -> list[dict]:
+    spec = held_out_spec(cfg)
+    if spec is None:
+        return []
+    rows = dataset_rows(spec, "data.eval")
+    check_rows(rows, cfg.data.prompt_field, "data.eval")
+    return rows
+
+
+def check_context(cfg: Config, tokenizer, model_config, train_rows, eval_rows) -> None:
+    """Prompt + completion fit in the model's positions (`max_position_embeddings`), before
+    training; the error names the first row that does not."""
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context is None:
+        return
+    d, new = cfg.data, cfg.rollout.max_new_tokens
+    budget = context - new
+    where = f"the model's max_position_embeddings={context} minus rollout.max_new_tokens={new}"
+    if budget < 1:
+        raise ConfigError(f"rollout.max_new_tokens={new} leaves no room for a prompt: {where}")
+    if d.max_prompt_tokens is not None and d.max_prompt_tokens > budget:
+        raise ConfigError(
+            f"data.max_prompt_tokens={d.max_prompt_tokens} does not fit: {where} leaves {budget}"
+        )
+    if d.max_prompt_tokens is None:  # (prompts are cut to max_prompt_tokens when it is set)
+        long = check_prompt_lengths(tokenizer, train_rows, d.prompt_field, d.system_prompt, budget)
+        if long is not None:
+            raise ConfigError(
+                f"data.train: row {long[0]}: the prompt has {long[1]} tokens; {where} leaves "
+                f"{budget}; set data.max_prompt_tokens={budget} (cuts prompts from the left) or "
+                "shorten it"
+            )
+    eval_new = cfg.eval.max_new_tokens or new
+    long = check_prompt_lengths(
+        tokenizer, eval_rows, d.prompt_field, d.system_prompt, context - eval_new
+    )
+    if long is not None:
+        raise ConfigError(
+            f"data.eval: row {long[0]}: the prompt has {long[1]} tokens; the model's "
+            f"max_position_embeddings={context} minus {eval_new} new tokens leaves "
+            f"{context - eval_new}; shorten it"
+        )
