@@ -7,11 +7,10 @@ async) scores the episode. Gym-style: `reset(row)` and `step(text) -> (reply, re
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import Callable
 
-from .reward_call import in_thread
+from .reward_call import in_thread, run_awaitable
 
 REWARD_ARGUMENT = "environments"
 """The reward functions' keyword argument with each sample's environment instance (TRL's)."""
@@ -45,6 +44,19 @@ def append_to_prompt(prompt, text: str):
     return messages
 
 
+def callable_tools(tools, environment) -> list[Callable]:
+    """What a model may call: `tools`, then a TRL-style environment's public methods (unbound
+    when `environment` is its class, for the prompt's schemas; bound when it is an episode's
+    instance). A gym-style environment (`step`) adds none."""
+    functions = list(tools or [])
+    if environment is not None and not is_gym(environment):
+        if isinstance(environment, type):
+            functions += class_tools(environment)
+        else:
+            functions += environment_tools(environment)
+    return functions
+
+
 def class_tools(cls: type) -> list[Callable]:
     """The tools of a TRL-style environment class: its public methods other than reset and
     get_reward (unbound; `environment_tools` binds them to an episode's instance)."""
@@ -69,13 +81,9 @@ def environment_reward(prompts, completions, environments, **kwargs) -> list[flo
         value = env.get_reward()
         if inspect.isawaitable(value):
             # on a loop of its own in a helper thread (safe inside a running loop)
-            value = in_thread(lambda v=value: asyncio.run(_awaited(v)), None, "environment")
+            value = in_thread(lambda v=value: run_awaitable(v), None, "environment")
         out.append(value)
     return out
-
-
-async def _awaited(awaitable):
-    return await awaitable
 
 
 def _short(x, limit: int = 60) -> str:

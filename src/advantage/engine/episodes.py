@@ -26,7 +26,7 @@ from .environments import (
     REWARD_ARGUMENT,
     EpisodeError,
     append_to_prompt,
-    environment_tools,
+    callable_tools,
     failure,
     is_gym,
 )
@@ -202,11 +202,10 @@ class Episodes:
         if not calls:
             return []
         if e.toolbox is None:  # built once per episode: its environment's tools are bound
-            functions = list(self.tools)
-            if e.env is not None and not self.gym:
-                functions += environment_tools(e.env)
             e.toolbox = Toolbox(
-                functions, timeout=self.tool_timeout, max_output_chars=self.tool_max_output
+                callable_tools(self.tools, e.env),
+                timeout=self.tool_timeout,
+                max_output_chars=self.tool_max_output,
             )
         return [e.toolbox.call(call) for call in calls]
 

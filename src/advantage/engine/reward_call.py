@@ -38,6 +38,15 @@ class RewardSource:
     weight: float = 1.0
 
 
+def run_awaitable(awaitable) -> object:
+    """Its result, awaited on an event loop of its own (`asyncio.run` takes only coroutines)."""
+
+    async def awaited():
+        return await awaitable
+
+    return asyncio.run(awaited())
+
+
 def in_thread(work: Callable[[], object], timeout: float | None, name: str) -> object:
     """`work()` in a daemon thread: its result, its exception re-raised, or TimeoutError."""
     done = threading.Event()

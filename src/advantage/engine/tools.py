@@ -19,7 +19,6 @@ exception raised by the tool reads exactly as in TRL, so a model moved over sees
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
 import json
@@ -28,6 +27,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from .reward_call import run_awaitable
 
 HERMES = "hermes"
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
@@ -271,7 +272,7 @@ class Toolbox:
             try:
                 result = tool(**call.arguments)
                 if inspect.isawaitable(result):
-                    result = asyncio.run(_awaited(result))
+                    result = run_awaitable(result)
                 box["value"] = result
             except BaseException as e:  # the tool's failure is the model's text, never ours
                 box["error"] = e
@@ -298,7 +299,3 @@ class Toolbox:
             value = box["value"]
             content, error = (value if isinstance(value, str) else str(value)), False
         return ToolResult(name=call.name, content=cut(content, self.max_output_chars), error=error)
-
-
-async def _awaited(awaitable):
-    return await awaitable

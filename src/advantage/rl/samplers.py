@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from ..engine.configlib import ConfigError, import_object
 from ..engine.data import encode_prompt
-from ..engine.environments import class_tools, is_gym
+from ..engine.environments import callable_tools
 from ..engine.episodes import Episodes, EpisodeSettings
 from ..engine.parallel import is_fsdp
 from ..engine.rollout import TransformersBackend
@@ -67,10 +67,8 @@ def load_tools(cfg: Config, given: list[Callable] | None = None) -> list[Callabl
 def make_sampler(cfg: Config, backend, tokenizer, tools, environment_factory):
     """One turn, or episodes when there are tools or an environment."""
     r = cfg.rollout
-    functions = list(tools or [])
-    if environment_factory is not None and not is_gym(environment_factory):
-        functions += class_tools(environment_factory)  # a TRL environment's methods are tools
-    schemas = [tool_schema(f) for f in functions]
+    # a TRL environment's methods are tools
+    schemas = [tool_schema(f) for f in callable_tools(tools, environment_factory)]
 
     def encode(prompt) -> list[int]:
         # the chat template renders the schemas of every tool the model may call
