@@ -23,9 +23,14 @@ def no_grad_passes(run: Run, rollout: Rollout, stale: bool = False) -> NoGradPas
     # fp32, its own log-probs (same weights, same arithmetic) instead of another forward pass
     exact_engine = getattr(run.backend, "exact_logprobs", False) and rollout.logprobs is not None
     needs_old = stale or algo.needs_old_logprobs(cfg.train.epochs, cfg.train.minibatches)
-    pieces = micro_batch_rows(run, rollout, torch.arange(rollout.completion_ids.shape[0]))
+    old_pass = needs_old or (algo.kl_in_reward and not exact_engine)
+    pieces = (
+        micro_batch_rows(run, rollout, torch.arange(rollout.completion_ids.shape[0]))
+        if old_pass or run.ref is not None or algo.uses_critic
+        else []
+    )
     old = None
-    if needs_old or (algo.kl_in_reward and not exact_engine):
+    if old_pass:
         old = forward_no_grad(run, run.policy, rollout, pieces, "logprobs")
     ref = (
         forward_no_grad(run, run.ref, rollout, pieces, "logprobs") if run.ref is not None else None
