@@ -247,13 +247,13 @@ class Algorithm:
         }.get(self.scope, "off")
 
     def _objective_text(self) -> str:
-        clip = f"[1-{self.clip_low:g}, 1+{self.clip_high:g}]"
+        bounds = f"1-{self.clip_low:g}, 1+{self.clip_high:g}"
         dual = f"dual-clip c={self.dual_clip:g}" if self.dual_clip else "no dual-clip"
         return {
-            "ppo_clip": f"clip(ρ, 1-{self.clip_low:g}, 1+{self.clip_high:g}), {dual}",
-            "gspo": f"GSPO: sequence ratio exp(mean_t log ρ) clipped to {clip}, {dual}",
-            "gspo_token": f"GSPO-token: sg[s_i]·π_t/sg[π_t] clipped to {clip}, {dual}",
-            "cispo": f"CISPO: -sg(clip(ρ, 1-{self.clip_low:g}, 1+{self.clip_high:g}))·A·log π",
+            "ppo_clip": f"clip(ρ, {bounds}), {dual}",
+            "gspo": f"GSPO: sequence ratio exp(mean_t log ρ) clipped to [{bounds}], {dual}",
+            "gspo_token": f"GSPO-token: sg[s_i]·π_t/sg[π_t] clipped to [{bounds}], {dual}",
+            "cispo": f"CISPO: -sg(clip(ρ, {bounds}))·A·log π",
             "pg": "plain policy gradient -A·log π (no ratio)",
         }[self.loss_name]
 
