@@ -140,3 +140,83 @@ def test_bf16_training_matches_native_kernels(run_dir):
     fp32, native = logprobs["fp32"][mask], logprobs["native"][mask]
     assert torch.isfinite(fp32).all() and not torch.equal(fp32, native)  # two kernels ran
     torch.testing.assert_close(fp32, native, rtol=1.6e-2, atol=1e-2)  # bf16 rounding
+
+
+def qwen2(attention: str = "sdpa"):
+    from advantage.tasks.tiny import tiny_qwen2
+
+    model = tiny_qwen2("micro", seed=1)
+    model.config._attn_implementation = attention
+    return model
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_module_level_widening_is_the_dispatch_modes_arithmetic(grad):
+    """`widened_linears` (no per-op interception; weights rounded once without autograd) gives
+    the logits, and in training the gradients, of `Bf16MatmulInFp32`: the same bf16 operands,
+    fp32 GEMMs, results rounded to bf16."""
+    model = qwen2()
+    assert precision.module_level(model)
+    ids = torch.randint(4, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
+    outputs, grads = [], []
+    for widen in (precision.widened_linears, lambda _: Bf16MatmulInFp32()):
+        model.zero_grad()
+        with torch.set_grad_enabled(grad):
+            with torch.autocast("cpu", dtype=BF16), widen(model):
+                logits = model(input_ids=ids).logits
+                logits = model(input_ids=ids).logits  # weights' copies reused without autograd
+            if grad:
+                with Bf16MatmulInFp32():  # catches any bf16 product left in the backward
+                    logits.float().square().mean().backward()
+                grads.append([p.grad.clone() for p in model.parameters()])
+        outputs.append(logits)
+    assert outputs[0].dtype == BF16
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # and the Linear modules are themselves again afterwards
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_module_level_needs_linear_only_products():
+    assert not precision.module_level(qwen2("eager"))  # attention products are matmuls
+    checkpointed = qwen2()
+    checkpointed.gradient_checkpointing_enable()
+    assert not precision.module_level(checkpointed)  # recomputed outside the context
+    set_bf16_matmul("fp32")
+    assert isinstance(matmul_kernels("bf16", model=qwen2("eager")), Bf16MatmulInFp32)
+    assert not isinstance(matmul_kernels("bf16", model=qwen2()), Bf16MatmulInFp32)
+
+
+def test_auto_measures_the_two_gemms(monkeypatch):
+    """`auto` takes the native bf16 GEMM only on a CPU with bf16 instructions where it is at
+    least as fast as the fp32 GEMM (some AVX512-BF16 CPUs without AMX are slower in bf16)."""
+    for has_bf16, seconds, native in [
+        (True, {BF16: 1.0, torch.float32: 2.0}, True),
+        (True, {BF16: 2.0, torch.float32: 1.0}, False),
+        (False, {BF16: 1.0, torch.float32: 2.0}, False),
+    ]:
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda h=has_bf16: h)
+        monkeypatch.setattr(precision, "_gemm_seconds", lambda dtype, s=seconds: s[dtype])
+        precision.native_bf16_gemm_is_fast.cache_clear()
+        assert precision.native_bf16_gemm_is_fast() is native
+    precision.native_bf16_gemm_is_fast.cache_clear()
+    assert precision._gemm_seconds(torch.float32) > 0
+
+
+def test_bf16_decode_loop_samples_as_the_dispatch_mode_does(monkeypatch):
+    """The decode loop on module-level widening (weights rounded once per rollout) draws the
+    tokens, with the log-probs, of the loop with every op intercepted."""
+    from advantage.engine.rollout import SamplingParams, TransformersBackend
+    from advantage.tasks.tiny import char_tokenizer
+
+    set_bf16_matmul("fp32")
+    tokenizer, model = char_tokenizer(), qwen2()
+    prompts = [tokenizer.encode(t) for t in ("abc", "hello there", "x")]
+    params = SamplingParams(max_new_tokens=12, seed=3)
+    backend = TransformersBackend(model, tokenizer, precision="bf16")
+    level = backend.generate(prompts, 4, params)
+    monkeypatch.setattr(precision, "module_level", lambda model: False)
+    intercepted = backend.generate(prompts, 4, params)
+    assert torch.equal(level.completion_ids, intercepted.completion_ids)
+    assert torch.equal(level.logprobs, intercepted.logprobs)

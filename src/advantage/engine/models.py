@@ -176,7 +176,7 @@ def completion_outputs(
     device = next(model.parameters()).device
     Tc = batch.completion_ids.shape[1]
     shared = _shared_prompts(batch) if share_prompts and not _checkpointing(model) else None
-    with autocast(precision, device):
+    with autocast(precision, device, unwrap(model)):
         if shared is None:
             out = model(
                 input_ids=batch.input_ids.to(device),
@@ -263,7 +263,7 @@ def _token_outputs(
     packed = pack(batch, pad_id=0, bucketed=precision != "fp32")
     mask = attention_mask(packed.allowed, config._attn_implementation, torch.float32)
     with (
-        autocast(precision, device),
+        autocast(precision, device, unwrap(model)),
         segment_attention_for(config, device, packed, precision) as segments,
     ):
         out = model(

@@ -4,17 +4,26 @@ Under `model.precision=bf16` every forward pass runs in `torch.autocast(bfloat16
 products take bf16 operands, accumulate in fp32 and round their result to bf16; weights and the
 optimizer stay fp32.
 
-**CPUs without bf16 matrix units** (no AVX512-BF16 / AMX, e.g. AMD Zen 3) run PyTorch's bf16
-GEMM on slow fallback kernels: 1–25 GFLOP/s against 150–180 GFLOP/s in fp32 on the 2-core
-machine of `benchmarks/results`. There, with `model.bf16_matmul=auto` (the default), each bf16
-product (`mm`, `addmm`, `bmm`, `baddbmm`, `linear`, `matmul`; forward and backward) is computed
-by widening its bf16 operands to fp32 (exact), multiplying with the fp32 GEMM (fp32
-accumulation) and rounding the result to bf16: the arithmetic of a native bf16 GEMM, only the
-order of the fp32 additions may differ. Everything else (activations kept for the backward
-pass, elementwise ops, attention) stays as autocast makes it.
+**CPUs whose bf16 GEMM is slower than their fp32 GEMM.** Without bf16 matrix units (no
+AVX512-BF16 / AMX, e.g. AMD Zen 3) PyTorch's bf16 GEMM runs on fallback kernels: 1–25 GFLOP/s
+against 150–180 GFLOP/s in fp32 on the 2-core machine of `benchmarks/results`. Some CPUs with
+AVX512-BF16 but no AMX are slower in bf16 too (an Intel Xeon of `benchmarks/results`: ~170
+against ~300 GFLOP/s). There, with `model.bf16_matmul=auto` (the default), each bf16 product
+(`mm`, `addmm`, `bmm`, `baddbmm`, `linear`, `matmul`; forward and backward) is computed by
+widening its bf16 operands to fp32 (exact), multiplying with the fp32 GEMM (fp32 accumulation)
+and rounding the result to bf16: the arithmetic of a native bf16 GEMM, only the order of the
+fp32 additions may differ. Everything else (activations kept for the backward pass,
+elementwise ops, attention) stays as autocast makes it.
 
-`bf16_matmul`: `auto` (fp32 kernels when the CPU has no native bf16 GEMM, native otherwise),
-`native` (always PyTorch's bf16 kernels), `fp32` (always widen).
+Two ways to widen: `Bf16MatmulInFp32`, a dispatch mode that catches every product (forward and
+backward) at the cost of intercepting every op in Python; and, for models whose only bf16
+products are their `nn.Linear`s (`module_level`: SDPA attention, the Qwen2/Llama family),
+`widened_linears`, the same arithmetic at module level, whose passes without autograd (the
+decode loop, reference forwards) also round each weight once per pass, not at every product.
+
+`bf16_matmul`: `auto` (fp32 kernels unless the CPU has bf16 matrix instructions and its bf16
+GEMM measures at least as fast as its fp32 GEMM, once per process), `native` (always PyTorch's
+bf16 kernels), `fp32` (always widen).
 """
 
 from __future__ import annotations
@@ -22,8 +31,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import time
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 BF16_MATMUL_CHOICES = ("auto", "native", "fp32")
@@ -46,8 +57,23 @@ _choice = "auto"
 
 @functools.cache
 def native_bf16_gemm_is_fast() -> bool:
-    """True when this CPU has bf16 matrix instructions (oneDNN's bf16 path)."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """True when this CPU has bf16 matrix instructions (oneDNN's bf16 path) and its bf16 GEMM
+    is at least as fast as its fp32 GEMM (a 256 × 1024 × 1024 product, best of 5 each)."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    return _gemm_seconds(torch.bfloat16) <= _gemm_seconds(torch.float32)
+
+
+def _gemm_seconds(dtype: torch.dtype, repeats: int = 5) -> float:
+    a, b = torch.ones(256, 1024, dtype=dtype), torch.ones(1024, 1024, dtype=dtype)
+    best = float("inf")
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        a @ b  # warm-up: the kernel's first call packs and dispatches
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+    return best
 
 
 def set_bf16_matmul(choice: str) -> None:
@@ -86,27 +112,89 @@ class Bf16MatmulInFp32(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def matmul_kernels(precision: str, device: torch.device | str = "cpu"):
-    """Context for a backward pass (or any code) whose bf16 products should use the chosen
-    kernels; a no-op in fp32 or when native kernels are used."""
-    if precision == "bf16" and widens_bf16_matmul(device):
-        return Bf16MatmulInFp32()
-    return contextlib.nullcontext()
+def matmul_kernels(
+    precision: str, device: torch.device | str = "cpu", model: torch.nn.Module | None = None
+):
+    """Context for a backward pass whose bf16 products should use the chosen kernels; a no-op
+    in fp32, when native kernels are used, and for a `model` whose forward widened its products
+    at module level (`module_level`: its backward multiplies fp32 operands only)."""
+    if not (precision == "bf16" and widens_bf16_matmul(device)):
+        return contextlib.nullcontext()
+    if model is not None and module_level(model):
+        return contextlib.nullcontext()
+    return Bf16MatmulInFp32()
 
 
 @contextlib.contextmanager
-def autocast(precision: str, device: torch.device | str = "cpu"):
-    """Context for a forward pass: nothing in fp32; bf16 autocast (and the chosen kernels) in
-    bf16."""
+def autocast(
+    precision: str, device: torch.device | str = "cpu", model: torch.nn.Module | None = None
+):
+    """Context for a forward pass (of `model`, when given): nothing in fp32; bf16 autocast and
+    the chosen kernels for its products in bf16 (`widened_linears` for a `module_level`
+    model, else `Bf16MatmulInFp32`)."""
     if precision != "bf16":
         yield
         return
-    device_type = torch.device(device).type
-    with (
-        torch.autocast(device_type=device_type, dtype=torch.bfloat16),
-        matmul_kernels(precision, device),
-    ):
+    kernels: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if widens_bf16_matmul(device):
+        level = model is not None and module_level(model)
+        kernels = widened_linears(model) if level else Bf16MatmulInFp32()
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16), kernels:
         yield
+
+
+@contextlib.contextmanager
+def widened_linears(model: torch.nn.Module):
+    """Inside, each `nn.Linear` of `model` computes autocast's bf16 product as the fp32 GEMM of
+    its bf16-rounded input, weight and bias, the result rounded to bf16: `Bf16MatmulInFp32`'s
+    arithmetic, also in the backward pass (the casts' gradients round each product's result
+    to bf16 as autocast's do), without intercepting every op. Without autograd (the decode
+    loop, reference forwards) the weights are rounded once per pass, not at every call."""
+    rounded: dict[torch.nn.Linear, tuple] = {}
+
+    def forward_of(linear: torch.nn.Linear):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            weights = rounded.get(linear)
+            if weights is None:
+                weights = tuple(
+                    None if t is None else t.to(torch.bfloat16).float()
+                    for t in (linear.weight, linear.bias)
+                )
+                if not torch.is_grad_enabled():
+                    rounded[linear] = weights
+            with torch.autocast(x.device.type, enabled=False):
+                out = F.linear(x.to(torch.bfloat16).float(), *weights)
+            return out.to(torch.bfloat16)
+
+        return forward
+
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    for linear in linears:
+        linear.forward = forward_of(linear)
+    try:
+        yield
+    finally:
+        for linear in linears:
+            del linear.forward
+
+
+def module_level(model: torch.nn.Module) -> bool:
+    """Whether `model`'s bf16 products can be widened by `widened_linears`: every one of them
+    is an `nn.Linear`'s (SDPA attention, its own fused kernel; every matrix parameter a
+    Linear's or an Embedding's), and no forward is recomputed in the backward pass (gradient
+    checkpointing) or sharded (FSDP2: no full copy of the weights is kept)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) != "sdpa":
+        return False
+    for module in model.modules():
+        if isinstance(module, FSDPModule) or getattr(module, "gradient_checkpointing", False):
+            return False
+        if type(module) not in (torch.nn.Linear, torch.nn.Embedding) and any(
+            p.dim() >= 2 for p in module.parameters(recurse=False)
+        ):
+            return False
+    return True
 
 
 def log_bf16_kernels(precision: str) -> None:

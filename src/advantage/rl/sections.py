@@ -35,8 +35,9 @@ class ModelConfig(StageModel):
     precision: str = "fp32"
     """fp32, or bf16 (autocast for every forward pass; weights and optimizer stay fp32)."""
     bf16_matmul: str = "auto"
-    """Kernels of bf16 matrix products on CPU: auto (fp32 GEMMs of the bf16 operands when the CPU
-    has no native bf16 GEMM, native otherwise), native, or fp32. See advantage/engine/precision.py."""
+    """Kernels of bf16 matrix products on CPU: auto (fp32 GEMMs of the bf16 operands unless the CPU's
+    native bf16 GEMM measures at least as fast as its fp32 GEMM), native, or fp32. See
+    advantage/engine/precision.py."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
     critic: str | None = None

@@ -17,7 +17,7 @@ import torch
 
 from ..core import aggregate, policy_objective, value_loss
 from ..engine.models import completion_logprobs, completion_values
-from ..engine.parallel import global_sums
+from ..engine.parallel import global_sums, unwrap
 from ..engine.precision import matmul_kernels
 from .passes import micro_batch_rows
 from .records import TokenBatch, TrainState
@@ -167,7 +167,7 @@ def backward(run: Run, loss: torch.Tensor, model: torch.nn.Module) -> bool:
     A non-finite loss backs up a zero with a path to every parameter instead, so the rank still
     takes part in DDP's all-reduce (the update is then skipped everywhere). Returns finiteness."""
     finite = bool(torch.isfinite(loss))
-    with matmul_kernels(run.config.model.precision):
+    with matmul_kernels(run.config.model.precision, model=unwrap(model)):
         (loss * run.dist.world_size if finite else _zero_loss(model)).backward()
     return finite
 

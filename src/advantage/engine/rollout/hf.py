@@ -57,8 +57,13 @@ class TransformersBackend:
         was_training = model.training
         model.eval()
         try:
-            grad_off = torch.no_grad() if self.lockstep else torch.inference_mode()  # FSDP2 hooks
-            with grad_off, autocast(self.precision, device):
+            # FSDP2's hooks need grad mode; autocast caches its bf16 weight copies only there
+            grad_off = (
+                torch.no_grad()
+                if self.lockstep or self.precision == "bf16"
+                else torch.inference_mode()
+            )
+            with grad_off, autocast(self.precision, device, model):
                 tokens, logprobs = self._sample(
                     model, ids.to(device), mask.to(device), num_generations, params
                 )
