@@ -130,3 +130,23 @@ def test_lockstep_keeps_decoding_after_every_row_has_ended(policy, tokenizer, mo
     n = alone.completion_ids.shape[1]  # ... with the tokens it has when decoding alone
     assert torch.equal(out.completion_ids[:, :n], alone.completion_ids)
     assert torch.equal(out.truncated, alone.truncated)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", "none"])
+def test_decode_attention_equals_sdpa(mask_kind):
+    """The fp32 decode step's attention (one query per row, grouped K/V heads) is SDPA's."""
+    from advantage.engine.rollout.kv_cache import decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(5, n, t, 16, generator=g) for n, t in ((6, 1), (2, 9), (2, 9)))
+    allowed = torch.rand(5, 1, 1, 9, generator=g) > 0.3
+    allowed[..., -1] = True  # a row's own position
+    mask = {"bool": allowed, "none": None}.get(mask_kind)
+    if mask_kind == "additive":
+        mask = torch.zeros(5, 1, 1, 9).masked_fill(~allowed, float("-inf"))
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True
+    ).transpose(1, 2)
+    got = decode_attention(q, k, v, mask, scaling=0.3)
+    assert got.shape == (5, 1, 6, 16)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

@@ -157,7 +157,9 @@ def test_module_level_widening_is_the_dispatch_modes_arithmetic(grad):
     fp32 GEMMs, results rounded to bf16."""
     model = qwen2()
     assert precision.module_level(model)
-    ids = torch.randint(4, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        4, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0)
+    )
     outputs, grads = [], []
     for widen in (precision.widened_linears, lambda _: Bf16MatmulInFp32()):
         model.zero_grad()
