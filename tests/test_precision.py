@@ -180,8 +180,37 @@ def test_module_level_widening_is_the_dispatch_modes_arithmetic(grad):
     assert all("forward" not in vars(m) for m in model.modules())
 
 
+def test_module_level_keeps_bf16_operands_for_the_backward_and_nests():
+    """The graph keeps what autocast's keeps (bf16 inputs and weights, not fp32 widenings);
+    a context entered inside another on the same model leaves the outer one's Linears be."""
+    model, ids = qwen2(), torch.arange(4, 20).reshape(2, 8)
+    saved = {}
+    for name, widen in (("module", precision.widened_linears), ("dispatch", None)):
+        sizes = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        kernels = widen(model) if widen else Bf16MatmulInFp32()
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        with hooks, torch.autocast("cpu", dtype=BF16), kernels:
+            model(input_ids=ids).logits.float().sum().backward()
+        saved[name] = sum(sizes)
+    assert saved["module"] <= saved["dispatch"]
+    with precision.widened_linears(model):
+        outer = model.model.layers[0].mlp.up_proj.forward
+        with precision.widened_linears(model):
+            assert model.model.layers[0].mlp.up_proj.forward is outer
+        assert model.model.layers[0].mlp.up_proj.forward is outer
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
 def test_module_level_needs_linear_only_products():
     assert not precision.module_level(qwen2("eager"))  # attention products are matmuls
+    dropout = qwen2()
+    dropout.config.attention_dropout = 0.1
+    assert not precision.module_level(dropout)  # SDPA's math path in training
     checkpointed = qwen2()
     checkpointed.gradient_checkpointing_enable()
     assert not precision.module_level(checkpointed)  # recomputed outside the context

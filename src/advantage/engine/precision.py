@@ -23,7 +23,9 @@ decode loop, reference forwards) also round each weight once per pass, not at ev
 
 `bf16_matmul`: `auto` (fp32 kernels unless the CPU has bf16 matrix instructions and its bf16
 GEMM measures at least as fast as its fp32 GEMM, once per process), `native` (always PyTorch's
-bf16 kernels), `fp32` (always widen).
+bf16 kernels), `fp32` (always widen). The two give a product's result up to the order of its
+fp32 additions; on a CPU where the two GEMMs are about as fast, `auto` may choose differently
+in two processes, so runs that must repeat bitwise (a resumed run) name one.
 """
 
 from __future__ import annotations
@@ -76,12 +78,19 @@ def _gemm_seconds(dtype: torch.dtype, repeats: int = 5) -> float:
     return best
 
 
-def set_bf16_matmul(choice: str) -> None:
-    """Choose the kernels of bf16 matrix products on CPU for this process (see module doc)."""
+def set_bf16_matmul(choice: str, agreed: bool = False) -> None:
+    """Choose the kernels of bf16 matrix products on CPU for this process (see module doc).
+    `agreed`: under torch.distributed, `auto` is decided by rank 0's measurement for every
+    rank (ranks sharing cores measure differently)."""
     global _choice
     if choice not in BF16_MATMUL_CHOICES:
         raise ValueError(f"bf16_matmul must be one of {BF16_MATMUL_CHOICES}, got {choice!r}")
     _choice = choice
+    distributed = torch.distributed.is_initialized() and not torch.cuda.is_available()
+    if choice == "auto" and agreed and distributed:
+        fast = [native_bf16_gemm_is_fast() if torch.distributed.get_rank() == 0 else None]
+        torch.distributed.broadcast_object_list(fast, src=0)
+        _choice = "native" if fast[0] else "fp32"
 
 
 def widens_bf16_matmul(device: torch.device | str = "cpu") -> bool:
@@ -146,29 +155,30 @@ def autocast(
 @contextlib.contextmanager
 def widened_linears(model: torch.nn.Module):
     """Inside, each `nn.Linear` of `model` computes autocast's bf16 product as the fp32 GEMM of
-    its bf16-rounded input, weight and bias, the result rounded to bf16: `Bf16MatmulInFp32`'s
-    arithmetic, also in the backward pass (the casts' gradients round each product's result
-    to bf16 as autocast's do), without intercepting every op. Without autograd (the decode
-    loop, reference forwards) the weights are rounded once per pass, not at every call."""
-    rounded: dict[torch.nn.Linear, tuple] = {}
+    its bf16 input, weight and bias, the result rounded to bf16 (`WidenedLinear`, which keeps
+    bf16 operands for the backward pass as autocast does): `Bf16MatmulInFp32`'s arithmetic
+    without intercepting every op. Without autograd (the decode loop, reference forwards) the
+    weights are rounded and widened once per pass, not at every call. Linears already replaced
+    (a nested context on the same modules) are left to the outer one."""
+    widened: dict[torch.nn.Linear, tuple] = {}  # no-grad passes: the fp32 widening of (W, b)
 
     def forward_of(linear: torch.nn.Linear):
         def forward(x: torch.Tensor) -> torch.Tensor:
-            weights = rounded.get(linear)
-            if weights is None:
-                weights = tuple(
-                    None if t is None else t.to(torch.bfloat16).float()
-                    for t in (linear.weight, linear.bias)
-                )
-                if not torch.is_grad_enabled():
-                    rounded[linear] = weights
+            weight, bias = linear.weight, linear.bias
+            if not torch.is_autocast_enabled(x.device.type):  # autocast off: plain fp32
+                return F.linear(x, weight, bias)
+            if torch.is_grad_enabled():
+                return WidenedLinear.apply(x, weight, bias)
+            if linear not in widened:
+                widened[linear] = tuple(None if t is None else _round(t) for t in (weight, bias))
             with torch.autocast(x.device.type, enabled=False):
-                out = F.linear(x.to(torch.bfloat16).float(), *weights)
-            return out.to(torch.bfloat16)
+                return F.linear(_round(x), *widened[linear]).to(torch.bfloat16)
 
         return forward
 
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    linears = [
+        m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)
+    ]
     for linear in linears:
         linear.forward = forward_of(linear)
     try:
@@ -178,17 +188,59 @@ def widened_linears(model: torch.nn.Module):
             del linear.forward
 
 
+def _round(t: torch.Tensor) -> torch.Tensor:
+    """`t` rounded to bf16, as fp32."""
+    return t.to(torch.bfloat16).float()
+
+
+class WidenedLinear(torch.autograd.Function):
+    """`F.linear` under bf16 autocast with fp32 GEMMs: the operands rounded to bf16 (and kept so
+    for the backward pass), each product's result (output, input gradient, weight gradient)
+    rounded to bf16, the gradients then cast to the dtype of what they are the gradient of."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x16, w16 = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+        ctx.save_for_backward(x16, w16)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        b = None if bias is None else _round(bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x16.float(), w16.float(), b).to(torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x16, w16 = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        g = grad.to(torch.bfloat16).float()
+        flat = g.reshape(-1, g.shape[-1])
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = (g @ w16.float()).to(torch.bfloat16).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            gw = flat.T @ x16.reshape(-1, x16.shape[-1]).float()
+            gw = gw.to(torch.bfloat16).to(w_dtype)
+        if b_dtype is not None and ctx.needs_input_grad[2]:
+            gb = flat.sum(0).to(torch.bfloat16).to(b_dtype)
+        return gx, gw, gb
+
+
 def module_level(model: torch.nn.Module) -> bool:
     """Whether `model`'s bf16 products can be widened by `widened_linears`: every one of them
-    is an `nn.Linear`'s (SDPA attention, its own fused kernel; every matrix parameter a
-    Linear's or an Embedding's), and no forward is recomputed in the backward pass (gradient
-    checkpointing) or sharded (FSDP2: no full copy of the weights is kept)."""
+    is an `nn.Linear`'s (SDPA attention without dropout, its own fused kernel; every matrix
+    parameter a Linear's or an Embedding's; no DoRA, whose magnitude step multiplies outside
+    them), and no forward is recomputed in the backward pass (gradient checkpointing) or
+    sharded (FSDP2: no full copy of the weights is kept)."""
     from torch.distributed.fsdp import FSDPModule
 
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) != "sdpa":
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    if getattr(config, "attention_dropout", 0.0):  # SDPA's math path: bf16 matmuls
         return False
     for module in model.modules():
         if isinstance(module, FSDPModule) or getattr(module, "gradient_checkpointing", False):
+            return False
+        if getattr(module, "lora_magnitude_vector", None):  # peft DoRA
             return False
         if type(module) not in (torch.nn.Linear, torch.nn.Embedding) and any(
             p.dim() >= 2 for p in module.parameters(recurse=False)
@@ -204,12 +256,13 @@ def log_bf16_kernels(precision: str) -> None:
     log = logging.getLogger("advantage")
     if widens_bf16_matmul("cpu"):
         log.info(
-            "model.precision=bf16: this CPU has no native bf16 GEMM (AVX512-BF16/AMX); bf16 "
-            "matrix products run as fp32 GEMMs of their bf16 operands (model.bf16_matmul=%s)",
+            "model.precision=bf16: this CPU's native bf16 GEMM is slower than its fp32 GEMM (or "
+            "absent); bf16 matrix products run as fp32 GEMMs of their bf16 operands "
+            "(model.bf16_matmul=%s)",
             _choice,
         )
     elif not native_bf16_gemm_is_fast():
         log.warning(
-            "model.precision=bf16 with model.bf16_matmul=native on a CPU without bf16 matrix "
-            "units: bf16 products run on slow fallback kernels, many times slower than fp32"
+            "model.precision=bf16 with model.bf16_matmul=native on a CPU whose bf16 GEMM is "
+            "slower than its fp32 GEMM (many times slower without bf16 matrix units)"
         )

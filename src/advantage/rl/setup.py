@@ -102,9 +102,9 @@ def build_run(
     `rollout.tools` / `rollout.environment`)."""
     algo = cfg.algorithm_spec()
     quiet_transformers()
-    set_bf16_matmul(cfg.model.bf16_matmul)
-    log_bf16_kernels(cfg.model.precision)
     dist = init_distributed(cfg.distributed.backend)
+    set_bf16_matmul(cfg.model.bf16_matmul, agreed=cfg.model.precision == "bf16")
+    log_bf16_kernels(cfg.model.precision)
     sizes = run_sizes(cfg, dist.world_size)
     set_seed(cfg.train.seed + dist.rank)
     if cfg.train.deterministic:

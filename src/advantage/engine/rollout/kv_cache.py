@@ -122,8 +122,8 @@ def decode_attention(query, key, value, attention_mask, scaling=None) -> torch.T
             scores.masked_fill_(~mask, float("-inf"))
         else:
             scores.add_(mask)
-    out = torch.matmul(torch.softmax(scores, -1), value)  # [R, KV, g, D]
-    return out.view(R, 1, H, D)
+    out = torch.matmul(torch.softmax(scores, -1), value)  # [R, KV, g, Dv]
+    return out.view(R, 1, H, value.shape[-1])
 
 
 def register_attention(name: str, function) -> None:
