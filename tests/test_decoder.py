@@ -150,3 +150,20 @@ def test_decode_attention_equals_sdpa(mask_kind):
     got = decode_attention(q, k, v, mask, scaling=0.3)
     assert got.shape == (5, 1, 6, 16)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_decode_attention_is_fp32_only(monkeypatch):
+    """Under bf16 autocast a decode step keeps SDPA (rotary embeddings leave the query fp32 but
+    the value is bf16; the two products would otherwise skip the chosen bf16 kernels)."""
+    from advantage.engine.rollout import kv_cache
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("decode_attention under autocast")
+
+    monkeypatch.setattr(kv_cache, "decode_attention", refuse)
+    q, k = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 5, 8)
+    v = torch.randn(2, 2, 5, 8, dtype=torch.bfloat16)
+    module = torch.nn.Module()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = kv_cache.sdpa_gqa(module, q, k, v, None)
+    assert out.shape == (2, 1, 4, 8)

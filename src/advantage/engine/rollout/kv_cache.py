@@ -90,7 +90,10 @@ def sdpa_gqa(
     """transformers' SDPA attention without `repeat_kv`: PyTorch groups the K/V heads. A decode
     step in fp32 (one query per row) is two batched products and a softmax instead
     (`decode_attention`)."""
-    if query.shape[2] == 1 and query.dtype == torch.float32 and not dropout:
+    # not under bf16 autocast (there rotary embeddings make the query fp32 but the value is
+    # bf16, and its products would leave the chosen bf16 kernels)
+    autocasting = torch.is_autocast_enabled(query.device.type)
+    if query.shape[2] == 1 and value.dtype == torch.float32 and not dropout and not autocasting:
         return decode_attention(query, key, value, attention_mask, scaling), None
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = query.shape[2] > 1 and attention_mask is None and is_causal
