@@ -251,3 +251,28 @@ def test_bf16_decode_loop_samples_as_the_dispatch_mode_does(monkeypatch):
     intercepted = backend.generate(prompts, 4, params)
     assert torch.equal(level.completion_ids, intercepted.completion_ids)
     assert torch.equal(level.logprobs, intercepted.logprobs)
+
+
+def _agree(rank: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    torch.distributed.init_process_group("gloo")
+    # ranks that share cores can measure differently: here rank 0 finds native bf16 fast
+    precision.native_bf16_gemm_is_fast = lambda: rank == 0
+    set_bf16_matmul("auto", agreed=True)
+    torch.save(precision.widens_bf16_matmul("cpu"), f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_take_rank_zeros_measurement(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_agree, args=(port, str(tmp_path)), nprocs=2, join=True)
+    assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)] == [False, False]
