@@ -171,8 +171,7 @@ def widened_linears(model: torch.nn.Module):
                 return WidenedLinear.apply(x, weight, bias)
             if linear not in widened:
                 widened[linear] = tuple(None if t is None else _round(t) for t in (weight, bias))
-            with torch.autocast(x.device.type, enabled=False):
-                return F.linear(_round(x), *widened[linear]).to(torch.bfloat16)
+            return _fp32_linear(_round(x), *widened[linear])
 
         return forward
 
@@ -193,6 +192,12 @@ def _round(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).float()
 
 
+def _fp32_linear(x, weight, bias) -> torch.Tensor:
+    """`F.linear` of bf16-exact fp32 operands with autocast off, the result rounded to bf16."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x, weight, bias).to(torch.bfloat16)
+
+
 class WidenedLinear(torch.autograd.Function):
     """`F.linear` under bf16 autocast with fp32 GEMMs: the operands rounded to bf16 (and kept so
     for the backward pass), each product's result (output, input gradient, weight gradient)
@@ -203,9 +208,7 @@ class WidenedLinear(torch.autograd.Function):
         x16, w16 = x.to(torch.bfloat16), weight.to(torch.bfloat16)
         ctx.save_for_backward(x16, w16)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        b = None if bias is None else _round(bias)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x16.float(), w16.float(), b).to(torch.bfloat16)
+        return _fp32_linear(x16.float(), w16.float(), None if bias is None else _round(bias))
 
     @staticmethod
     def backward(ctx, grad):
