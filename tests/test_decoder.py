@@ -111,6 +111,73 @@ def test_growing_cache_equals_dynamic_cache(policy, monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+def test_shared_prompt_cache_equals_growing_cache(policy, monkeypatch):
+    """Each prompt's keys once, its rows pointing at it: prefill of left-padded prompts, rows
+    given their prompt, steps past a buffer's end, rows leaving in a new order (one prompt
+    losing all its rows): the logits of the cache that copies each prompt to its rows."""
+    from advantage.engine.rollout import kv_cache
+
+    monkeypatch.setattr(kv_cache, "CHUNK", 3)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 40, (3, 6), generator=g)
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[0, :2] = 0  # left padding
+    mask[2, :4] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    rows = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    logits = {}
+    for name in ("growing", "shared"):
+        cache = kv_cache.decode_cache(policy, mask if name == "shared" else None)
+        attention = torch.cat([mask[rows], torch.ones(7, 6, dtype=torch.long)], 1)
+        position = positions[rows, -1:] + 1
+        token = torch.randint(4, 40, (7, 1), generator=torch.Generator().manual_seed(1))
+        steps = []
+        with torch.no_grad(), kv_cache.decode_attention_for(policy, cache, torch.device("cpu")):
+            policy(
+                input_ids=ids, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True,
+            )  # fmt: skip
+            cache.batch_select_indices(rows)
+            keep = torch.arange(7)
+            for step in range(6):
+                if step == 4:  # prompt 0 loses its rows, the others come back reordered
+                    keep = torch.tensor([4, 2, 6])
+                    cache.batch_select_indices(keep)
+                out = policy(
+                    input_ids=token[keep],
+                    attention_mask=None if name == "shared" else attention[keep, : 7 + step],
+                    position_ids=position[keep] + step,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                steps.append(out.logits[:, -1])
+        assert cache.get_seq_length() == 6 + 6
+        assert isinstance(cache, kv_cache.SharedPromptCache) == (name == "shared")
+        logits[name] = steps
+    assert len(cache.prompt_mask) == 2  # prompt 0's keys were dropped
+    for a, b in zip(logits["growing"], logits["shared"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_shared_prompt_decode_changes_no_sample(policy, tokenizer, monkeypatch):
+    """The decode loop with each prompt's cache shared (forced for these short prompts) samples
+    what the loop that copies it does, rows leaving included, log-probs within 1e-5."""
+    from advantage.engine.rollout import kv_cache
+
+    calls = []
+    shares = kv_cache.shares_prompt
+    monkeypatch.setattr(kv_cache, "shares_prompt", lambda *a: calls.append(shares(*a)) or calls[-1])
+    copied = _generate(policy, tokenizer)
+    monkeypatch.setattr(kv_cache, "SHARE_FROM", 1)
+    shared = _generate(policy, tokenizer)
+    assert calls == [False, True]
+    lengths = shared.completion_mask.sum(-1)
+    assert lengths.min() < lengths.max()  # rows left the batch
+    assert torch.equal(shared.completion_ids, copied.completion_ids)
+    gap = (shared.logprobs - copied.logprobs)[shared.completion_mask].abs().max().item()
+    assert gap <= 1e-5, gap
+
+
 def test_lockstep_keeps_decoding_after_every_row_has_ended(policy, tokenizer, monkeypatch):
     """FSDP2: every rank runs every forward until all ranks are done. Here the other rank never
     is: the loop runs to max_new_tokens with its ended rows (one kept in the batch)."""

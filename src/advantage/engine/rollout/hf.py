@@ -8,8 +8,9 @@ row has ended. The log-prob of each sampled token is taken on logits / temperatu
 top-k/top-p), the quantity the trainer computes.
 
 Per step the loop does the step's work and little else (`kv_cache.py`): the KV cache is written
-in place (no copy of it per token), attention reads grouped K/V heads without expanding them, and
-rows that have ended leave the batch. The sampling noise is drawn for every row whatever the
+in place (no copy of it per token), attention reads grouped K/V heads without expanding them, a
+long prompt's keys and values are kept once for its G completions (fp32), and rows that have
+ended leave the batch. The sampling noise is drawn for every row whatever the
 batch holds, so a seed gives the same samples as a loop that keeps every row to the end (the
 logits of a row may differ in their last bits when the batch shrinks: matrix products of other
 shapes; tests/test_decoder.py checks tokens equal and log-probs within 1e-5).
@@ -86,15 +87,17 @@ class TransformersBackend:
 
         Rows whose completion has ended leave the decode batch (their KV cache rows are dropped)
         once 1/LEAVE_EVERY of the batch has ended; `active` maps decode rows to output rows."""
-        from .kv_cache import decode_cache, grouped_kv_attention
+        from .kv_cache import decode_attention_for, decode_cache, shares_prompt
 
         warpers, stop = _warpers(params), _stop_criterion(self.tokenizer, params)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         Tp, Tn = ids.shape[1], params.max_new_tokens
         # 1. prefill each distinct prompt once, then give every completion its prompt's cache
-        cache = decode_cache(model)
+        # (long prompts: kept once, the completions point at it)
+        shared = shares_prompt(model, Tp, G, ids.device)
+        cache = decode_cache(model, mask if shared else None)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        with grouped_kv_attention(model, ids.device):
+        with decode_attention_for(model, cache, ids.device):
             out = model(
                 input_ids=ids,
                 attention_mask=mask.long(),
@@ -137,7 +140,8 @@ class TransformersBackend:
                     done, token = done[keep], token[keep]
                 out = model(
                     input_ids=token[:, None],
-                    attention_mask=attention[:, : Tp + step + 1],
+                    # a shared cache holds the prompts' pads: each row attends to all else
+                    attention_mask=None if shared else attention[:, : Tp + step + 1],
                     position_ids=position,
                     past_key_values=cache,
                     use_cache=True,

@@ -12,11 +12,20 @@ decoding into a new buffer, so finished completions leave the batch.
 prompts), transformers' SDPA path expands the K/V heads to the query heads (`repeat_kv`, a copy
 of the cache per layer and step, ~36% of that rollout); PyTorch's SDPA takes the grouped heads
 as they are (`enable_gqa`), with the same result.
+
+`SharedPromptCache` keeps each prompt's keys and values once: the G completions of a prompt point
+at its block and hold only their own positions. A decode step reads the cache once per token
+(memory-bound on CPU: on the realistic benchmark workload the `small` model's step read ~94 MB of
+weights and ~210 MB of keys and values, most of them the G copies of each prompt);
+`shared_prompt_attention` attends each prompt's rows as one block of queries over its prompt,
+then each row over its own positions, with one softmax over both. It pays where prompts are long
+(`shares_prompt`); short prompts keep the one-block cache.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -24,16 +33,40 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 CHUNK = 64  # positions added to a layer's buffer when it is full
+SHARE_FROM = 64  # prompt positions (padded) from which a decode step shares each prompt's cache
 _GQA_SDPA = "advantage_sdpa_gqa"
+_SHARED = "advantage_shared_prompt"
+_ACTIVE: ContextVar[SharedPromptCache | None] = ContextVar("advantage_shared_cache", default=None)
 
 
-def decode_cache(model: torch.nn.Module) -> Cache:
+def decode_cache(model: torch.nn.Module, prompt_mask: torch.Tensor | None = None) -> Cache:
     """A cache of `GrowingLayer`s for `model` (every layer full attention), else transformers'
-    `DynamicCache` (sliding-window layers keep their own kind)."""
+    `DynamicCache` (sliding-window layers keep their own kind). With `prompt_mask` `[P, Tp]`
+    (the prefill's prompts, True = token), a `SharedPromptCache` (see `shares_prompt`)."""
     if not full_attention_only(model.config):
         return DynamicCache(config=model.config)
     layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    if prompt_mask is not None:
+        return SharedPromptCache(layers, prompt_mask)
     return Cache(layers=[GrowingLayer() for _ in range(layers)])
+
+
+def shares_prompt(model: torch.nn.Module, prompt_length: int, completions: int, device) -> bool:
+    """Whether a decode loop of `completions` rows per prompt, prompts padded to
+    `prompt_length`, keeps each prompt's cache once (`SharedPromptCache`): fp32 SDPA models with
+    full attention on CPU (the dtype of `decode_attention`), from SHARE_FROM prompt positions
+    (below, the extra indexing of each step costs more than re-reading short prompts: measured
+    on `benchmarks/`' fixed workload)."""
+    config = model.config
+    return (
+        completions > 1
+        and prompt_length >= SHARE_FROM
+        and device.type == "cpu"
+        and getattr(config, "_attn_implementation", None) == "sdpa"
+        and full_attention_only(config)
+        and next(model.parameters()).dtype == torch.float32
+        and not torch.is_autocast_enabled(device.type)
+    )
 
 
 def full_attention_only(config) -> bool:
@@ -82,6 +115,96 @@ class GrowingLayer(DynamicLayer):
             buffer[:, :, :n] = picked
             setattr(self, name, buffer)
         self.keys, self.values = self._keys[:, :, :n], self._values[:, :, :n]
+
+
+class SharedPromptLayer(GrowingLayer):
+    """One layer of a `SharedPromptCache`: the prefill's keys and values `[P, KV, Tp, D]` (one
+    block per prompt), and after them each row's own positions in `GrowingLayer`'s buffers.
+    `update` returns the prompts' keys at the prefill, then the rows' own."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.is_initialized:
+            return super().update(key_states, value_states)
+        self.lazy_initialization(key_states, value_states)  # rows' own: [P, KV, 0, D]
+        # contiguous: each decode step's products read them as [P·KV, Tp, D] without a copy
+        self.prompt_keys, self.prompt_values = key_states.contiguous(), value_states.contiguous()
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.prompt_keys.shape[-2] + self.length if self.is_initialized else 0
+
+    def keep_prompts(self, prompts: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.prompt_keys = self.prompt_keys[prompts]
+            self.prompt_values = self.prompt_values[prompts]
+
+
+class SharedPromptCache(Cache):
+    """A decode cache whose rows share their prompt's keys and values: row r is prompt
+    `group[r]` followed by its own positions. Prefill the P prompts, then
+    `batch_select_indices(rows)` as for any cache (the first call gives each row its prompt);
+    prompts no row points at any more are dropped. `slot[r]` numbers the rows of a prompt
+    (`width` of them at most): the place of row r in its prompt's block of queries."""
+
+    def __init__(self, layers: int, prompt_mask: torch.Tensor) -> None:
+        super().__init__(layers=[SharedPromptLayer() for _ in range(layers)])
+        self.prompt_mask = prompt_mask.bool()  # [P, Tp]
+        self._point(torch.arange(len(prompt_mask), device=prompt_mask.device))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        prompts, group = torch.unique(self.group[indices], return_inverse=True)
+        if len(prompts) < len(self.prompt_mask):
+            self.prompt_mask = self.prompt_mask[prompts]
+            for layer in self.layers:
+                layer.keep_prompts(prompts)
+        for layer in self.layers:
+            layer.batch_select_indices(indices)
+        self._point(group)
+
+    def _point(self, group: torch.Tensor) -> None:
+        self.group = group  # [R]
+        member = group[:, None] == torch.arange(len(self.prompt_mask), device=group.device)
+        self.slot = (member.long().cumsum(0) - 1).gather(1, group[:, None]).squeeze(1)
+        self.width = int(member.sum(0).max())
+        self.pads = ~self.prompt_mask[group][:, None, None]  # [R, 1, 1, Tp]
+
+
+def shared_prompt_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw
+):
+    """`sdpa_gqa` for the prefill; a decode step (one query per row) over the active
+    `SharedPromptCache`: the queries of each prompt's rows as one block `[P, KV, width·g, D]`
+    against its prompt's keys, each row against its own (`key`, `value`), one softmax over both
+    (the prompt's pads masked), the two products with the values added. Equal to `sdpa_gqa` on
+    the rows' whole caches up to fp32 rounding."""
+    cache = _ACTIVE.get()
+    if query.shape[2] != 1 or cache is None:
+        return sdpa_gqa(module, query, key, value, attention_mask, dropout, scaling, is_causal)
+    layer = cache.layers[module.layer_idx]
+    R, H, _, D = query.shape
+    KV, Dv = key.shape[1], value.shape[-1]
+    P, Tp = cache.prompt_mask.shape
+    W, g, group, slot = cache.width, H // KV, cache.group, cache.slot
+    q = query.view(R, KV, g, D)
+    block = q.new_zeros(P, KV, W, g, D)
+    block[group, :, slot] = q
+    prompt_scores = torch.matmul(block.view(P, KV, W * g, D), layer.prompt_keys.transpose(-1, -2))
+    scores = torch.cat(
+        [
+            prompt_scores.view(P, KV, W, g, Tp)[group, :, slot],
+            torch.matmul(q, key.transpose(-1, -2)),
+        ],
+        -1,
+    )  # [R, KV, g, Tp + own]
+    scores.mul_(scaling if scaling is not None else D**-0.5)
+    scores[..., :Tp].masked_fill_(cache.pads, float("-inf"))
+    probs = torch.softmax(scores, -1)
+    block = probs.new_zeros(P, KV, W, g, Tp)
+    block[group, :, slot] = probs[..., :Tp]
+    out = torch.matmul(block.view(P, KV, W * g, Tp), layer.prompt_values)
+    out = out.view(P, KV, W, g, Dv)[group, :, slot]  # [R, KV, g, Dv]
+    out += torch.matmul(probs[..., Tp:], value)
+    return out.view(R, 1, H, Dv), None
 
 
 def sdpa_gqa(
@@ -136,6 +259,7 @@ def register_attention(name: str, function) -> None:
 
 
 register_attention(_GQA_SDPA, sdpa_gqa)
+register_attention(_SHARED, shared_prompt_attention)
 
 
 @contextmanager
@@ -156,3 +280,19 @@ def sdpa_replaced(config, name: str, device: torch.device):
 def grouped_kv_attention(model: torch.nn.Module, device: torch.device):
     """Inside, `model` (SDPA attention, on CPU) attends with grouped K/V heads (`sdpa_gqa`)."""
     return sdpa_replaced(model.config, _GQA_SDPA, device)
+
+
+@contextmanager
+def decode_attention_for(model: torch.nn.Module, cache: Cache, device: torch.device):
+    """Inside, `model` attends over `cache`: `shared_prompt_attention` for a
+    `SharedPromptCache`, else `grouped_kv_attention`."""
+    if not isinstance(cache, SharedPromptCache):
+        with grouped_kv_attention(model, device):
+            yield
+        return
+    token = _ACTIVE.set(cache)
+    try:
+        with sdpa_replaced(model.config, _SHARED, device):
+            yield
+    finally:
+        _ACTIVE.reset(token)
