@@ -276,3 +276,58 @@ def test_ranks_take_rank_zeros_measurement(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_agree, args=(port, str(tmp_path)), nprocs=2, join=True)
     assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)] == [False, False]
+
+
+@pytest.mark.parametrize("choice", ["fp32", "native"])
+def test_attention_is_widened_with_the_products(choice):
+    """Under `autocast` with widened products, advantage's attention (here the packed passes'
+    masked call) is fp32 SDPA on the bf16-rounded query, keys and values, the output rounded to
+    bf16 and the gradients bf16-rounded; with native kernels, autocast's bf16 SDPA. A decode
+    step (one query, no autograd) keeps the bf16 kernel either way."""
+    from advantage.engine.rollout.kv_cache import sdpa_gqa
+
+    set_bf16_matmul(choice)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 6, 8, generator=g, requires_grad=True)  # fp32, as rotary leaves it
+    k, v = (torch.randn(2, 2, 6, 8, generator=g).to(BF16).requires_grad_() for _ in range(2))
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()[None, None].expand(2, 1, 6, 6)
+    grad = torch.randn(2, 6, 4, 8, generator=g).to(BF16)
+
+    def attention(fn):
+        for t in (q, k, v):
+            t.grad = None
+        out = fn()
+        out.backward(grad)
+        return out, [t.grad for t in (q, k, v)]
+
+    with autocast("bf16", "cpu", qwen2()):
+        got, got_grads = attention(lambda: sdpa_gqa(torch.nn.Module(), q, k, v, mask)[0])
+        with torch.no_grad():
+            decode = sdpa_gqa(torch.nn.Module(), q[:, :, -1:], k, v, None)[0]
+    if choice == "fp32":
+
+        def expected_fn():
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(
+                    q.to(BF16).float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True
+                )
+            return out.transpose(1, 2).to(BF16)
+
+    else:
+
+        def expected_fn():
+            with torch.autocast("cpu", dtype=BF16):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            return out.transpose(1, 2)
+
+    expected, expected_grads = attention(expected_fn)
+    assert got.dtype == BF16
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for a, b in zip(got_grads, expected_grads, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert got_grads[1].dtype == BF16 and got_grads[0].dtype == torch.float32
+    assert torch.equal(got_grads[0], got_grads[0].to(BF16).float())  # bf16-rounded
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        native = F.scaled_dot_product_attention(q[:, :, -1:], k, v, enable_gqa=True)
+    torch.testing.assert_close(decode, native.transpose(1, 2), rtol=0, atol=0)

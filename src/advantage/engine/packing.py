@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .precision import widened_attention, widens_bf16_matmul
 from .rollout import Rollout
 from .rollout.kv_cache import full_attention_only, register_attention, sdpa_gqa, sdpa_replaced
 
@@ -214,6 +215,7 @@ def attention_mask(allowed: torch.Tensor, implementation: str, dtype: torch.dtyp
 _SEGMENT_SDPA = "advantage_segment_sdpa"
 
 
+@widened_attention
 def segment_attention(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, packed_segments=None, **kw
 ):
@@ -284,11 +286,12 @@ def segment_attention_for(config, device: torch.device, packed: PackedBatch, pre
         + CALL_COST * (1 + len(s.inputs))
         for s in packed.segments
     )
-    if MIN_GAIN * needed > R * N * N or (precision != "fp32" and torch.is_grad_enabled()):
-        yield {}
-        return
+    pays = MIN_GAIN * needed <= R * N * N
+    if precision != "fp32" and torch.is_grad_enabled() and not widens_bf16_matmul(device):
+        pays = False
+    # without segments, the masked call (`sdpa_gqa`)
     with sdpa_replaced(config, _SEGMENT_SDPA, device):
-        yield {"packed_segments": packed.segments}
+        yield {"packed_segments": packed.segments} if pays else {}
 
 
 def micro_batches(

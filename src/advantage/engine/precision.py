@@ -12,8 +12,12 @@ against ~300 GFLOP/s). There, with `model.bf16_matmul=auto` (the default), each 
 (`mm`, `addmm`, `bmm`, `baddbmm`, `linear`, `matmul`; forward and backward) is computed by
 widening its bf16 operands to fp32 (exact), multiplying with the fp32 GEMM (fp32 accumulation)
 and rounding the result to bf16: the arithmetic of a native bf16 GEMM, only the order of the
-fp32 additions may differ. Everything else (activations kept for the backward pass,
-elementwise ops, attention) stays as autocast makes it.
+fp32 additions may differ. Attention implemented by advantage (`widened_attention`: the
+decode loop's, the packed training passes') runs there in fp32 on the bf16-rounded query, keys
+and values, its output (and the gradients it passes back) rounded to bf16: PyTorch's CPU flash
+attention in bf16 runs on those slow bf16 GEMMs (the `tiny` model's backward: 10.4 ms against
+2.9 ms in fp32). Everything else (activations kept for the backward pass, elementwise ops)
+stays as autocast makes it.
 
 Two ways to widen: `Bf16MatmulInFp32`, a dispatch mode that catches every product (forward and
 backward) at the cost of intercepting every op in Python; and, for models whose only bf16
@@ -34,6 +38,7 @@ import contextlib
 import functools
 import logging
 import time
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -145,11 +150,39 @@ def autocast(
         yield
         return
     kernels: contextlib.AbstractContextManager = contextlib.nullcontext()
-    if widens_bf16_matmul(device):
+    wide = widens_bf16_matmul(device)
+    if wide:
         level = model is not None and module_level(model)
         kernels = widened_linears(model) if level else Bf16MatmulInFp32()
-    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16), kernels:
-        yield
+    token = _WIDENED.set(wide)
+    try:
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16), kernels:
+            yield
+    finally:
+        _WIDENED.reset(token)
+
+
+_WIDENED: ContextVar[bool] = ContextVar("advantage_widened_bf16", default=False)
+
+
+def widened_attention(attention):
+    """An attention implementation `attention(module, query, key, value, mask, ...)` that,
+    inside `autocast` with widened bf16 products, runs with autocast off on the bf16-rounded
+    query, keys and values as fp32 (exact), its output rounded to bf16; the gradients it passes
+    back are rounded to bf16 (as a bf16 kernel's would be) by the casts. Elsewhere unchanged,
+    and so is a decode step (one query per row): widening would copy the whole bf16 KV cache at
+    every step (the realistic benchmark's `tiny` rollout: 1.6 → 2.3 s)."""
+
+    @functools.wraps(attention)
+    def attend(module, query, key, value, *args, **kwargs):
+        decode = query.shape[2] == 1 and not torch.is_grad_enabled()
+        if decode or not (_WIDENED.get() and torch.is_autocast_enabled(query.device.type)):
+            return attention(module, query, key, value, *args, **kwargs)
+        with torch.autocast(query.device.type, enabled=False):
+            out, weights = attention(module, *map(_round, (query, key, value)), *args, **kwargs)
+        return out.to(torch.bfloat16), weights
+
+    return attend
 
 
 @contextlib.contextmanager
@@ -188,8 +221,8 @@ def widened_linears(model: torch.nn.Module):
 
 
 def _round(t: torch.Tensor) -> torch.Tensor:
-    """`t` rounded to bf16, as fp32."""
-    return t.to(torch.bfloat16).float()
+    """`t` rounded to bf16, as fp32 (one copy for a bf16 `t`)."""
+    return t.float() if t.dtype == torch.bfloat16 else t.to(torch.bfloat16).float()
 
 
 def _fp32_linear(x, weight, bias) -> torch.Tensor:

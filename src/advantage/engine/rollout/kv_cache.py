@@ -32,6 +32,8 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from ..precision import widened_attention
+
 CHUNK = 64  # positions added to a layer's buffer when it is full
 SHARE_FROM = 64  # prompt positions (padded) from which a decode step shares each prompt's cache
 _GQA_SDPA = "advantage_sdpa_gqa"
@@ -207,6 +209,7 @@ def shared_prompt_attention(
     return out.view(R, 1, H, Dv), None
 
 
+@widened_attention
 def sdpa_gqa(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **_
 ):
