@@ -111,13 +111,19 @@ def test_growing_cache_equals_dynamic_cache(policy, monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-def test_shared_prompt_cache_equals_growing_cache(policy, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_shared_prompt_cache_equals_growing_cache(policy, monkeypatch, precision):
     """Each prompt's keys once, its rows pointing at it: prefill of left-padded prompts, rows
     given their prompt, steps past a buffer's end, rows leaving in a new order (one prompt
-    losing all its rows): the logits of the cache that copies each prompt to its rows."""
+    losing all its rows): the logits of the cache that copies each prompt to its rows. In bf16
+    with widened products both caches store rounded fp32 keys and values (a decode step attends
+    in fp32): equal up to bf16 rounding."""
+    from advantage.engine import precision as mixed
     from advantage.engine.rollout import kv_cache
 
     monkeypatch.setattr(kv_cache, "CHUNK", 3)
+    mixed.set_bf16_matmul("fp32")
+    widened = precision == "bf16"
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 40, (3, 6), generator=g)
     mask = torch.ones(3, 6, dtype=torch.long)
@@ -127,12 +133,17 @@ def test_shared_prompt_cache_equals_growing_cache(policy, monkeypatch):
     rows = torch.tensor([0, 0, 1, 1, 1, 2, 2])
     logits = {}
     for name in ("growing", "shared"):
-        cache = kv_cache.decode_cache(policy, mask if name == "shared" else None)
+        cache = kv_cache.decode_cache(policy, mask if name == "shared" else None, widened)
         attention = torch.cat([mask[rows], torch.ones(7, 6, dtype=torch.long)], 1)
         position = positions[rows, -1:] + 1
         token = torch.randint(4, 40, (7, 1), generator=torch.Generator().manual_seed(1))
         steps = []
-        with torch.no_grad(), kv_cache.decode_attention_for(policy, cache, torch.device("cpu")):
+        cpu = torch.device("cpu")
+        with (
+            torch.no_grad(),
+            mixed.autocast(precision, cpu, policy),
+            kv_cache.decode_attention_for(policy, cache, cpu),
+        ):
             policy(
                 input_ids=ids, attention_mask=mask, position_ids=positions,
                 past_key_values=cache, use_cache=True,
@@ -150,13 +161,15 @@ def test_shared_prompt_cache_equals_growing_cache(policy, monkeypatch):
                     past_key_values=cache,
                     use_cache=True,
                 )
-                steps.append(out.logits[:, -1])
+                steps.append(out.logits[:, -1].float())
         assert cache.get_seq_length() == 6 + 6
+        assert cache.layers[0].keys.dtype == torch.float32
         assert isinstance(cache, kv_cache.SharedPromptCache) == (name == "shared")
         logits[name] = steps
+    mixed.set_bf16_matmul("auto")
     assert len(cache.prompt_mask) == 2  # prompt 0's keys were dropped
     for a, b in zip(logits["growing"], logits["shared"], strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 if precision == "fp32" else 3e-2)
 
 
 def test_shared_prompt_decode_changes_no_sample(policy, tokenizer, monkeypatch):

@@ -331,3 +331,19 @@ def test_attention_is_widened_with_the_products(choice):
     with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
         native = F.scaled_dot_product_attention(q[:, :, -1:], k, v, enable_gqa=True)
     torch.testing.assert_close(decode, native.transpose(1, 2), rtol=0, atol=0)
+
+
+def test_decode_step_over_a_widened_cache_attends_in_fp32():
+    """A decode step whose cache holds rounded fp32 keys and values (`decode_cache(widened=
+    True)`) attends in fp32 with the query rounded to bf16, the output rounded to bf16."""
+    from advantage.engine.rollout.kv_cache import decode_attention, sdpa_gqa
+
+    set_bf16_matmul("fp32")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 1, 8, generator=g)
+    k, v = (torch.randn(3, 2, 7, 8, generator=g).to(BF16).float() for _ in range(2))
+    with torch.no_grad(), autocast("bf16", "cpu", qwen2()):
+        got = sdpa_gqa(torch.nn.Module(), q, k, v, None)[0]
+    expected = decode_attention(q.to(BF16).float(), k, v, None).to(BF16)
+    assert got.dtype == BF16
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

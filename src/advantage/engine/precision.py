@@ -169,17 +169,24 @@ def widened_attention(attention):
     """An attention implementation `attention(module, query, key, value, mask, ...)` that,
     inside `autocast` with widened bf16 products, runs with autocast off on the bf16-rounded
     query, keys and values as fp32 (exact), its output rounded to bf16; the gradients it passes
-    back are rounded to bf16 (as a bf16 kernel's would be) by the casts. Elsewhere unchanged,
-    and so is a decode step (one query per row): widening would copy the whole bf16 KV cache at
-    every step (the realistic benchmark's `tiny` rollout: 1.6 → 2.3 s)."""
+    back are rounded to bf16 (as a bf16 kernel's would be) by the casts. Elsewhere unchanged.
+    A decode step (one query per row, no autograd) is widened only over a cache that stores its
+    keys and values rounded, as fp32 (`kv_cache.decode_cache(widened=True)`; both fp32 here):
+    widening a bf16 cache would copy all of it at every step (the realistic benchmark's `tiny`
+    rollout: 1.6 → 2.3 s)."""
 
     @functools.wraps(attention)
     def attend(module, query, key, value, *args, **kwargs):
-        decode = query.shape[2] == 1 and not torch.is_grad_enabled()
-        if decode or not (_WIDENED.get() and torch.is_autocast_enabled(query.device.type)):
+        if not (_WIDENED.get() and torch.is_autocast_enabled(query.device.type)):
             return attention(module, query, key, value, *args, **kwargs)
+        if query.shape[2] == 1 and not torch.is_grad_enabled():
+            if not key.dtype == value.dtype == torch.float32:
+                return attention(module, query, key, value, *args, **kwargs)
+            key_value = (key, value)  # stored rounded
+        else:
+            key_value = (_round(key), _round(value))
         with torch.autocast(query.device.type, enabled=False):
-            out, weights = attention(module, *map(_round, (query, key, value)), *args, **kwargs)
+            out, weights = attention(module, _round(query), *key_value, *args, **kwargs)
         return out.to(torch.bfloat16), weights
 
     return attend

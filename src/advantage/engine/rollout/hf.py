@@ -9,11 +9,12 @@ top-k/top-p), the quantity the trainer computes.
 
 Per step the loop does the step's work and little else (`kv_cache.py`): the KV cache is written
 in place (no copy of it per token), attention reads grouped K/V heads without expanding them, a
-long prompt's keys and values are kept once for its G completions (fp32), and rows that have
-ended leave the batch. The sampling noise is drawn for every row whatever the
-batch holds, so a seed gives the same samples as a loop that keeps every row to the end (the
-logits of a row may differ in their last bits when the batch shrinks: matrix products of other
-shapes; tests/test_decoder.py checks tokens equal and log-probs within 1e-5).
+long prompt's keys and values are kept once for its G completions (in fp32, and in bf16 where
+products are widened: `precision.widened_attention`), and rows that have ended leave the batch.
+The sampling noise is drawn for every row whatever the batch holds, so a seed gives the same
+samples as a loop that keeps every row to the end (the logits of a row may differ in their last
+bits when the batch shrinks: matrix products of other shapes; tests/test_decoder.py checks
+tokens equal and log-probs within 1e-5).
 
 A `torch.compile`d decode step on transformers' static cache was measured against this loop on
 the 2-core CPU of `benchmarks/` (64 rows, 192-token prompts): compiling takes ~19 s and the
@@ -26,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from ..parallel import unwrap
-from ..precision import autocast
+from ..precision import autocast, widens_bf16_matmul
 from .base import Rollout, SamplingParams, pad_completions, pad_prompts
 
 LEAVE_EVERY = 8  # ended rows leave the decode batch once they are ≥ 1/8 of it (a cache copy)
@@ -94,8 +95,9 @@ class TransformersBackend:
         Tp, Tn = ids.shape[1], params.max_new_tokens
         # 1. prefill each distinct prompt once, then give every completion its prompt's cache
         # (long prompts: kept once, the completions point at it)
-        shared = shares_prompt(model, Tp, G, ids.device)
-        cache = decode_cache(model, mask if shared else None)
+        widened = self.precision == "bf16" and widens_bf16_matmul(ids.device)
+        shared = shares_prompt(model, Tp, G, ids.device, widened)
+        cache = decode_cache(model, mask if shared else None, widened)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         with decode_attention_for(model, cache, ids.device):
             out = model(

@@ -19,7 +19,8 @@ at its block and hold only their own positions. A decode step reads the cache on
 weights and ~210 MB of keys and values, most of them the G copies of each prompt);
 `shared_prompt_attention` attends each prompt's rows as one block of queries over its prompt,
 then each row over its own positions, with one softmax over both. It pays where prompts are long
-(`shares_prompt`); short prompts keep the one-block cache.
+(`shares_prompt`); short prompts keep the one-block cache. In bf16 with widened products both
+caches store keys and values rounded to bf16 as fp32, and decode steps attend in fp32.
 """
 
 from __future__ import annotations
@@ -41,33 +42,41 @@ _SHARED = "advantage_shared_prompt"
 _ACTIVE: ContextVar[SharedPromptCache | None] = ContextVar("advantage_shared_cache", default=None)
 
 
-def decode_cache(model: torch.nn.Module, prompt_mask: torch.Tensor | None = None) -> Cache:
+def decode_cache(
+    model: torch.nn.Module, prompt_mask: torch.Tensor | None = None, widened: bool = False
+) -> Cache:
     """A cache of `GrowingLayer`s for `model` (every layer full attention), else transformers'
     `DynamicCache` (sliding-window layers keep their own kind). With `prompt_mask` `[P, Tp]`
-    (the prefill's prompts, True = token), a `SharedPromptCache` (see `shares_prompt`)."""
+    (the prefill's prompts, True = token), a `SharedPromptCache` (see `shares_prompt`).
+    `widened` (bf16 with widened products, `precision.widened_attention`): the layers store
+    what they are given rounded to bf16, as fp32, so that a decode step attends in fp32
+    without widening the cache again."""
     if not full_attention_only(model.config):
         return DynamicCache(config=model.config)
     layers = model.config.get_text_config(decoder=True).num_hidden_layers
     if prompt_mask is not None:
-        return SharedPromptCache(layers, prompt_mask)
-    return Cache(layers=[GrowingLayer() for _ in range(layers)])
+        return SharedPromptCache(layers, prompt_mask, widened)
+    return Cache(layers=[GrowingLayer(widened) for _ in range(layers)])
 
 
-def shares_prompt(model: torch.nn.Module, prompt_length: int, completions: int, device) -> bool:
+def shares_prompt(
+    model: torch.nn.Module, prompt_length: int, completions: int, device, widened: bool = False
+) -> bool:
     """Whether a decode loop of `completions` rows per prompt, prompts padded to
-    `prompt_length`, keeps each prompt's cache once (`SharedPromptCache`): fp32 SDPA models with
-    full attention on CPU (the dtype of `decode_attention`), from SHARE_FROM prompt positions
-    (below, the extra indexing of each step costs more than re-reading short prompts: measured
-    on `benchmarks/`' fixed workload)."""
+    `prompt_length`, keeps each prompt's cache once (`SharedPromptCache`): SDPA models with
+    full attention on CPU whose decode steps attend in fp32 (fp32 weights without autocast, or
+    bf16 `widened`), from SHARE_FROM prompt positions (below, the extra indexing of each step
+    costs more than re-reading short prompts: measured on `benchmarks/`' fixed workload)."""
     config = model.config
+    fp32 = next(model.parameters()).dtype == torch.float32
     return (
         completions > 1
         and prompt_length >= SHARE_FROM
         and device.type == "cpu"
         and getattr(config, "_attn_implementation", None) == "sdpa"
         and full_attention_only(config)
-        and next(model.parameters()).dtype == torch.float32
-        and not torch.is_autocast_enabled(device.type)
+        and fp32
+        and (widened or not torch.is_autocast_enabled(device.type))
     )
 
 
@@ -81,17 +90,32 @@ def full_attention_only(config) -> bool:
 
 class GrowingLayer(DynamicLayer):
     """One layer's keys and values `[rows, kv_heads, length, head_dim]`: views of the first
-    `length` positions of buffers with room for more."""
+    `length` positions of buffers with room for more. `widened`: stored rounded to bf16, as
+    fp32 (`decode_cache`)."""
+
+    def __init__(self, widened: bool = False) -> None:
+        super().__init__()
+        self.widened = widened
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
         self.length = 0
-        self._keys = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]))
-        self._values = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]))
+        dtypes = [torch.float32] * 2 if self.widened else [key_states.dtype, value_states.dtype]
+        self._keys = key_states.new_empty(
+            (*key_states.shape[:2], 0, key_states.shape[-1]), dtype=dtypes[0]
+        )
+        self._values = value_states.new_empty(
+            (*value_states.shape[:2], 0, value_states.shape[-1]), dtype=dtypes[1]
+        )
+
+    def _stored(self, states: torch.Tensor) -> torch.Tensor:
+        return states.to(torch.bfloat16).float() if self.widened else states
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.widened:  # rounded once here, not at every step's attention
+            key_states, value_states = self._stored(key_states), self._stored(value_states)
         n, new = self.length, key_states.shape[-2]
         if n + new > self._keys.shape[-2]:
             self._move(None, n + new + CHUNK)
@@ -129,7 +153,8 @@ class SharedPromptLayer(GrowingLayer):
             return super().update(key_states, value_states)
         self.lazy_initialization(key_states, value_states)  # rows' own: [P, KV, 0, D]
         # contiguous: each decode step's products read them as [P·KV, Tp, D] without a copy
-        self.prompt_keys, self.prompt_values = key_states.contiguous(), value_states.contiguous()
+        self.prompt_keys = self._stored(key_states).contiguous()
+        self.prompt_values = self._stored(value_states).contiguous()
         return key_states, value_states
 
     def get_seq_length(self) -> int:
@@ -148,8 +173,8 @@ class SharedPromptCache(Cache):
     prompts no row points at any more are dropped. `slot[r]` numbers the rows of a prompt
     (`width` of them at most): the place of row r in its prompt's block of queries."""
 
-    def __init__(self, layers: int, prompt_mask: torch.Tensor) -> None:
-        super().__init__(layers=[SharedPromptLayer() for _ in range(layers)])
+    def __init__(self, layers: int, prompt_mask: torch.Tensor, widened: bool = False) -> None:
+        super().__init__(layers=[SharedPromptLayer(widened) for _ in range(layers)])
         self.prompt_mask = prompt_mask.bool()  # [P, Tp]
         self._point(torch.arange(len(prompt_mask), device=prompt_mask.device))
 
@@ -171,6 +196,7 @@ class SharedPromptCache(Cache):
         self.pads = ~self.prompt_mask[group][:, None, None]  # [R, 1, 1, Tp]
 
 
+@widened_attention
 def shared_prompt_attention(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw
 ):
@@ -214,8 +240,8 @@ def sdpa_gqa(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **_
 ):
     """transformers' SDPA attention without `repeat_kv`: PyTorch groups the K/V heads. A decode
-    step in fp32 (one query per row) is two batched products and a softmax instead
-    (`decode_attention`)."""
+    step in fp32 (one query per row; in bf16 over a widened cache, `precision.widened_attention`)
+    is two batched products and a softmax instead (`decode_attention`)."""
     # not under bf16 autocast (there rotary embeddings make the query fp32 but the value is
     # bf16, and its products would leave the chosen bf16 kernels)
     autocasting = torch.is_autocast_enabled(query.device.type)
