@@ -122,7 +122,7 @@ def test_shared_prompt_cache_equals_growing_cache(policy, monkeypatch, precision
     from advantage.engine.rollout import kv_cache
 
     monkeypatch.setattr(kv_cache, "CHUNK", 3)
-    mixed.set_bf16_matmul("fp32")
+    monkeypatch.setattr(mixed, "_choice", "fp32")  # widened bf16 products (restored after)
     widened = precision == "bf16"
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 40, (3, 6), generator=g)
@@ -166,7 +166,6 @@ def test_shared_prompt_cache_equals_growing_cache(policy, monkeypatch, precision
         assert cache.layers[0].keys.dtype == torch.float32
         assert isinstance(cache, kv_cache.SharedPromptCache) == (name == "shared")
         logits[name] = steps
-    mixed.set_bf16_matmul("auto")
     assert len(cache.prompt_mask) == 2  # prompt 0's keys were dropped
     for a, b in zip(logits["growing"], logits["shared"], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5 if precision == "fp32" else 3e-2)

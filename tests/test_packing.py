@@ -245,3 +245,45 @@ def test_packed_values_and_gradients_equal_padded(monkeypatch, attention_kind):
         monkeypatch, lambda: _loss_and_grads(critic, completion_values)
     )
     assert_grads_equal(grads, grads_pad)
+
+
+def test_gradient_checkpointing_recomputes_the_same_attention(attention_kind):
+    """With gradient checkpointing the backward pass runs each layer's forward again, outside
+    the packed pass's context: the attention must be the same there (else the recompute
+    saves other tensors: transformers' SDPA expands the K/V heads). The gradients equal those
+    of the pass without checkpointing."""
+    model = models.load_causal_lm(str(builtin_model_path("tiny-random")))
+    model.config.attention_dropout = 0.0
+
+    def lp_of(m, b):
+        return completion_logprobs(m, b, 0.7)[0]
+
+    model.train()
+    _, expected = _loss_and_grads(model, lp_of)
+    model.gradient_checkpointing_enable()
+    assert models._checkpointing(model)
+    _, grads = _loss_and_grads(model, lp_of)
+    assert_grads_equal(grads, expected)
+
+
+def test_segment_attention_in_bf16_with_widened_products(monkeypatch):
+    """Under bf16 autocast with widened products the segments attend in fp32 on the
+    bf16-rounded operands (output rounded to bf16), and the gradients come back rounded."""
+    from advantage.engine import precision
+    from advantage.tasks.tiny import tiny_qwen2
+
+    monkeypatch.setattr(precision, "_choice", "fp32")
+    packed = pack(varied_batch(), pad_id=0)
+    R, N = packed.input_ids.shape
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(R, 4, N, 8, generator=g).requires_grad_()  # fp32, as rotary leaves it
+    k, v = (torch.randn(R, 2, N, 8, generator=g).bfloat16().requires_grad_() for _ in range(2))
+    module = torch.nn.Module()
+    with precision.autocast("bf16", "cpu", tiny_qwen2("micro")):
+        out, _ = segment_attention(module, q, k, v, None, packed_segments=packed.segments)
+    out.float().square().sum().backward()
+    wide = [t.detach().bfloat16().float() for t in (q, k, v)]
+    expected, _ = segment_attention(module, *wide, None, packed_segments=packed.segments)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected.bfloat16(), rtol=0, atol=0)
+    assert k.grad.dtype == torch.bfloat16 and torch.equal(q.grad, q.grad.bfloat16().float())

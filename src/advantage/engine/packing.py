@@ -316,13 +316,21 @@ MIN_GAIN = 2
 
 
 @contextlib.contextmanager
-def segment_attention_for(config, device: torch.device, packed: PackedBatch, precision: str):
-    """Inside, a model of `config` with SDPA attention on CPU uses `segment_attention` for
-    `packed` when that pays: the rows' masked squares at least `MIN_GAIN` times the scores the
-    segments need (each call counted `CALL_COST` more), i.e. long rows (the realistic
-    workload's, not the fixed one's 8 × 16 tokens), and not for a backward in bf16 or fp16
-    (measured slower in bf16: tiny bf16 realistic update 2.18 → 2.52 s). Yields the keywords
-    the model call then takes."""
+def segment_attention_for(
+    config, device: torch.device, packed: PackedBatch, precision: str, recomputed: bool = False
+):
+    """Inside, a model of `config` with SDPA attention on CPU attends with `segment_attention`:
+    over segments for `packed` when that pays — the rows' masked squares at least `MIN_GAIN`
+    times the scores the segments need (each call counted `CALL_COST` more), i.e. long rows
+    (the realistic workload's, not the fixed one's 8 × 16 tokens), and not for a backward in
+    bf16 or fp16 on PyTorch's bf16 kernels (measured slower: tiny bf16 realistic update 2.18 →
+    2.52 s; with widened products attention is fp32) — else with the masked call (`sdpa_gqa`).
+    `recomputed` (gradient checkpointing: the backward pass runs the forward again, outside
+    this context): the model keeps its own attention, so both runs are the same. Yields the
+    keywords the model call then takes."""
+    if recomputed:
+        yield {}
+        return
     R, N = packed.input_ids.shape
     needed = sum(
         s.prompt_len**2
@@ -333,7 +341,6 @@ def segment_attention_for(config, device: torch.device, packed: PackedBatch, pre
     pays = MIN_GAIN * needed <= R * N * N
     if precision != "fp32" and torch.is_grad_enabled() and not widens_bf16_matmul(device):
         pays = False
-    # without segments, the masked call (`sdpa_gqa`)
     with sdpa_replaced(config, _SEGMENT_SDPA, device):
         yield {"packed_segments": packed.segments} if pays else {}
 

@@ -95,7 +95,13 @@ class TransformersBackend:
         Tp, Tn = ids.shape[1], params.max_new_tokens
         # 1. prefill each distinct prompt once, then give every completion its prompt's cache
         # (long prompts: kept once, the completions point at it)
-        widened = self.precision == "bf16" and widens_bf16_matmul(ids.device)
+        # bf16 decode steps attend in fp32 over a cache stored so (SDPA models: the attention
+        # is advantage's, `precision.widened_attention`)
+        widened = (
+            self.precision == "bf16"
+            and widens_bf16_matmul(ids.device)
+            and getattr(model.config, "_attn_implementation", None) == "sdpa"
+        )
         shared = shares_prompt(model, Tp, G, ids.device, widened)
         cache = decode_cache(model, mask if shared else None, widened)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -206,9 +206,9 @@ def shared_prompt_attention(
     (the prompt's pads masked), the two products with the values added. Equal to `sdpa_gqa` on
     the rows' whole caches up to fp32 rounding."""
     cache = _ACTIVE.get()
-    if query.shape[2] != 1 or cache is None:
+    layer = cache.layers[module.layer_idx] if cache is not None else None
+    if query.shape[2] != 1 or layer is None or not layer.length:  # the prefill
         return sdpa_gqa(module, query, key, value, attention_mask, dropout, scaling, is_causal)
-    layer = cache.layers[module.layer_idx]
     R, H, _, D = query.shape
     KV, Dv = key.shape[1], value.shape[-1]
     P, Tp = cache.prompt_mask.shape
