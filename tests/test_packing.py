@@ -5,9 +5,10 @@ of different lengths (one token, none), and multi-turn completions with environm
 import pytest
 import torch
 
-from advantage.engine import models, packing
+from advantage.engine import models, packed_attention
 from advantage.engine.models import completion_logprobs, completion_values
-from advantage.engine.packing import _first_fit, bucket, pack, packable, segment_attention
+from advantage.engine.packed_attention import segment_attention
+from advantage.engine.packing import _first_fit, bucket, pack, packable
 from advantage.engine.rollout import Rollout, pad_completions, pad_prompts
 from advantage.engine.rollout.kv_cache import sdpa_gqa
 from advantage.tasks import builtin_model_path
@@ -209,7 +210,7 @@ def attention_kind(request):
     too short for it to pay)."""
     with pytest.MonkeyPatch.context() as patch:
         if request.param == "segments":
-            patch.setattr(packing, "MIN_GAIN", 0)
+            patch.setattr(packed_attention, "MIN_GAIN", 0)
         yield request.param
 
 

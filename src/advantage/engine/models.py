@@ -18,7 +18,8 @@ import torch
 from ..core import entropy_from_logits, logprobs_from_logits
 from .configlib import ConfigError
 from .hub import local_or_hub
-from .packing import attention_mask, pack, packable, segment_attention_for
+from .packed_attention import segment_attention_for
+from .packing import attention_mask, pack, packable
 from .parallel import unwrap
 from .precision import autocast
 from .rollout import Rollout

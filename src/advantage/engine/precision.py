@@ -139,6 +139,10 @@ def matmul_kernels(
     return Bf16MatmulInFp32()
 
 
+# inside `autocast`: whether its bf16 products are widened (read by `widened_attention`)
+_WIDENED: ContextVar[bool] = ContextVar("advantage_widened_bf16", default=False)
+
+
 @contextlib.contextmanager
 def autocast(
     precision: str, device: torch.device | str = "cpu", model: torch.nn.Module | None = None
@@ -160,9 +164,6 @@ def autocast(
             yield
     finally:
         _WIDENED.reset(token)
-
-
-_WIDENED: ContextVar[bool] = ContextVar("advantage_widened_bf16", default=False)
 
 
 def widened_attention(attention):

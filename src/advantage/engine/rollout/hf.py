@@ -94,9 +94,8 @@ class TransformersBackend:
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         Tp, Tn = ids.shape[1], params.max_new_tokens
         # 1. prefill each distinct prompt once, then give every completion its prompt's cache
-        # (long prompts: kept once, the completions point at it)
-        # bf16 decode steps attend in fp32 over a cache stored so (SDPA models: the attention
-        # is advantage's, `precision.widened_attention`)
+        # (a long prompt's kept once). Widened bf16: decode steps attend in fp32 over a cache
+        # stored so (SDPA models, whose attention is advantage's)
         widened = (
             self.precision == "bf16"
             and widens_bf16_matmul(ids.device)
