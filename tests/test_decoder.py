@@ -57,6 +57,26 @@ def test_rows_leaving_the_batch_change_no_sample(policy, monkeypatch, eos, param
         assert gap <= 1e-5, gap
 
 
+def test_column_major_weights_change_no_sample(policy, tokenizer, monkeypatch):
+    """Relaid when rows leave (here at the first that do) or never: the same samples, log-probs
+    within 1e-5; afterwards each weight has its own storage again."""
+    storage = {name: p.data_ptr() for name, p in policy.named_parameters()}
+    monkeypatch.setattr(hf, "RELAY_ROWS", 0)
+    never = _generate(policy, tokenizer)
+    relaid = []
+    column_major = hf.WeightLayout.column_major
+    monkeypatch.setattr(hf.WeightLayout, "column_major", lambda s: relaid.append(column_major(s)))
+    monkeypatch.setattr(hf, "RELAY_ROWS", 10**9)
+    monkeypatch.setattr(hf, "RELAY_STEPS", 0)
+    early = _generate(policy, tokenizer)
+    assert relaid
+    assert torch.equal(never.completion_ids, early.completion_ids)
+    gap = (never.logprobs - early.logprobs)[never.completion_mask].abs().max().item()
+    assert gap <= 1e-5, gap
+    assert storage == {name: p.data_ptr() for name, p in policy.named_parameters()}
+    assert all(p.is_contiguous() for p in policy.parameters())
+
+
 def test_engine_logprobs_equal_the_trainers_after_rows_leave(policy, tokenizer):
     from advantage.engine.models import completion_logprobs
 

@@ -206,6 +206,17 @@ def test_module_level_keeps_bf16_operands_for_the_backward_and_nests():
     assert all("forward" not in vars(m) for m in model.modules())
 
 
+def test_module_level_rewidens_weights_given_new_storage():
+    """Without autograd a weight is widened once per pass, and again when its storage changes
+    (the decode loop relays weights column-major: `hf.WeightLayout`)."""
+    model, x = qwen2(), torch.randn(3, 64)
+    linear = model.model.layers[0].mlp.up_proj
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16), precision.widened_linears(model):
+        first = linear(x)
+        linear.weight.data = 2 * linear.weight.data
+        assert torch.equal(linear(x), 2 * first)  # a power of two: exact in bf16
+
+
 def test_module_level_needs_linear_only_products():
     assert not precision.module_level(qwen2("eager"))  # attention products are matmuls
     dropout = qwen2()

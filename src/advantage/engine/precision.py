@@ -201,7 +201,8 @@ def widened_linears(model: torch.nn.Module):
     without intercepting every op. Without autograd (the decode loop, reference forwards) the
     weights are rounded and widened once per pass, not at every call. Linears already replaced
     (a nested context on the same modules) are left to the outer one."""
-    widened: dict[torch.nn.Linear, tuple] = {}  # no-grad passes: the fp32 widening of (W, b)
+    # no-grad passes: (W's address, the fp32 widening of W and b); the layout of W is kept
+    widened: dict[torch.nn.Linear, tuple] = {}
 
     def forward_of(linear: torch.nn.Linear):
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -210,9 +211,10 @@ def widened_linears(model: torch.nn.Module):
                 return F.linear(x, weight, bias)
             if torch.is_grad_enabled():
                 return WidenedLinear.apply(x, weight, bias)
-            if linear not in widened:
-                widened[linear] = tuple(None if t is None else _round(t) for t in (weight, bias))
-            return _fp32_linear(_round(x), *widened[linear])
+            if widened.get(linear, (None,))[0] != weight.data_ptr():  # new or re-laid weights
+                rounded = tuple(None if t is None else _round(t) for t in (weight, bias))
+                widened[linear] = (weight.data_ptr(), *rounded)
+            return _fp32_linear(_round(x), *widened[linear][1:])
 
         return forward
 

@@ -31,6 +31,8 @@ from ..precision import autocast, widens_bf16_matmul
 from .base import Rollout, SamplingParams, pad_completions, pad_prompts
 
 LEAVE_EVERY = 8  # ended rows leave the decode batch once they are ≥ 1/8 of it (a cache copy)
+# a decode batch down to this many rows with this many steps left reads column-major weights
+RELAY_ROWS, RELAY_STEPS = 48, 32
 
 
 class TransformersBackend:
@@ -104,7 +106,7 @@ class TransformersBackend:
         shared = shares_prompt(model, Tp, G, ids.device, widened)
         cache = decode_cache(model, mask if shared else None, widened)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        with decode_attention_for(model, cache, ids.device):
+        with decode_attention_for(model, cache, ids.device), WeightLayout(model) as layout:
             out = model(
                 input_ids=ids,
                 attention_mask=mask.long(),
@@ -145,6 +147,8 @@ class TransformersBackend:
                     cache.batch_select_indices(keep)
                     attention, position, active = attention[keep], position[keep], active[keep]
                     done, token = done[keep], token[keep]
+                    if len(keep) <= RELAY_ROWS and Tn - step > RELAY_STEPS and not self.lockstep:
+                        layout.column_major()
                 out = model(
                     input_ids=token[:, None],
                     # a shared cache holds the prompts' pads: each row attends to all else
@@ -234,3 +238,30 @@ def _stop_criterion(tokenizer, params: SamplingParams):
     from transformers.generation.stopping_criteria import StopStringCriteria
 
     return StopStringCriteria(tokenizer, list(params.stop))
+
+
+class WeightLayout:
+    """Inside, `column_major()` lays each `nn.Linear` weight of `model` out column-major (the
+    same values; the storage of its transpose): MKL's GEMM of a few rows against such a weight
+    runs 1.3–1.5× its rate against the row-major one (16–32 rows × 512 → 1408: 94 vs 63 and 156
+    vs 124 GFLOP/s), equal from 64 rows. Leaving restores the weights' own storage."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.saved = model, []
+
+    def column_major(self) -> None:
+        if self.saved:
+            return
+        for module in self.model.modules():
+            weight = module.weight if type(module) is torch.nn.Linear else None
+            if weight is not None and type(weight.data) is torch.Tensor and weight.is_contiguous():
+                self.saved.append((weight, weight.data))
+                weight.data = weight.data.t().contiguous().t()
+
+    def __enter__(self) -> WeightLayout:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for weight, data in self.saved:
+            weight.data = data
+        self.saved = []
