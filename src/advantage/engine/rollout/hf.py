@@ -10,7 +10,8 @@ top-k/top-p), the quantity the trainer computes.
 Per step the loop does the step's work and little else (`kv_cache.py`): the KV cache is written
 in place (no copy of it per token), attention reads grouped K/V heads without expanding them, a
 long prompt's keys and values are kept once for its G completions (in fp32, and in bf16 where
-products are widened: `precision.widened_attention`), and rows that have ended leave the batch.
+products are widened: `precision.widened_attention`), rows that have ended leave the batch,
+and a batch left with few rows for many steps reads column-major weights (`WeightLayout`).
 The sampling noise is drawn for every row whatever the batch holds, so a seed gives the same
 samples as a loop that keeps every row to the end (the logits of a row may differ in their last
 bits when the batch shrinks: matrix products of other shapes; tests/test_decoder.py checks
