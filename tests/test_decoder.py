@@ -266,3 +266,54 @@ def test_decode_attention_is_fp32_only(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, _ = kv_cache.sdpa_gqa(module, q, k, v, None)
     assert out.shape == (2, 1, 4, 8)
+
+
+def _llama(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_lean_decode_step_samples_as_the_models_forward(
+    policy, tokenizer, monkeypatch, family, precision, shared
+):
+    """The decode loop with `decode_step.lean_decode_step` and with the model's own forward:
+    the same tokens and the same log-probs, bitwise (the same ops in the same order), over the
+    one-block and the shared cache, in fp32 and in bf16 with widened products."""
+    from advantage.engine import precision as mixed
+    from advantage.engine.rollout import decode_step, kv_cache
+
+    monkeypatch.setattr(mixed, "_choice", "fp32")  # widened bf16 products (restored after)
+    monkeypatch.setattr(kv_cache, "SHARE_FROM", 1 if shared else 10**9)
+    model = policy if family == "qwen2" else _llama(tokenizer)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=24, seed=0)
+    outs = []
+    lean = decode_step.lean_decode_step
+    for pick in (lean, lambda m: None):
+        monkeypatch.setattr(decode_step, "lean_decode_step", pick)
+        outs.append(TransformersBackend(model, tokenizer, precision).generate(prompts, 3, params))
+    assert lean(model) is not None
+    lengths = outs[0].completion_mask.sum(-1)
+    assert lengths.min() < lengths.max()  # rows left the batch
+    assert torch.equal(outs[0].completion_ids, outs[1].completion_ids)
+    assert torch.equal(outs[0].logprobs, outs[1].logprobs)
+
+
+def test_lean_decode_step_only_for_the_layouts_it_knows(tokenizer):
+    from advantage.engine.rollout.decode_step import lean_decode_step
+
+    eager = load_causal_lm(str(builtin_model_path("tiny-random")))
+    eager.config._attn_implementation = "eager"  # its attention is not an SDPA function
+    assert lean_decode_step(eager) is None
+    other = _llama(tokenizer)
+    other.config.model_type = "mistral"  # may slide its window
+    assert lean_decode_step(other) is None

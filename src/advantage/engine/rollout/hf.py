@@ -12,6 +12,8 @@ in place (no copy of it per token), attention reads grouped K/V heads without ex
 long prompt's keys and values are kept once for its G completions (in fp32, and in bf16 where
 products are widened: `precision.widened_attention`), rows that have ended leave the batch,
 and a batch left with few rows for many steps reads column-major weights (`WeightLayout`).
+Llama and Qwen2 models decode through their modules without the model-level forward
+(`decode_step.py`: the same logits, bitwise).
 The sampling noise is drawn for every row whatever the batch holds, so a seed gives the same
 samples as a loop that keeps every row to the end (the logits of a row may differ in their last
 bits when the batch shrinks: matrix products of other shapes; tests/test_decoder.py checks
@@ -91,6 +93,7 @@ class TransformersBackend:
 
         Rows whose completion has ended leave the decode batch (their KV cache rows are dropped)
         once 1/LEAVE_EVERY of the batch has ended; `active` maps decode rows to output rows."""
+        from .decode_step import lean_decode_step
         from .kv_cache import decode_attention_for, decode_cache, shares_prompt
 
         warpers, stop = _warpers(params), _stop_criterion(self.tokenizer, params)
@@ -107,6 +110,7 @@ class TransformersBackend:
         shared = shares_prompt(model, Tp, G, ids.device, widened)
         cache = decode_cache(model, mask if shared else None, widened)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        lean = None if self.lockstep else lean_decode_step(model)  # else the model's forward
         with decode_attention_for(model, cache, ids.device), WeightLayout(model) as layout:
             out = model(
                 input_ids=ids,
@@ -150,15 +154,19 @@ class TransformersBackend:
                     done, token = done[keep], token[keep]
                     if len(keep) <= RELAY_ROWS and Tn - step > RELAY_STEPS and not self.lockstep:
                         layout.column_major()
-                out = model(
-                    input_ids=token[:, None],
-                    # a shared cache holds the prompts' pads: each row attends to all else
-                    attention_mask=None if shared else attention[:, : Tp + step + 1],
-                    position_ids=position,
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-                logits = out.logits[:, -1].float()
+                # a shared cache holds the prompts' pads: each row attends to all else
+                seen = None if shared else attention[:, : Tp + step + 1]
+                if lean is not None:
+                    logits = lean(token, position, cache, seen).float()
+                else:
+                    out = model(
+                        input_ids=token[:, None],
+                        attention_mask=seen,
+                        position_ids=position,
+                        past_key_values=cache,
+                        use_cache=True,
+                    )
+                    logits = out.logits[:, -1].float()
                 position = position + 1
         return tokens[:, : step + 1].cpu(), logprobs[:, : step + 1].cpu()
 
