@@ -315,5 +315,13 @@ def test_lean_decode_step_only_for_the_layouts_it_knows(tokenizer):
     eager.config._attn_implementation = "eager"  # its attention is not an SDPA function
     assert lean_decode_step(eager) is None
     other = _llama(tokenizer)
+    assert lean_decode_step(other) is not None
     other.config.model_type = "mistral"  # may slide its window
     assert lean_decode_step(other) is None
+    hooked = _llama(tokenizer)  # a hook the step would skip (it calls the layer's parts)
+    hooked.model.layers[1].mlp.register_forward_hook(lambda *a: None)
+    assert lean_decode_step(hooked) is None
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(_llama(tokenizer), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert lean_decode_step(lora) is None

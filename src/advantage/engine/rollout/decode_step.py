@@ -11,8 +11,10 @@ model's bitwise (`tests/test_decoder.py`); measured per step (64 rows, 8-token p
 4.28 → 3.61 ms; `small` (32 rows, 160-token prompts) 24.0 → 22.9 ms.
 
 `lean_decode_step(model)` gives the step for a model it knows the layout of, else None (the
-decode loop then calls the model). Sharded models (FSDP2) are not given one: their hooks run at
-each layer's own forward.
+decode loop then calls the model). Only transformers' own classes, unchanged, are given one: sharded
+models (FSDP2), modules with hooks (accelerate's offload, a user's) or replaced forwards, and
+peft-wrapped models keep the model's forward (hooks run at a module's own forward, which the
+step does not call for the layers, their attention, MLP and norms).
 """
 
 from __future__ import annotations
@@ -26,9 +28,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .kv_cache import full_attention_only
 
 MODEL_TYPES = ("llama", "qwen2")
+_FAMILIES = tuple(f"transformers.models.{t}" for t in MODEL_TYPES)
 _NORMS = ("input_layernorm", "post_attention_layernorm")
-_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
 
 def lean_decode_step(model: torch.nn.Module) -> Callable | None:
@@ -40,18 +41,15 @@ def lean_decode_step(model: torch.nn.Module) -> Callable | None:
         return None
     if getattr(config, "_attn_implementation", None) != "sdpa" or base is None:
         return None  # the decode loop sets its own SDPA-mask implementations (kv_cache.py)
-    if not hasattr(model, "lm_head") or not all(
-        hasattr(base, n) for n in ("embed_tokens", "rotary_emb", "norm", "layers")
-    ):
+    if not (_stock(model) and _stock(base)):
         return None
-    norms = [base.norm] + [getattr(layer, n, None) for layer in base.layers for n in _NORMS]
-    if not all(hasattr(norm, "variance_epsilon") for norm in norms):
+    # the modules the step does not call (it calls the embedding, rotary, Linears, activation)
+    layers = base.layers[: config.num_hidden_layers]
+    parts = [base.norm]
+    for layer in layers:
+        parts += [layer, layer.self_attn, layer.mlp, *(getattr(layer, n) for n in _NORMS)]
+    if not all(_stock(part) for part in parts):
         return None
-    for layer in base.layers:
-        if not all(hasattr(layer.self_attn, n) for n in _ATTENTION):
-            return None
-        if not all(hasattr(layer.mlp, n) for n in _MLP):
-            return None
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         return None
 
@@ -62,7 +60,7 @@ def lean_decode_step(model: torch.nn.Module) -> Callable | None:
         rows = hidden.shape[0]
         mask = None if mask is None else mask.bool()[:, None, None, :]  # [R, 1, 1, T]
         attention = ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
-        for index, layer in enumerate(base.layers):
+        for layer in layers:
             block = layer.self_attn
             x = _rms_norm(layer.input_layernorm, hidden)
             shape = (rows, 1, -1, block.head_dim)
@@ -71,7 +69,7 @@ def lean_decode_step(model: torch.nn.Module) -> Callable | None:
             value = block.v_proj(x).view(shape).transpose(1, 2)
             query = query * cos + _rotate_half(query) * sin
             key = key * cos + _rotate_half(key) * sin
-            key, value = cache.update(key, value, index)
+            key, value = cache.update(key, value, block.layer_idx)
             out, _ = attention(block, query, key, value, mask, dropout=0.0, scaling=block.scaling)
             hidden = hidden + block.o_proj(out.reshape(rows, 1, -1).contiguous())
             x = _rms_norm(layer.post_attention_layernorm, hidden)
@@ -80,6 +78,19 @@ def lean_decode_step(model: torch.nn.Module) -> Callable | None:
         return model.lm_head(_rms_norm(base.norm, hidden))[:, -1]
 
     return step
+
+
+def _stock(module: torch.nn.Module) -> bool:
+    """Whether `module` is transformers' own Llama or Qwen2 class, unchanged: no replaced
+    forward, no hooks (accelerate's offload, a user's) that calling its parts would skip."""
+    family = type(module).__module__.rsplit(".", 1)[0]
+    return (
+        family in _FAMILIES
+        and "forward" not in vars(module)
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and not hasattr(module, "_hf_hook")
+    )
 
 
 def _rms_norm(norm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -111,6 +111,10 @@ class TransformersBackend:
         cache = decode_cache(model, mask if shared else None, widened)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         lean = None if self.lockstep else lean_decode_step(model)  # else the model's forward
+        padded = not bool(mask.all())  # without pads a decode step attends without a mask
+        # column-major weights where MKL's few-row GEMM gains: CPU, fp32 products
+        relay = ids.device.type == "cpu" and not self.lockstep
+        relay = relay and (self.precision == "fp32" or widened)
         with decode_attention_for(model, cache, ids.device), WeightLayout(model) as layout:
             out = model(
                 input_ids=ids,
@@ -152,12 +156,12 @@ class TransformersBackend:
                     cache.batch_select_indices(keep)
                     attention, position, active = attention[keep], position[keep], active[keep]
                     done, token = done[keep], token[keep]
-                    if len(keep) <= RELAY_ROWS and Tn - step > RELAY_STEPS and not self.lockstep:
+                    if relay and len(keep) <= RELAY_ROWS and Tn - step > RELAY_STEPS:
                         layout.column_major()
                 # a shared cache holds the prompts' pads: each row attends to all else
                 seen = None if shared else attention[:, : Tp + step + 1]
                 if lean is not None:
-                    logits = lean(token, position, cache, seen).float()
+                    logits = lean(token, position, cache, seen if padded else None).float()
                 else:
                     out = model(
                         input_ids=token[:, None],
