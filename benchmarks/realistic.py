@@ -131,28 +131,26 @@ def length_variety(prompts, completions, completion_ids, prompt_tokens, **kwargs
 
 
 class PositionCounter:
-    """Counts the positions every `Qwen2Model.forward` of this process processes."""
+    """Counts the positions every forward of this process embeds (`nn.Embedding.forward`: the
+    model's forward and advantage's own decode step, `engine/rollout/decode_step.py`, both
+    embed their input ids; the benchmark's models have no other embedding)."""
 
     def __init__(self) -> None:
         import torch
-        from transformers.models.qwen2 import modeling_qwen2
 
         self.grad = self.no_grad = 0
         self._taken = (0, 0, 0)
-        original = modeling_qwen2.Qwen2Model.forward
+        original = torch.nn.Embedding.forward
 
         @functools.wraps(original)
-        def counted(module, *args, **kwargs):
-            x = kwargs.get("input_ids")
-            x = (args[0] if args else kwargs.get("inputs_embeds")) if x is None else x
-            n = x.shape[0] * x.shape[1]
+        def counted(module, ids):
             if torch.is_grad_enabled():
-                self.grad += n
+                self.grad += ids.numel()
             else:
-                self.no_grad += n
-            return original(module, *args, **kwargs)
+                self.no_grad += ids.numel()
+            return original(module, ids)
 
-        modeling_qwen2.Qwen2Model.forward = counted
+        torch.nn.Embedding.forward = counted
 
     def take_step(self) -> dict:
         """The last step's lengths (its one reward call) and positions since the last call."""
@@ -165,7 +163,7 @@ class PositionCounter:
         if processed < needed:
             raise RuntimeError(f"counted {processed} positions, fewer than the {needed} of the "
                                "sampling, reference and policy passes the step needs: a forward "
-                               "bypassed Qwen2Model.forward, or a pass was left out")  # fmt: skip
+                               "bypassed the embedding, or a pass was left out")  # fmt: skip
         return step
 
 
