@@ -319,7 +319,7 @@ def test_lean_decode_step_only_for_the_layouts_it_knows(tokenizer):
     other.config.model_type = "mistral"  # may slide its window
     assert lean_decode_step(other) is None
     hooked = _llama(tokenizer)  # a hook the step would skip (it calls the layer's parts)
-    hooked.model.layers[1].mlp.register_forward_hook(lambda *a: None)
+    hooked.model.layers[1].register_forward_hook(lambda *a: None)
     assert lean_decode_step(hooked) is None
     from peft import LoraConfig, get_peft_model
 

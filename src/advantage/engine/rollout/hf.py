@@ -93,40 +93,17 @@ class TransformersBackend:
 
         Rows whose completion has ended leave the decode batch (their KV cache rows are dropped)
         once 1/LEAVE_EVERY of the batch has ended; `active` maps decode rows to output rows."""
-        from .decode_step import lean_decode_step
-        from .kv_cache import decode_attention_for, decode_cache, shares_prompt
+        from .kv_cache import decode_attention_for
 
         warpers, stop = _warpers(params), _stop_criterion(self.tokenizer, params)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         Tp, Tn = ids.shape[1], params.max_new_tokens
-        # 1. prefill each distinct prompt once, then give every completion its prompt's cache
-        # (a long prompt's kept once). Widened bf16: decode steps attend in fp32 over a cache
-        # stored so (SDPA models, whose attention is advantage's)
-        widened = (
-            self.precision == "bf16"
-            and widens_bf16_matmul(ids.device)
-            and getattr(model.config, "_attn_implementation", None) == "sdpa"
-        )
-        shared = shares_prompt(model, Tp, G, ids.device, widened)
-        cache = decode_cache(model, mask if shared else None, widened)
+        forward, relay = self._decoder(model, ids, mask, G)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        lean = None if self.lockstep else lean_decode_step(model)  # else the model's forward
-        padded = not bool(mask.all())  # without pads a decode step attends without a mask
-        # column-major weights where MKL's few-row GEMM gains: CPU, fp32 products
-        relay = ids.device.type == "cpu" and not self.lockstep
-        relay = relay and (self.precision == "fp32" or widened)
+        cache = forward.cache
         with decode_attention_for(model, cache, ids.device), WeightLayout(model) as layout:
-            out = model(
-                input_ids=ids,
-                attention_mask=mask.long(),
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            rows = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(G)
-            cache.batch_select_indices(rows)
-            logits = out.logits[:, -1].float()[rows]  # [R, V], R = rows still decoding
+            # 1. prefill each distinct prompt once, then give every completion its prompt's cache
+            logits, rows = _prefill(model, ids, mask, positions, cache, G)  # [R, V], R decoding
             B = rows.shape[0]
             attention = torch.ones(B, Tp + Tn, dtype=torch.long, device=ids.device)
             attention[:, :Tp] = mask[rows]  # [R, Tp + Tn]: the first Tp + step columns are used
@@ -158,21 +135,33 @@ class TransformersBackend:
                     done, token = done[keep], token[keep]
                     if relay and len(keep) <= RELAY_ROWS and Tn - step > RELAY_STEPS:
                         layout.column_major()
-                # a shared cache holds the prompts' pads: each row attends to all else
-                seen = None if shared else attention[:, : Tp + step + 1]
-                if lean is not None:
-                    logits = lean(token, position, cache, seen if padded else None).float()
-                else:
-                    out = model(
-                        input_ids=token[:, None],
-                        attention_mask=seen,
-                        position_ids=position,
-                        past_key_values=cache,
-                        use_cache=True,
-                    )
-                    logits = out.logits[:, -1].float()
+                logits = forward(token, position, attention[:, : Tp + step + 1])
                 position = position + 1
         return tokens[:, : step + 1].cpu(), logprobs[:, : step + 1].cpu()
+
+    def _decoder(self, model, ids, mask, G: int) -> tuple[DecodeForward, bool]:
+        """The decode steps' forward over a fresh cache, and whether the weights may be laid out
+        column-major once few rows are left (CPU, fp32 products: MKL's few-row GEMM gains).
+        A long prompt's cache is kept once (`shares_prompt`); widened bf16: decode steps attend
+        in fp32 over a cache stored so (SDPA models, whose attention is advantage's)."""
+        from .decode_step import lean_decode_step
+        from .kv_cache import decode_cache, shares_prompt
+
+        widened = (
+            self.precision == "bf16"
+            and widens_bf16_matmul(ids.device)
+            and getattr(model.config, "_attn_implementation", None) == "sdpa"
+        )
+        shared = shares_prompt(model, ids.shape[1], G, ids.device, widened)
+        forward = DecodeForward(
+            model,
+            decode_cache(model, mask if shared else None, widened),
+            lean=None if self.lockstep else lean_decode_step(model),
+            shared=shared,
+            padded=not bool(mask.all()),
+        )
+        relay = ids.device.type == "cpu" and not self.lockstep
+        return forward, relay and (self.precision == "fp32" or widened)
 
     def _cut(
         self, rows: list[list[int]], params: SamplingParams
@@ -193,6 +182,22 @@ class TransformersBackend:
             )
             finished.append(stopped)
         return completions, finished
+
+
+def _prefill(model, ids, mask, positions, cache, G: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next-token logits `[P·G, V]` of each prompt's G rows and each row's prompt `[P·G]`:
+    each prompt prefilled once, its cache then given to its rows (prompt-major)."""
+    out = model(
+        input_ids=ids,
+        attention_mask=mask.long(),
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    rows = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(G)
+    cache.batch_select_indices(rows)
+    return out.logits[:, -1].float()[rows], rows
 
 
 def _all(done: torch.Tensor, across_ranks: bool) -> bool:
@@ -251,6 +256,29 @@ def _stop_criterion(tokenizer, params: SamplingParams):
     from transformers.generation.stopping_criteria import StopStringCriteria
 
     return StopStringCriteria(tokenizer, list(params.stop))
+
+
+class DecodeForward:
+    """A decode step's logits `[R, V]` for the rows' last tokens over `cache`: advantage's
+    `lean` step (the Llama family) or the model's forward. A shared cache holds the prompts'
+    pads (each row attends to all else: no mask); without pads the lean step needs none."""
+
+    def __init__(self, model, cache, lean, shared: bool, padded: bool) -> None:
+        self.model, self.cache, self.lean = model, cache, lean
+        self.shared, self.padded = shared, padded
+
+    def __call__(self, token, position, attention) -> torch.Tensor:
+        seen = None if self.shared else attention  # [R, T] of the positions so far
+        if self.lean is not None:
+            return self.lean(token, position, self.cache, seen if self.padded else None).float()
+        out = self.model(
+            input_ids=token[:, None],
+            attention_mask=seen,
+            position_ids=position,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1].float()
 
 
 class WeightLayout:
