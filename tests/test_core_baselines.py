@@ -106,6 +106,23 @@ def test_group_with_equal_rewards_gives_zero_advantage_no_nan():
     assert torch.isfinite(leave_one_out_advantages(s, 3)).all()
 
 
+@pytest.mark.parametrize("value", [0.1, -7.3, 100.1, 1000.3])
+@pytest.mark.parametrize("G", [3, 6, 7, 8])
+def test_constant_group_of_inexact_scores_gives_exactly_zero(value, G):
+    # G copies of 0.1 average to 0.1 ± 1 ulp in fp32; that residue over σ + ε (σ itself
+    # residue) must not become an advantage: found by an independent check (100.1, G = 6 gave
+    # 0.13 before)
+    s = torch.cat([torch.full((G,), value), torch.linspace(-1.0, 2.0, G)])
+    valid = torch.ones(2 * G, dtype=torch.bool)
+    valid[G - 1] = False  # an unscored member does not make the group non-constant
+    for mask in (None, valid):
+        assert (group_std(s, G, mask)[:G] == 0).all()
+        assert (group_mean_advantages(s, G, mask)[:G] == 0).all()
+        assert (leave_one_out_advantages(s, G, mask)[:G] == 0).all()
+        out = group_normalize(group_mean_advantages(s, G, mask), s, G, mask, eps=1e-6)
+        assert (out[:G] == 0).all() and (out[G:] != 0).any()
+
+
 def test_group_mean_advantages_have_zero_mean_and_constant_shift_changes_nothing():
     torch.manual_seed(0)
     s = torch.randn(32)

@@ -81,3 +81,24 @@ def test_adaptive_kl_controller_hand_computed():
 def test_adaptive_kl_controller_needs_target():
     with pytest.raises(ValueError, match="target"):
         AdaptiveKLController(0.1, target=None)
+
+
+def test_kl_metric_and_controller_count_only_the_sequences_that_count():
+    # an independent check found the `kl` metric and the controller's input taken over every
+    # completion, unscored and (under rollout.mask_truncated) truncated ones included
+    from types import SimpleNamespace
+
+    from advantage.rl.step import control_kl
+
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -1.0], [-3.0, -0.1, -0.2]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-9.0, -9.0, -9.0], [-1.0, -1.0, -1.0]])
+    model_mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    counted = torch.tensor([True, False, True])  # row 1 unscored: its KL of 8 per token is out
+    ctl = AdaptiveKLController(0.1, target=1.0, horizon=100)
+    run = SimpleNamespace(algo=SimpleNamespace(kl_estimator="k1"), kl_ctl=ctl)
+    passes = SimpleNamespace(behaviour_logprobs=logp, ref_logprobs=ref)
+    out = control_kl(run, passes, model_mask & counted[:, None], counted)
+    # k1 = logp - ref: row 0 → 0.5, -1.0; row 2 → -2.0, 0.9, 0.8: sum -0.8 over 5 tokens
+    assert out["kl"] == pytest.approx(-0.8 / 5)
+    # the controller: mean over the 2 counted sequences of their summed KL, -0.4 → e = -0.2
+    assert ctl.value == pytest.approx(0.1 * (1 - 0.2 * 2 / 100))

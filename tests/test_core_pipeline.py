@@ -110,6 +110,32 @@ def test_frac_zero_std_groups_metric():
     assert (out.advantages[:2] == 0).all()
 
 
+@pytest.mark.parametrize("name", ["grpo", "rloo", "dr_grpo"])
+def test_constant_group_zero_advantage_and_counted_as_zero_std(name):
+    scores = torch.tensor([100.1] * 6 + [0.0, 1.0, 0.6, 0.2, 0.9, 0.4])
+    inputs = AdvantageInputs(scores=scores, mask=torch.ones(12, 3, dtype=torch.bool), group_size=6)
+    algo = resolve(name, kl_placement="none")
+    out = compute_advantages(inputs, algo, make_baseline(algo.baseline), kl_coef=0.0)
+    assert (out.advantages[:6] == 0).all() and (out.advantages[6:] != 0).all()
+    assert out.metrics["frac_zero_std_groups"].item() == 0.5
+
+
+def test_fp64_scores_are_computed_in_fp64():
+    g = torch.Generator().manual_seed(3)
+    scores = 10 + 1e-3 * torch.randn(8, generator=g, dtype=torch.float64)
+    mask = torch.ones(8, 4, dtype=torch.bool)
+    out = compute_advantages(
+        AdvantageInputs(scores=scores, mask=mask, group_size=4), resolve("grpo"),
+        make_baseline("group_mean"), kl_coef=0.0,
+    )  # fmt: skip
+    groups = scores.view(2, 4)
+    expected = (groups - groups.mean(-1, keepdim=True)) / (groups.std(-1, keepdim=True) + 1e-4)
+    assert out.advantages.dtype == torch.float64
+    torch.testing.assert_close(out.advantages[:, 0], expected.view(-1), rtol=1e-12, atol=1e-12)
+    rewards = token_rewards(scores, mask)
+    assert rewards.dtype == torch.float64 and (rewards[:, -1] == scores).all()
+
+
 # The table of SPEC §3, row by row.
 SPEC_TABLE = {
     "ppo": ("critic", "batch", "reward", "token_mean", True),

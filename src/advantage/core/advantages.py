@@ -71,7 +71,7 @@ def compute_advantages(
     `algo.baseline`; `kl_coef` is the current β (the KL controller's value; `algo.kl_coef` is
     only its initial value), used when `algo.kl_in_reward`.
     """
-    scores = inputs.scores.float()
+    scores = inputs.scores.to(torch.promote_types(inputs.scores.dtype, torch.float32))
     score_mask = (
         torch.ones_like(scores, dtype=torch.bool)
         if inputs.score_mask is None

@@ -49,18 +49,30 @@ def _valid(scores: torch.Tensor, valid_mask: torch.Tensor | None) -> torch.Tenso
     return valid_mask.bool()
 
 
+def constant_groups(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`[P, 1]` bool: the groups of `scores` `[P, G]` whose valid members (`valid` `[P, G]`) are
+    all equal, exactly. Their mean in floating point need not be that value (eight scores of
+    0.1 in fp32 average to 0.1 ± 1 ulp), so the baselines and the group std treat them
+    explicitly: a constant group's centred scores and std are 0, not rounding residue that
+    division by σ + ε would blow up."""
+    top = torch.where(valid, scores, float("-inf")).amax(-1, keepdim=True)
+    bottom = torch.where(valid, scores, float("inf")).amin(-1, keepdim=True)
+    return top == bottom
+
+
 def group_mean_advantages(
     scores: torch.Tensor, group_size: int, valid_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """`s_i - mean_g(s)`, the mean over the valid members of i's group (GRPO).
 
-    scores `[B]` → `[B]`; invalid samples get 0.
+    scores `[B]` → `[B]`; invalid samples get 0, and so does every member of a group whose
+    valid scores are all equal (exactly 0, `constant_groups`).
     """
     valid = as_groups(_valid(scores, valid_mask), group_size)
     s = torch.where(valid, as_groups(scores, group_size), 0.0)  # [P, G]
     count = valid.sum(-1, keepdim=True).clamp(min=1)
     mean = s.sum(-1, keepdim=True) / count
-    return torch.where(valid, s - mean, 0.0).view(-1)
+    return torch.where(valid & ~constant_groups(s, valid), s - mean, 0.0).view(-1)
 
 
 def leave_one_out_advantages(
@@ -71,7 +83,8 @@ def leave_one_out_advantages(
         s_i - (Σ_{k∈g} s_k - s_i)/(n-1)  =  n/(n-1)·(s_i - mean_g(s))
 
     with n the group's valid members (n = G when all are scored). scores `[B]` → `[B]`.
-    A sample whose group has no other valid member gets 0. Raises if `group_size < 2`.
+    A sample whose group has no other valid member gets 0, and so does every member of a group
+    whose valid scores are all equal (`constant_groups`). Raises if `group_size < 2`.
     """
     if group_size < 2:
         raise ValueError(
@@ -82,7 +95,8 @@ def leave_one_out_advantages(
     s = torch.where(valid, as_groups(scores, group_size), 0.0)  # [P, G]
     others = valid.sum(-1, keepdim=True) - 1  # n - 1 per group
     baseline = (s.sum(-1, keepdim=True) - s) / others.clamp(min=1)
-    return torch.where(valid & (others > 0), s - baseline, 0.0).view(-1)
+    counted = valid & (others > 0) & ~constant_groups(s, valid)
+    return torch.where(counted, s - baseline, 0.0).view(-1)
 
 
 def global_mean(

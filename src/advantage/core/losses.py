@@ -24,9 +24,12 @@ def logprobs_from_logits(logits: torch.Tensor, token_ids: torch.Tensor) -> torch
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(z): `H = logsumexp(z) - Σ_v softmax(z)_v·z_v`. `[B, T, V]` → `[B, T]`."""
-    logits = logits.float()
-    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    """Entropy of softmax(z): `H = -Σ_v p_v·log p_v` with `log p = log_softmax(z)`, in fp32 (fp64
+    logits stay fp64). `[B, T, V]` → `[B, T]`. Equal in exact arithmetic to verl's
+    `logsumexp(z) - Σ_v p_v·z_v`, which cancels two large terms in floating point (fp32,
+    V = 32000, logits of scale 10: off by ~2e-5; this form ~1e-6)."""
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def masked_fraction(flags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

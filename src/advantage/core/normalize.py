@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .baselines import as_groups
+from .baselines import as_groups, constant_groups
 from .distributed import all_reduce_sum
 
 SCOPES = ("none", "group", "batch_std", "batch")
@@ -27,7 +27,8 @@ def group_std(
     """Std of each group's valid scores, broadcast back to `[B]`.
 
     `unbiased=True` divides by n-1 (Bessel, as `torch.std`); a group with n ≤ 1 valid scores has
-    std 0 (its advantages are then 0 or unchanged, never NaN).
+    std 0 (its advantages are then 0 or unchanged, never NaN), and so has a group whose valid
+    scores are all equal (exactly 0, not the rounding residue of its mean: `constant_groups`).
     """
     valid = as_groups(
         torch.ones_like(scores, dtype=torch.bool) if valid_mask is None else valid_mask.bool(),
@@ -38,7 +39,7 @@ def group_std(
     mean = s.sum(-1, keepdim=True) / n.clamp(min=1)
     sq_dev = torch.where(valid, (s - mean).square(), 0.0).sum(-1, keepdim=True)
     dof = (n - 1) if unbiased else n
-    var = torch.where(dof > 0, sq_dev / dof.clamp(min=1), 0.0)
+    var = torch.where((dof > 0) & ~constant_groups(s, valid), sq_dev / dof.clamp(min=1), 0.0)
     return var.sqrt().expand_as(s).reshape(-1)
 
 

@@ -36,7 +36,8 @@ def token_rewards(
     scores `[B]`, mask bool `[B, T]`, kl `[B, T]` or None (no KL in the reward) → `[B, T]`.
     A row with an empty mask gets all-zero rewards.
     """
-    rewards = torch.where(last_token_mask(mask), scores.unsqueeze(-1).to(torch.float32), 0.0)
+    dtype = torch.promote_types(scores.dtype, torch.float32)  # fp64 scores stay fp64
+    rewards = torch.where(last_token_mask(mask), scores.unsqueeze(-1).to(dtype), 0.0)
     if kl is not None and kl_coef != 0.0:
         rewards = rewards - kl_coef * torch.where(mask.bool(), kl, 0.0)
     return rewards

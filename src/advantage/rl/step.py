@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import torch
+
 from ..core import AdvantageInputs, compute_advantages
 from ..core.kl import sequence_kl
 from ..engine.episodes import episode_metrics
@@ -35,9 +37,12 @@ def train_step(
     batch = batch if batch is not None else rollout_and_score(run)
     stale = batch.version is not None and batch.version < state.step
     rollout = batch.rollout
-    mask = rollout.model_mask.clone()  # the model's tokens: environment tokens are not actions
+    # the sequences that count (scored; not truncated under mask_truncated), and their tokens:
+    # the model's (environment tokens are not actions)
+    counted = batch.scores.score_mask.clone()
     if cfg.rollout.mask_truncated:
-        mask &= ~rollout.truncated.unsqueeze(-1)
+        counted &= ~rollout.truncated
+    mask = rollout.model_mask & counted.unsqueeze(-1)
     # 3. old policy, reference, critic: no gradient
     t_train = time.perf_counter()
     passes = no_grad_passes(run, rollout, stale)
@@ -71,7 +76,7 @@ def train_step(
     update_metrics = update(run, state, tokens, say)
     train_seconds = time.perf_counter() - t_train
     # 6. bookkeeping: KL controller, reference sync, engine weights, schedules; metrics
-    kl_metrics = control_kl(run, passes, batch)
+    kl_metrics = control_kl(run, passes, tokens.mask, counted)
     after_update(run, state)
     times = {
         "time/rollout": batch.rollout_seconds,
@@ -101,18 +106,23 @@ def after_update(run: Run, state: TrainState) -> None:
         run.critic_scheduler.step()
 
 
-def control_kl(run: Run, passes: NoGradPasses, batch: ScoredRollout) -> dict[str, float]:
+def control_kl(
+    run: Run, passes: NoGradPasses, mask: torch.Tensor, counted: torch.Tensor
+) -> dict[str, float]:
     """The KL of the generating policy to the reference over the global batch: the `kl` metric
-    (per token) and the adaptive controller's input (per sequence, Ziegler et al. 2019)."""
+    (per token) and the adaptive controller's input (per sequence, Ziegler et al. 2019), over
+    the sequences that count (`counted` `[B]`: scored, and not truncated under
+    `rollout.mask_truncated`) and their tokens (`mask` `[B, T]`), as every other statistic."""
     if passes.ref_logprobs is None or passes.behaviour_logprobs is None:
         return {}
-    model_mask = batch.rollout.model_mask
     per_token, _per_seq = sequence_kl(
-        passes.behaviour_logprobs, passes.ref_logprobs, model_mask, run.algo.kl_estimator
+        passes.behaviour_logprobs, passes.ref_logprobs, mask, run.algo.kl_estimator
     )
-    kl_sum, n_tokens = global_sums([float(per_token.sum()), float(model_mask.sum())])
-    n_seqs = model_mask.shape[0] * run.dist.world_size
-    run.kl_ctl.update(kl_sum / n_seqs, n_seqs)  # the mean over sequences of their summed KL
+    kl_sum, n_tokens, n_seqs = global_sums(
+        [float(per_token.sum()), float(mask.sum()), float(counted.sum())]
+    )
+    if n_seqs:  # the mean over sequences of their summed KL
+        run.kl_ctl.update(kl_sum / n_seqs, n_seqs)
     return {"kl": kl_sum / max(n_tokens, 1.0)}
 
 
