@@ -109,14 +109,18 @@ def worker_advantage(system: str, size: str, precision: str, opts: argparse.Name
 def worker_trl(size: str, precision: str, opts: argparse.Namespace) -> dict:
     import datasets
     import torch
-    from transformers import AutoConfig, AutoTokenizer, TrainerCallback
+    from transformers import AutoConfig, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
+
+    from advantage.engine.models import load_tokenizer
 
     steps, warmup, workload = opts.steps, opts.warmup, opts.workload
     settings = WORKLOADS[workload].settings(size)
     counter = realistic.PositionCounter() if workload == "realistic" else None
     folder = settings["model"]
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    # the folder's own tokenizer, as advantage loads it (AutoTokenizer rebuilds these
+    # character-level tokenizers as Qwen2's byte-level one, which drops spaces: fewer tokens)
+    tokenizer = load_tokenizer(folder)
     ends: list[float] = []
     counted: list[dict] = []
     phase_log: dict[str, list[float]] = {"rollout": [], "reward": [], "ref_logprobs": []}

@@ -49,7 +49,9 @@ POOL = 512  # distinct prompts
 STOP_P = 1 / 128  # probability of EOS at each completion position
 CONSTANT = 16.0  # value of residual channel 0: dominates the RMS of the residual stream
 MICRO_BATCH = 8  # sequences per forward/backward in both systems (gradient accumulation)
-VERSION = 1  # bump when the model surgery changes
+# bump when the model surgery or its saved tokenizer changes (2: the character tokenizer as
+# saved, not the byte-level one transformers' AutoTokenizer rebuilds for Qwen2 folders)
+VERSION = 2
 
 
 def prompt_rows(tokenizer) -> list[dict]:
@@ -73,15 +75,16 @@ def prompt_rows(tokenizer) -> list[dict]:
 
 def model_folder(size: str) -> str:
     """`builtin:{size}-random` with the stop rate in its weights; built once, cached beside it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    from advantage.engine.models import load_tokenizer
     from advantage.tasks import save_folder
 
     source = Path(builtin_model_folder(size))
     path = source.parent / f"bench-realistic-{size}-v{VERSION}-p{round(1 / STOP_P)}"
     if (path / "config.json").is_file():
         return str(path)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(str(source))
     model = AutoModelForCausalLM.from_pretrained(source)
     with_stop_rate(model, tokenizer, STOP_P)
     save_folder(model, tokenizer, path)
@@ -194,7 +197,7 @@ def settings(size: str) -> dict:
     at temperature 1 without top-k/top-p up to BUDGET tokens, stopping at EOS; training in
     micro-batches of MICRO_BATCH sequences (TRL: gradient accumulation, one generation of all
     P·G sequences per optimizer step)."""
-    from transformers import AutoTokenizer
+    from advantage.engine.models import load_tokenizer
 
     model = model_folder(size)
     advantage = [f"rollout.max_new_tokens={BUDGET}", "rollout.ignore_eos=false", "rollout.top_k=0",
@@ -203,7 +206,7 @@ def settings(size: str) -> dict:
     trl = dict(max_completion_length=BUDGET, top_k=0, top_p=1.0,
                per_device_train_batch_size=MICRO_BATCH,
                gradient_accumulation_steps=PROMPTS * GENERATIONS // MICRO_BATCH)  # fmt: skip
-    rows = prompt_rows(AutoTokenizer.from_pretrained(model))
+    rows = prompt_rows(load_tokenizer(model))
     return dict(model=model, rows=rows, reward=length_variety, advantage=advantage, trl=trl)
 
 

@@ -51,6 +51,29 @@ def test_sft_and_rm_without_data_are_refused(stage, run_dir):
         run(cfg)
 
 
+def test_tiny_model_tokenizer_loads_as_saved(tmp_path):
+    # transformers 5's AutoTokenizer rebuilds a qwen2 folder's character-level tokenizer as
+    # Qwen2's byte-level BPE, which dropped spaces, newlines and unknown characters silently
+    # (an independent user's probe: "3a1 b>" → "31>"); advantage loads tokenizer.json as saved
+    import advantage
+    from advantage.engine.models import load_tokenizer
+
+    out = advantage.make_tiny_model(tmp_path / "m", size="micro", chars="ab 1\n>")
+    tokenizer = load_tokenizer(str(out))
+    ids = tokenizer("a b\n1>")["input_ids"]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "a b\n1>" and len(ids) == 7
+    unknown = tokenizer("azb")["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(unknown) == ["<bos>", "a", "<unk>", "b"]
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token == "<pad>"
+    # a folder whose tokenizer.json is what AutoTokenizer builds keeps AutoTokenizer's class
+    qwen_style = tmp_path / "q"
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(out).save_pretrained(qwen_style)
+    (qwen_style / "config.json").write_text((out / "config.json").read_text())
+    assert type(load_tokenizer(str(qwen_style))).__name__ == "Qwen2Tokenizer"
+
+
 def test_make_tiny_model_for_a_toy_task(tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -50,10 +50,13 @@ def _loading(path: str):
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer of `path` (left padding; the EOS token as pad when there is none), as its
+    `tokenizer.json` defines it (`as_saved`)."""
     from transformers import AutoTokenizer
 
     with _loading(path):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = as_saved(tokenizer, path)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ConfigError(f"tokenizer of {path!r} has neither a pad nor an EOS token; set one")
@@ -63,6 +66,32 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         )
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def as_saved(tokenizer, path: str):
+    """`tokenizer`, or the folder's own `tokenizer.json` loaded as it is when `AutoTokenizer`
+    rebuilt it as a different kind of model. transformers 5 forces the model family's tokenizer
+    class on some families (`qwen2` among them): for a folder whose `tokenizer.json` is a
+    character-level `WordLevel` model (`make_tiny_model`, the built-in models) it builds Qwen2's
+    byte-level BPE from the vocabulary instead, which drops spaces, newlines and unknown
+    characters without a word ('a 1' → 'a1'). A tokenizer that is the saved one is returned
+    unchanged (every hub checkpoint whose class matches its file)."""
+    import json
+    from pathlib import Path
+
+    from transformers import PreTrainedTokenizerFast
+
+    saved = Path(path) / "tokenizer.json"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not saved.is_file() or backend is None:
+        return tokenizer
+    kind = json.loads(saved.read_text()).get("model", {}).get("type")
+    if kind is None or kind == type(backend.model).__name__:
+        return tokenizer
+    log.info(
+        "%s: loading tokenizer.json as saved (%s, not %s)", path, kind, type(tokenizer).__name__
+    )
+    return PreTrainedTokenizerFast.from_pretrained(path)
 
 
 def load_causal_lm(path: str, trust_remote_code: bool = False) -> torch.nn.Module:
