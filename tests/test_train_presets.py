@@ -62,3 +62,16 @@ def test_axis_overrides_and_options_run(run_dir):
     assert "dynamic_sampling/tries" in last and "clip_frac/dual" in last
     for a, b in zip(trainer.ref.parameters(), trainer.policy.parameters(), strict=True):
         assert not torch.equal(a, b)  # α = 0.5: halfway, not a copy
+
+
+def test_logged_lr_and_beta_are_the_ones_the_step_used(tmp_path):
+    # an independent user's probe: the logged lr was the next step's (the schedule had moved)
+    cfg = load_config(
+        None,
+        small_config(tmp_path / "run", "train.warmup_steps=2", "train.lr_schedule=linear",
+                     "algo.kl_controller=adaptive", "algo.kl_target=1e-6", "algo.kl_coef=0.01"),
+    )  # fmt: skip
+    metrics = Trainer(cfg, reward_funcs=[length_reward]).fit().metrics
+    # warm-up (step + 1)/2, then linear from 1 to 0 over the one step left: 5e-4, 1e-3, 1e-3
+    assert [m["lr"] for m in metrics] == pytest.approx([5e-4, 1e-3, 1e-3])
+    assert metrics[0]["kl_coef"] == 0.01 and metrics[1]["kl_coef"] < 0.01  # β before it moved

@@ -76,6 +76,8 @@ def train_step(
     update_metrics = update(run, state, tokens, say)
     train_seconds = time.perf_counter() - t_train
     # 6. bookkeeping: KL controller, reference sync, engine weights, schedules; metrics
+    # the β and learning rate this step used: the controller and the schedule move on below
+    used = {"kl_coef": run.kl_ctl.value, "lr": run.optimizer.param_groups[0]["lr"]}
     kl_metrics = control_kl(run, passes, tokens.mask, counted)
     after_update(run, state)
     times = {
@@ -86,7 +88,7 @@ def train_step(
         "time/train": train_seconds,
         "time/step": time.perf_counter() - t_step,
     }
-    metrics = step_metrics(run, batch, times)
+    metrics = step_metrics(run, batch, {**used, **times})
     metrics.update({k: float(v) for k, v in adv.metrics.items()})
     metrics.update(kl_metrics)
     metrics.update(update_metrics)
@@ -126,8 +128,9 @@ def control_kl(
     return {"kl": kl_sum / max(n_tokens, 1.0)}
 
 
-def step_metrics(run: Run, batch: ScoredRollout, times: dict[str, float]) -> dict[str, float]:
-    """Rewards, lengths, β, learning rate, times and throughput of this rank's batch (SPEC §5)."""
+def step_metrics(run: Run, batch: ScoredRollout, known: dict[str, float]) -> dict[str, float]:
+    """Rewards, lengths and throughput of this rank's batch, with `known` (the step's times, and
+    the β and learning rate it used) (SPEC §5)."""
     rollout, scores = batch.rollout, batch.scores
     lengths = rollout.completion_lengths.float()
     n_tokens = float(rollout.model_mask.sum())
@@ -138,11 +141,9 @@ def step_metrics(run: Run, batch: ScoredRollout, times: dict[str, float]) -> dic
         "reward/unscored_frac": float((~scores.score_mask).float().mean()),
         "completion/length": float(lengths.mean()),
         "completion/clipped_ratio": float(rollout.truncated.float().mean()),
-        "kl_coef": run.kl_ctl.value,
-        "lr": run.optimizer.param_groups[0]["lr"],
-        **times,
+        **known,
         "tokens_per_s/rollout": n_tokens / max(batch.rollout_seconds, 1e-9),
-        "tokens_per_s/train": float(rollout.attention_mask.sum()) / max(times["time/train"], 1e-9),
+        "tokens_per_s/train": float(rollout.attention_mask.sum()) / max(known["time/train"], 1e-9),
     }
     for name, values, present in zip(
         scores.names, scores.per_source, scores.per_source_mask, strict=True
