@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from advantage.engine.configlib import ConfigError
 from advantage.engine.reward_helpers import (
     exact_match,
     format_regex,
@@ -134,6 +135,21 @@ def test_datasets_folder_loads(tmp_path):
     assert load_rows(str(tmp_path / "ds")) == [{"prompt": "ab>", "answer": "ba"}]
     (tmp_path / "d.csv").write_text("prompt,answer\nab>,ba\n")
     assert load_rows(str(tmp_path / "d.csv"))[0]["answer"] == "ba"
+
+
+def test_csv_columns_are_the_text_written(tmp_path):
+    # an independent user's probe: `datasets` inferred a column of digit strings as integers
+    # (answers "012" → 12, "000" → 0) and parsed "NA" as missing, silently
+    from advantage.engine.data import load_rows
+
+    (tmp_path / "d.csv").write_text('prompt,answer,note\n"3, 1>",012,NA\n10>,000,\n')
+    assert load_rows(str(tmp_path / "d.csv")) == [
+        {"prompt": "3, 1>", "answer": "012", "note": "NA"},
+        {"prompt": "10>", "answer": "000", "note": ""},
+    ]
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ConfigError, match=r"data\.train: .*empty\.csv has no header row"):
+        load_rows(str(tmp_path / "empty.csv"))
 
 
 @pytest.mark.slow

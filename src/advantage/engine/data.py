@@ -74,17 +74,36 @@ def _load_with_datasets(spec: str, path: Path, field: str) -> list[dict]:
             raise ConfigError(
                 f"{field}: cannot read {spec!r} (use .jsonl, .json, .csv or .parquet)"
             )
-        ds = (
-            datasets.load_dataset(kind, data_files=str(path), split="train")
-            if path.is_file()
-            else datasets.load_dataset(str(path), split="train")
-        )
+        if kind == "csv":
+            ds = _load_csv(path, spec, field)
+        elif path.is_file():
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        else:
+            ds = datasets.load_dataset(str(path), split="train")
     else:  # a hub dataset id, or a typo: fail at once, before any network retries
         local_or_hub(spec, field, probe="README.md", repo_type="dataset", kind="file or folder")
         ds = datasets.load_dataset(spec, split="train")
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"]
     return [dict(row) for row in ds]
+
+
+def _load_csv(path: Path, spec: str, field: str):
+    """A CSV file with every column read as the text written in it: no type inference (`012`
+    stays `012`, not the number 12) and no missing-value parsing (`NA`, `None`, `null` stay
+    text; an empty cell is ""). Typed columns: use .jsonl, .json or .parquet."""
+    import csv
+
+    import datasets
+
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), None)
+    if not header:
+        raise ConfigError(f"{field}: {spec} has no header row (the column names)")
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    return datasets.load_dataset(
+        "csv", data_files=str(path), split="train", features=features, keep_default_na=False
+    )
 
 
 def check_rows(rows: list[dict], prompt_field: str, field: str = "data.train") -> None:
