@@ -73,7 +73,7 @@ if __name__ == "__main__":
         reward_funcs=[upper_correct],
         overrides=rl_overrides,
     )
-    if result.eval_after:  # (empty when the run had already finished: nothing was trained)
+    if result.eval_after:  # (a rerun of a finished run: its logged evaluations)
         print(
             f"held-out accuracy: {result.eval_before['eval/accuracy']:.1%} -> "
             f"{result.eval_after['eval/accuracy']:.1%}"

@@ -223,10 +223,10 @@ def test_a_rerun_or_resumed_run_reports_its_logged_evaluations(run_dir):
     rerun = Trainer(
         load_config(None, small_config(run_dir, "train.steps=2", *evals)), [length_reward]
     ).fit()
-    for got, want in [(rerun.eval_before, first.eval_before), (rerun.eval_after, first.eval_after)]:
-        assert {k: got[k] for k in want} == want
+    # the same keys and values (an independent probe found `step` and `time` added on reruns)
+    assert (rerun.eval_before, rerun.eval_after) == (first.eval_before, first.eval_after)
     resumed = Trainer(
         load_config(None, small_config(run_dir, "train.steps=3", *evals)), [length_reward]
     ).fit()
-    assert resumed.eval_before["eval/accuracy"] == first.eval_before["eval/accuracy"]
-    assert "eval/accuracy" in resumed.eval_after
+    assert resumed.eval_before == first.eval_before
+    assert resumed.eval_after.keys() == first.eval_after.keys()

@@ -84,8 +84,13 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def logged_evaluations(run_dir: Path) -> tuple[dict, dict]:
-    """(the first, the last) held-out evaluation in a run's metrics.jsonl ({} when none)."""
-    evals = [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "eval/accuracy" in r]
+    """(the first, the last) held-out evaluation in a run's metrics.jsonl, their `eval/*` keys as
+    `Trainer.evaluate` returned them ({} when none)."""
+    evals = [
+        {k: v for k, v in r.items() if k.startswith("eval/")}
+        for r in read_jsonl(Path(run_dir) / "metrics.jsonl")
+        if "eval/accuracy" in r
+    ]
     return (evals[0], evals[-1]) if evals else ({}, {})
 
 
