@@ -188,3 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # TrainingStopped says where its checkpoint is
         print(str(e) or "interrupted", file=sys.stderr)
         return getattr(e, "exit_code", 130)
+    except BrokenPipeError:  # `advantage presets | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
