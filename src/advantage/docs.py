@@ -22,7 +22,9 @@ LEARNING_RATES = (
     "for RL, 2e-5 for SFT, 1e-5 for a reward model. A model trained from scratch "
     "(`builtin:tiny-random`, `advantage init-model`) wants about 100× more: ≈1e-3 for SFT (the "
     "demo's warm start: 2e-3), 1e-4 for its reward model (`advantage chain`) and 1e-4 to 3e-4 "
-    "for RL (the demo: 3e-4)."
+    "for RL (the demo: 3e-4). PPO's critic has its own rate, `train.critic_lr` (default 1e-5): "
+    "from scratch give it about the policy's (on a digit-sorting task its value loss fell "
+    "0.21 → 0.01–0.03 in 40 steps with 1e-3, and rose to ~0.35 with the default)."
 )
 
 

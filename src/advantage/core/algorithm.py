@@ -34,7 +34,7 @@ class Algorithm:
     kl_placement: str = "loss"
     """Where β·KL goes: reward (per-token reward shaping) | loss (added to the loss) | none."""
     kl_estimator: str = "k3"
-    """k1 | k2 | k3 (SPEC §2)."""
+    """k1 | k2 | k3 of r = logp_ref − logp: −r, ½r², exp(r) − r − 1 (README, "The math")."""
     kl_coef: float = 0.04
     """β, the initial KL coefficient. β = 0 means no reference model is loaded."""
     kl_controller: str = "fixed"
