@@ -281,7 +281,8 @@ class LogConfig(StageLog):
     every: int = 1
     """Log metrics every N steps."""
     samples: int = 4
-    """Sample completions kept per logged step (for the report)."""
+    """Sample completions kept per step, every step whatever `log.every` (samples.jsonl; the
+    report shows about 20 steps of them, evenly spaced, and the last)."""
     report: bool = True
     """Write RUN_DIR/report (PNG plots and an HTML page) at the end of training."""
 
