@@ -18,6 +18,7 @@ CONSOLE_KEYS = (
     ("time/step", "s/step", "{:.2f}"),
     ("loss", "loss", "{:.4f}"),
     ("accuracy", "acc", "{:.3f}"),
+    ("eval/loss", "eval loss", "{:.4f}"),
 )
 
 
@@ -100,7 +101,7 @@ class MetricsLogger:
         )
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=step, info=info)
-        else:
+        elif info:
             print(f"step {step:>5}  {info}", flush=True)
 
     def log_samples(self, step: int, samples: list[dict]) -> None:
