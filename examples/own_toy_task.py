@@ -48,22 +48,24 @@ if __name__ == "__main__":
         advantage.make_tiny_model(model, size="tiny", chars=string.ascii_letters + "=")
 
     # 2. a short warm start by SFT: a model trained from scratch wants lr ≈ 1e-3 (2e-5, the
-    #    default, suits pretrained models)
-    sft = advantage.sft(
-        {
-            "model": {"name_or_path": str(model)},
-            "data": data,
-            "train": {"steps": 40, "batch_size": 32, "lr": 1e-3, "warmup_steps": 10},
-            "log": {"run_dir": str(WORK / "sft"), "progress": False, "every": 50},
-        },
-        overrides=sft_overrides,
-    )
+    #    default, suits pretrained models). A rerun reuses it (sft never writes over a run).
+    warm = WORK / "sft" / "final"
+    if not (warm / "config.json").is_file():
+        advantage.sft(
+            {
+                "model": {"name_or_path": str(model)},
+                "data": data,
+                "train": {"steps": 40, "batch_size": 32, "lr": 1e-3, "warmup_steps": 10},
+                "log": {"run_dir": str(WORK / "sft"), "progress": False, "every": 50},
+            },
+            overrides=sft_overrides,
+        )
 
     # 3. GRPO with the reward function, judged on the held-out words before and after (1e-4:
     #    at 3e-4 this tiny model's first updates undid much of its warm start)
     result = advantage.train(
         {
-            "model": {"name_or_path": sft["final"]},
+            "model": {"name_or_path": str(warm)},
             "data": data,
             "rollout": {"num_generations": 8, "prompts_per_step": 16, "max_new_tokens": 8},
             "train": {"steps": 30, "lr": 1e-4, "warmup_steps": 5},

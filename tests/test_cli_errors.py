@@ -148,6 +148,30 @@ def test_consolidate_given_a_run_folder_lists_its_checkpoints(tmp_path, capsys):
     assert err.startswith(f"CHECKPOINT '{tmp_path / 'nope'}' does not exist")
 
 
+def test_consolidate_and_merge_never_write_into_a_folder_with_files(tmp_path, capsys):
+    # an adversarial probe: both wrote over a run's final/ (and into checkpoints, the adapter)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    final = tmp_path / "run" / "final"
+    final.mkdir()
+    (final / "model.safetensors").write_text("kept")
+    for argv in (["consolidate", str(checkpoint)], ["merge", str(tmp_path / "adapter")]):
+        err = _error(capsys, *argv, str(final))
+        assert err == f"OUT '{final}' exists and is not an empty folder; choose a new one"
+    assert (final / "model.safetensors").read_text() == "kept"
+
+
+def test_sft_never_writes_over_a_run(tmp_path, capsys):
+    run = tmp_path / "sft"
+    (run / "final").mkdir(parents=True)
+    err = _error(capsys, "sft", f"log.run_dir={run}", "data.train=builtin:reverse")
+    assert err == (
+        f"log.run_dir '{run}' already holds an SFT run (final); choose a new log.run_dir "
+        "(nothing is overwritten)"
+    )
+
+
 def test_eval_with_a_negative_pass_k(capsys):
     err = _error(capsys, "eval", "builtin:tiny-random", "builtin:reverse:eval", "--pass-k", "-1")
     assert err == "--pass-k must be >= 0, got -1"

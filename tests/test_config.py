@@ -30,6 +30,10 @@ def test_yaml_then_overrides(tmp_path):
         (["train.minibatches=5"], r"train.minibatches=5 must divide the rollout batch"),
         (["algo.scope=global"], r"algo.scope: 'global' is not one of"),
         (["algorithm=ppo2"], r"unknown preset 'ppo2'"),
+        # found by an adversarial probe: a hang, ~1e4 advantages, a run that trains nothing
+        (["train.max_staleness=-1"], r"train.max_staleness must be >= 0, got -1"),
+        (["algo.baseline=ema"], r"the group scope .* not algo.baseline=ema"),
+        (["algorithm=dr_grpo", "rollout.num_generations=1"], r"group_mean baseline needs .* >= 2"),
         (
             ["algorithm=rloo", "rollout.num_generations=1"],
             r"leave_one_out baseline needs rollout.num_generations >= 2",

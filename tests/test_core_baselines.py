@@ -123,6 +123,17 @@ def test_constant_group_of_inexact_scores_gives_exactly_zero(value, G):
         assert (out[:G] == 0).all() and (out[G:] != 0).any()
 
 
+def test_zero_epsilon_leaves_zero_std_groups_at_zero_not_nan():
+    from advantage.core import batch_std_normalize
+
+    s = torch.tensor([0.7, 0.7, 0.7, 1.0, 0.0, 0.5])
+    out = group_normalize(group_mean_advantages(s, 3), s, 3, eps=0.0)
+    assert (out[:3] == 0).all() and torch.isfinite(out).all()
+    torch.testing.assert_close(out[3:], torch.tensor([0.5, -0.5, 0.0]) / 0.5)  # σ = 0.5
+    flat = torch.full((4,), 2.5)
+    assert (batch_std_normalize(group_mean_advantages(flat, 2), flat, eps=0.0) == 0).all()
+
+
 def test_group_mean_advantages_have_zero_mean_and_constant_shift_changes_nothing():
     torch.manual_seed(0)
     s = torch.randn(32)

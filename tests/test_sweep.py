@@ -158,6 +158,27 @@ def test_rerun_trains_nothing_and_writes_the_same_table(swept):
     assert seconds < first_seconds / 2
 
 
+def test_rerun_with_other_settings_is_refused_and_changes_nothing(swept):
+    # an adversarial probe: a rerun with other overrides credited the old runs to them
+    config, out, _, _ = swept
+    manifest = (out / "sweep.json").read_text()
+    done = subprocess.run(
+        [sys.executable, "-m", "advantage", "sweep", str(config), *SWEEP, "train.lr=0.5",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.startswith("error: "), done.stderr[-2000:]
+    assert "finished under other settings (train.lr: 0.002 → 0.5)" in done.stderr
+    assert (out / "sweep.json").read_text() == manifest
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--parallel", "0"), ("--seeds", "0")])
+def test_sweep_counts_below_one_are_refused(flag, value, capsys):
+    # an adversarial probe: --parallel 0 waited forever, --seeds 0 ran nothing and exited 0
+    assert main(["sweep", "--presets", "grpo", flag, value, "--out", "/nonexistent/x"]) == 2
+    assert capsys.readouterr().err == f"error: {flag} must be >= 1, got 0\n"
+
+
 @pytest.mark.slow
 def test_unfinished_run_resumes_from_its_checkpoint(swept):
     config, out, _, _ = swept

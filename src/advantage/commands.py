@@ -161,7 +161,7 @@ def cmd_chain(args: argparse.Namespace) -> int:
 
 def cmd_consolidate(args: argparse.Namespace) -> int:
     from .engine.checkpoint import list_checkpoints
-    from .engine.configlib import ConfigError
+    from .engine.configlib import ConfigError, new_folder
     from .rl.checkpointing import consolidate
 
     folder = Path(args.checkpoint)
@@ -176,6 +176,7 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"CHECKPOINT {str(folder)!r} {what} (expected RUN_DIR/checkpoints/step-NNNNNN)"
         )
+    new_folder(args.out)  # never over a run's final, a checkpoint, the adapter
     with _writing(args.out):
         out = consolidate(folder, args.out, trust_remote_code=args.trust_remote_code)
     print(f"wrote a Hugging Face model folder: {out}")
@@ -259,8 +260,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from peft import AutoPeftModelForCausalLM
 
+    from .engine.configlib import new_folder
     from .engine.models import load_tokenizer
 
+    new_folder(args.out)
     model = AutoPeftModelForCausalLM.from_pretrained(args.adapter)
     with _writing(args.out):
         model.merge_and_unload().save_pretrained(args.out)

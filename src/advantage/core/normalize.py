@@ -53,9 +53,11 @@ def group_normalize(
 ) -> torch.Tensor:
     """`advantages / (σ_g(scores) + ε)` — the `group` scope. All `[B]`.
 
-    A group whose scores are all equal has σ = 0: its (zero) advantages stay 0, with no NaN.
+    A group whose scores are all equal has σ = 0: its (zero) advantages stay 0, with no NaN,
+    ε = 0 included (where σ + ε = 0 the advantages are left as they are).
     """
-    return advantages / (group_std(scores, group_size, valid_mask, unbiased) + eps)
+    scale = group_std(scores, group_size, valid_mask, unbiased) + eps
+    return torch.where(scale > 0, advantages / torch.where(scale > 0, scale, 1.0), advantages)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, global_stats: bool = True) -> torch.Tensor:
@@ -190,5 +192,6 @@ def batch_std_normalize(
     Invalid samples get 0.
     """
     valid = torch.ones_like(scores, dtype=torch.bool) if valid_mask is None else valid_mask.bool()
-    sigma = masked_std(scores, valid, unbiased, global_stats)
-    return torch.where(valid, advantages / (sigma + eps), 0.0).to(advantages.dtype)
+    scale = masked_std(scores, valid, unbiased, global_stats) + eps
+    scaled = advantages / scale if scale > 0 else advantages  # ε = 0, all scores equal: as is
+    return torch.where(valid, scaled, 0.0).to(advantages.dtype)

@@ -253,6 +253,16 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def new_folder(out: str | Path, name: str = "OUT") -> Path:
+    """`out` as a folder to write a model into: new, or empty; never over existing files."""
+    path = Path(out)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(
+            f"{name} {str(path)!r} exists and is not an empty folder; choose a new one"
+        )
+    return path
+
+
 def read_text(path: Path, what: str = "") -> str:
     """The UTF-8 text of a file; other bytes fail naming the file, the line and the byte."""
     data = path.read_bytes()

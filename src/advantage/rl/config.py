@@ -156,6 +156,21 @@ class Config:
             )
         if algo.scope == "group" and G < 2:
             raise ConfigError(f"the group scope needs rollout.num_generations >= 2 (got {G})")
+        if algo.baseline == "group_mean" and G < 2:
+            raise ConfigError(
+                f"group_mean baseline needs rollout.num_generations >= 2 (got {G}: each sample "
+                "is its own group's mean, every advantage 0, nothing trains)"
+            )
+        if algo.scope == "group" and algo.baseline not in GROUP_BASELINES:
+            raise ConfigError(
+                f"the group scope divides by the std of each group's scores, so it needs a "
+                f"baseline centred on the group ({' or '.join(GROUP_BASELINES)}), not "
+                f"algo.baseline={algo.baseline}: a group of equal scores would get (s - b)/ε "
+                "(~1e4 with ε = 1e-4); use algo.scope=batch_std or none with this baseline"
+            )
+
+
+GROUP_BASELINES = ("group_mean", "leave_one_out")
 
 
 def load_config(

@@ -272,6 +272,8 @@ class TrainConfig:
         check_positive("train.adam_eps", self.adam_eps)
         check_positive("train.max_grad_norm", self.max_grad_norm)
         check_at_least("train.seed", self.seed, 0)
+        if self.max_staleness is not None:
+            check_at_least("train.max_staleness", self.max_staleness, 0)
 
 
 @dataclass

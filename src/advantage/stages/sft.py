@@ -45,8 +45,17 @@ class SFTConfig:
 
 
 def run_sft(cfg: SFTConfig) -> dict:
-    """`advantage sft`: load, train with logging, report the held-out loss, save RUN_DIR/final."""
+    """`advantage sft`: load, train with logging, report the held-out loss, save RUN_DIR/final.
+    A run folder that already holds a run (metrics.jsonl or final/) is refused: nothing is
+    overwritten or appended to."""
     quiet_transformers()
+    run_dir = Path(cfg.log.run_dir)
+    held = [name for name in ("metrics.jsonl", "final") if (run_dir / name).exists()]
+    if held:
+        raise ConfigError(
+            f"log.run_dir {str(run_dir)!r} already holds an SFT run ({', '.join(held)}); choose "
+            "a new log.run_dir (nothing is overwritten)"
+        )
     # data first: a bad dataset fails before any model is loaded
     rows = _supervised_rows(require_data(cfg.data.train), cfg, "data.train")
     eval_rows = _supervised_rows(cfg.data.eval, cfg, "data.eval") if cfg.data.eval else []

@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import IO
 
 from ..engine.checkpoint import latest_checkpoint
-from ..engine.configlib import ConfigError
+from ..engine.configlib import ConfigError, check_at_least
 from ..engine.report import read_jsonl
 from ..rl.config import AlgoConfig, Config, load_config
+from ..rl.config_changes import config_changes, resume_view, saved_algorithm
 from ..rl.rows import held_out_spec
 from ..tasks import model_path
 from .compare import make_compare
@@ -130,13 +131,22 @@ def plan(
 
 
 def is_finished(run_dir: Path, config: Config) -> bool:
-    """The final checkpoint is at `train.steps` and the final evaluation (if any) is logged."""
+    """The final checkpoint is at `train.steps` and the final evaluation (if any) is logged.
+    A finished run trained with other settings than `config` is refused (ConfigError): its
+    results would be credited to the new ones."""
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         return False
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     if state["step"] != config.train.steps:
         return False
+    now = resume_view(dataclasses.asdict(config), dataclasses.asdict(config.algorithm_spec()))
+    refused, applied = config_changes(resume_view(state["config"], saved_algorithm(state)), now)
+    if refused or applied:
+        raise ConfigError(
+            f"{run_dir} finished under other settings ({', '.join(map(str, refused + applied))}); "
+            "give the sweep a new --out, or the settings it was run with"
+        )
     if held_out_spec(config) is None:
         return True
     return any(
@@ -236,6 +246,9 @@ def run_sweep(
     """Plan, skip what is finished, run the rest, write sweep.json and the comparison page.
     Returns the manifest (also in OUT/sweep.json)."""
     out, overrides = Path(out), list(overrides or [])
+    check_at_least("--seeds", seeds, 1)
+    check_at_least("--parallel", parallel, 1)
+    check_at_least("--cores", cores, 1)
     if presets is None:  # the config's own preset
         presets = [load_config(config_path, overrides).algorithm]
     combos = combinations(presets, parse_grid(grid or []))

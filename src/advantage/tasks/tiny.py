@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from ..engine.configlib import ConfigError
+from ..engine.configlib import ConfigError, new_folder
 
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 +-*/=<>:;,.?!'\"()[]\n"
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
@@ -79,9 +79,7 @@ def make_tiny_model(
     punctuation; `<pad> <eos> <bos> <unk>` are added) to `out_dir`, a new or empty folder that
     `model.name_or_path` then takes. For a toy task of your own: warm it up with `advantage sft`
     (a model trained from scratch wants train.lr ≈ 1e-3), then train it with RL."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"OUT {str(out)!r} exists and is not an empty folder; choose a new one")
+    out = new_folder(out_dir)
     if chars is not None and not chars:
         raise ConfigError("chars: give at least one character")
     if size not in SIZES:
