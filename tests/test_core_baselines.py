@@ -134,6 +134,15 @@ def test_zero_epsilon_leaves_zero_std_groups_at_zero_not_nan():
     assert (batch_std_normalize(group_mean_advantages(flat, 2), flat, eps=0.0) == 0).all()
 
 
+def test_group_std_of_huge_fp32_scores_does_not_overflow():
+    # (1e20)² overflows fp32: σ was inf and every advantage 0, silently (an adversarial probe)
+    s = torch.tensor([1e20, 3e20, 2e20, 0.0], dtype=torch.float32)
+    out = group_normalize(group_mean_advantages(s, 4), s, 4)
+    expected = (s.double() - s.double().mean()) / s.double().std()
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=0)
+
+
 def test_group_mean_advantages_have_zero_mean_and_constant_shift_changes_nothing():
     torch.manual_seed(0)
     s = torch.randn(32)

@@ -111,6 +111,11 @@ def test_wrong_length_nan_inf_and_non_numbers():
         _call(lambda_named("nan", lambda prompts, completions, **kw: [1.0, math.nan, 0.0, 0.0]))
     with pytest.raises(RewardError, match="returned inf for sample 3"):
         _call(lambda_named("inf", lambda prompts, completions, **kw: [1.0, 0.0, 0.0, math.inf]))
+    # an adversarial probe: finite in Python, inf as the float32 scores (or an OverflowError)
+    with pytest.raises(RewardError, match=r"'big' returned 1e\+39 for sample 2 .*float32's range"):
+        _call(lambda_named("big", lambda prompts, completions, **kw: [1.0, 0.0, 1e39, 0.0]))
+    with pytest.raises(RewardError, match=r"'huge' returned 1000000.* for sample 0 .*float32"):
+        _call(lambda_named("huge", lambda prompts, completions, **kw: [10**400, 0, 0, 0]))
     with pytest.raises(RewardError, match=r"returned 'yes' \(str\) for sample 0"):
         _call(lambda_named("text", lambda prompts, completions, **kw: ["yes", 1.0, 1.0, 1.0]))
     with pytest.raises(RewardError, match="expected a list of 4 floats"):

@@ -34,13 +34,14 @@ def group_std(
         torch.ones_like(scores, dtype=torch.bool) if valid_mask is None else valid_mask.bool(),
         group_size,
     )
-    s = torch.where(valid, as_groups(scores, group_size), 0.0)  # [P, G]
+    # in float64: squares of fp32 scores of ~1e20 overflow fp32 (σ = inf, every advantage 0)
+    s = torch.where(valid, as_groups(scores, group_size).double(), 0.0)  # [P, G]
     n = valid.sum(-1, keepdim=True)
     mean = s.sum(-1, keepdim=True) / n.clamp(min=1)
     sq_dev = torch.where(valid, (s - mean).square(), 0.0).sum(-1, keepdim=True)
     dof = (n - 1) if unbiased else n
     var = torch.where((dof > 0) & ~constant_groups(s, valid), sq_dev / dof.clamp(min=1), 0.0)
-    return var.sqrt().expand_as(s).reshape(-1)
+    return var.sqrt().expand_as(s).reshape(-1).to(scores.dtype)
 
 
 def group_normalize(

@@ -150,10 +150,12 @@ def call_reward_function(
                 f"reward function '{source.name}' returned {v!r} ({type(v).__name__}) for sample "
                 f"{i}; expected a float or None"
             )
-        if value is not None and not math.isfinite(value):
+        if value is not None and not abs(value) <= FLOAT32_MAX:
             raise RewardError(
-                f"reward function '{source.name}' returned {value} for sample {i} "
-                f"(prompt {_short(prompts[i])}); rewards must be finite (use None to skip a sample)"
+                f"reward function '{source.name}' returned "
+                f"{_short(v) if isinstance(v, int) else value} for sample {i} "
+                f"(prompt {_short(prompts[i])}); rewards must be finite numbers within float32's "
+                "range, |r| <= 3.4e38 (use None to skip a sample)"
             )
         out.append(value)
     return out
@@ -177,14 +179,21 @@ def _as_list(values) -> list | None:
     return list(values)  # a generator, a map, ...
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # scores are float32 tensors
+
+
 def _as_float(v) -> float | None:
-    """One value as a float (bools as 1.0 / 0.0); None for None and for what is not a number."""
+    """One value as a float (bools as 1.0 / 0.0; an int too large for a float as inf); None for
+    None and for what is not a number."""
     if isinstance(v, (torch.Tensor, np.ndarray)) and v.ndim == 0:
         v = v.item()
     if isinstance(v, (bool, np.bool_)):
         return float(v)
     if isinstance(v, numbers.Real):
-        return float(v)
+        try:
+            return float(v)
+        except OverflowError:
+            return math.inf
     return None
 
 
