@@ -192,6 +192,27 @@ def test_gym_environment_rewards_sit_on_the_last_token_of_their_turn():
     assert rewards[1] == 0.5 and rewards[-1] == 0.5 and sum(rewards) == 1.0
 
 
+@pytest.mark.parametrize(
+    ("reward", "done", "message"),
+    [
+        (float("nan"), False, r"GymBad\.step returned reward nan \(float\) in episode 0"),
+        (1e39, False, r"returned reward 1e\+39 .*within float32's range"),
+        ("1.0", False, r"returned reward '1\.0' \(str\)"),
+        ([1.0], False, r"returned reward \[1\.0\] \(list\)"),
+        (0.5, "no", r"GymBad\.step returned done='no' \(str\) in episode 0; expected True or"),
+    ],
+)
+def test_gym_step_rewards_are_checked_as_reward_functions_are(reward, done, message):
+    # an adversarial probe: NaN reached the advantages, "1.0" counted as 1, done="no" as done
+    class GymBad(GymEnv):
+        def step(self, text):
+            return "reply", reward, done
+
+    episodes, _ = plain_episodes(["ab", "cd"], environment_factory=GymBad)
+    with pytest.raises(EpisodeError, match=message):
+        episodes.sample([{"prompt": "x"}], ["x"], 1, SamplingParams(max_new_tokens=2))
+
+
 def test_budgets_end_and_truncate_episodes():
     calls = ToolCallParser(
         r"<calc>(?P<arguments>.*?)</calc>", stop="</calc>", schemas=[tool_schema(lambda_tool)]

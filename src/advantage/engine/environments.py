@@ -30,7 +30,7 @@ def failure(env, index: int, row: dict, method: str, error: Exception) -> str:
     and its row."""
     return (
         f"environment {type(env).__name__}.{method} raised {type(error).__name__} in "
-        f"episode {index} (row {_short(row)}): {error}"
+        f"episode {index} (row {short(row)}): {error}"
     )
 
 
@@ -86,6 +86,6 @@ def environment_reward(prompts, completions, environments, **kwargs) -> list[flo
     return out
 
 
-def _short(x, limit: int = 60) -> str:
+def short(x, limit: int = 60) -> str:
     text = repr(x)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from .configlib import ConfigError
@@ -29,7 +30,9 @@ from .environments import (
     callable_tools,
     failure,
     is_gym,
+    short,
 )
+from .reward_call import FLOAT32_MAX, as_float
 from .rollout import Rollout, SamplingParams, pad_completions, pad_prompts
 from .sampling import Encode, Sampled
 from .tools import Toolbox, ToolCallParser, ToolResult
@@ -171,8 +174,13 @@ class Episodes:
                 reply, reward, done = e.env.step(text)
             except Exception as err:
                 raise EpisodeError(failure(e.env, e.index, e.row, "step", err)) from err
-            if reward:
-                e.rewards[-1] += float(reward)  # on the last token of the turn it answers
+            if reward is not None:  # on the last token of the turn it answers
+                e.rewards[-1] += _step_reward(e, reward)
+            if not isinstance(done, (bool, np.bool_)):
+                raise EpisodeError(
+                    f"environment {type(e.env).__name__}.step returned done={done!r} "
+                    f"({type(done).__name__}) in episode {e.index}; expected True or False"
+                )
             replies = [] if reply is None else [{"role": "user", "content": str(reply)}]
             if done:
                 e.done = True
@@ -273,6 +281,19 @@ class Episodes:
             texts=texts,
             reward_kwargs={REWARD_ARGUMENT: envs} if self.environment_factory else {},
         )
+
+
+def _step_reward(e: _Episode, reward) -> float:
+    """A gym `step`'s reward, checked as a reward function's are: a finite number within
+    float32's range (bools as 1 / 0), else an EpisodeError naming the environment and episode."""
+    value = as_float(reward)
+    if value is None or not abs(value) <= FLOAT32_MAX:
+        raise EpisodeError(
+            f"environment {type(e.env).__name__}.step returned reward {reward!r} "
+            f"({type(reward).__name__}) in episode {e.index} (row {short(e.row)}); expected a "
+            "finite number within float32's range, or None"
+        )
+    return value
 
 
 def episode_metrics(rollout: Rollout, conversations: list[list[dict]]) -> dict[str, float]:

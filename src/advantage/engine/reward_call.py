@@ -144,7 +144,7 @@ def call_reward_function(
         )
     out: list[float | None] = []
     for i, v in enumerate(values):
-        value = _as_float(v)
+        value = as_float(v)
         if value is None and v is not None:
             raise RewardError(
                 f"reward function '{source.name}' returned {v!r} ({type(v).__name__}) for sample "
@@ -182,7 +182,7 @@ def _as_list(values) -> list | None:
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # scores are float32 tensors
 
 
-def _as_float(v) -> float | None:
+def as_float(v) -> float | None:
     """One value as a float (bools as 1.0 / 0.0; an int too large for a float as inf); None for
     None and for what is not a number."""
     if isinstance(v, (torch.Tensor, np.ndarray)) and v.ndim == 0:
