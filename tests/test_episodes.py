@@ -213,6 +213,21 @@ def test_gym_step_rewards_are_checked_as_reward_functions_are(reward, done, mess
         episodes.sample([{"prompt": "x"}], ["x"], 1, SamplingParams(max_new_tokens=2))
 
 
+def test_an_episode_never_runs_past_the_model_positions():
+    # an adversarial probe: 400-character replies took episodes to 833 tokens on a 512-position
+    # model, with no error or truncation
+    class Chatty(GymEnv):
+        def step(self, message):
+            return "z" * 40, 0.0, False
+
+    settings = EpisodeSettings(max_turns=5, reply_template="[{content}]", context=24)
+    episodes, _ = plain_episodes(["ab", "cd"], environment_factory=Chatty, settings=settings)
+    out = episodes.sample([{"prompt": "x"}], ["x"], 1, SamplingParams(max_new_tokens=2))
+    r = out.rollout
+    used = int(r.prompt_mask[0].sum()) + int(r.completion_mask[0].sum())
+    assert used == 24 and bool(r.truncated[0])
+
+
 def test_budgets_end_and_truncate_episodes():
     calls = ToolCallParser(
         r"<calc>(?P<arguments>.*?)</calc>", stop="</calc>", schemas=[tool_schema(lambda_tool)]

@@ -48,6 +48,9 @@ class EpisodeSettings:
     """Tokens after the prompt at most, the model's and the environment's (null = no limit)."""
     reply_template: str = "{content}"
     """Without a chat template: how a tool result or an environment reply is written."""
+    context: int | None = None
+    """The model's positions (`max_position_embeddings`): an episode's prompt and tokens never
+    go past them; one that reaches them ends, truncated, as at any other budget."""
 
 
 @dataclass(eq=False)
@@ -218,8 +221,12 @@ class Episodes:
         return [e.toolbox.call(call) for call in calls]
 
     def _tokens_left(self, e: _Episode) -> int:
-        limit = self.settings.max_episode_tokens
-        return 1 << 30 if limit is None else max(0, limit - len(e.tokens))
+        limits = [1 << 30]
+        if self.settings.max_episode_tokens is not None:
+            limits.append(self.settings.max_episode_tokens)
+        if self.settings.context is not None:
+            limits.append(self.settings.context - len(e.prompt_ids))
+        return max(0, min(limits) - len(e.tokens))
 
     # -- the environment's tokens ------------------------------------------------------------
 

@@ -64,8 +64,9 @@ def load_tools(cfg: Config, given: list[Callable] | None = None) -> list[Callabl
     return tools
 
 
-def make_sampler(cfg: Config, backend, tokenizer, tools, environment_factory):
-    """One turn, or episodes when there are tools or an environment."""
+def make_sampler(cfg: Config, backend, tokenizer, tools, environment_factory, model_config=None):
+    """One turn, or episodes when there are tools or an environment (which never run past the
+    model's `max_position_embeddings`, read from `model_config`)."""
     r = cfg.rollout
     # a TRL environment's methods are tools
     schemas = [tool_schema(f) for f in callable_tools(tools, environment_factory)]
@@ -78,7 +79,8 @@ def make_sampler(cfg: Config, backend, tokenizer, tools, environment_factory):
 
     if not tools and environment_factory is None:
         return SingleTurn(backend, tokenizer, encode)
-    settings = EpisodeSettings(r.max_turns, r.max_episode_tokens, r.reply_template)
+    context = getattr(model_config, "max_position_embeddings", None)
+    settings = EpisodeSettings(r.max_turns, r.max_episode_tokens, r.reply_template, context)
     return Episodes(
         backend,
         tokenizer,

@@ -120,7 +120,9 @@ class RolloutConfig:
     """Model turns per episode at most (episodes only); still acting after it: truncated."""
     max_episode_tokens: int | None = None
     """Tokens after the prompt per episode at most, the model's and the environment's
-    (null = max_turns × max_new_tokens plus the replies); `max_new_tokens` bounds each turn."""
+    (null = max_turns × max_new_tokens plus the replies); `max_new_tokens` bounds each turn.
+    Never past the model's max_position_embeddings: an episode that reaches them ends there,
+    truncated (`episode/truncated`)."""
     tool_call_format: str = "hermes"
     """How tool calls are read from a turn: hermes (`<tool_call>{"name": ..., "arguments":
     {...}}</tool_call>`, Qwen's) or a regex with the groups `arguments` (JSON or the one
