@@ -221,3 +221,24 @@ def test_the_config_reference_names_every_preset():
         if line.startswith("| `algorithm` |")
     )  # fmt: skip
     assert set(PRESETS) - set(re.findall(r"[a-z_]+", line)) == set()
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ([], r"reward_funcs is an empty list; pass None to use the config's"),
+        ([42], r"reward_funcs\[0\] is 42 \(int\), not a callable"),
+        ("exact_match", r"reward_funcs: expected a callable or a list of callables"),
+    ],
+)
+def test_reward_funcs_of_the_python_api_fail_before_any_model_loads(tmp_path, given, message):
+    # an adversarial probe: [] fell back to the config's functions, [42] failed after a rollout
+    cfg = load_config(None, small_config(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=message):
+        Trainer(cfg, reward_funcs=given)
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_reward_function_as_trl_takes_it(tmp_path):
+    cfg = load_config(None, small_config(tmp_path / "run", "train.steps=1"))
+    assert len(Trainer(cfg, reward_funcs=length_reward).fit().metrics) == 1

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine.configlib import ConfigError
 from ..engine.evaluation import evaluate
 from ..engine.logger import MetricsLogger
 from ..engine.models import count_parameters
@@ -53,6 +54,24 @@ class RunResult:
     seconds: float = 0.0
 
 
+def callables(given, name: str) -> list[Callable] | None:
+    """The Python API's `reward_funcs` / `eval_funcs` / `tools`: None (the config's), one
+    callable (as TRL takes it) or a non-empty list of them; anything else fails at once,
+    naming the argument and the item, before any model loads."""
+    if given is None:
+        return None
+    items = [given] if callable(given) else given
+    if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
+        raise ConfigError(f"{name}: expected a callable or a list of callables, got {given!r}")
+    items = list(items)
+    if not items:
+        raise ConfigError(f"{name} is an empty list; pass None to use the config's")
+    for i, f in enumerate(items):
+        if not callable(f):
+            raise ConfigError(f"{name}[{i}] is {f!r} ({type(f).__name__}), not a callable")
+    return items
+
+
 class Trainer:
     """`Trainer(config, reward_funcs).fit()`: set up (and resume) a run, then train it."""
 
@@ -67,6 +86,9 @@ class Trainer:
     ) -> None:
         self.config = config
         self.rollouts: AsyncRollouts | None = None
+        reward_funcs = callables(reward_funcs, "reward_funcs")
+        eval_funcs = callables(eval_funcs, "eval_funcs")
+        tools = callables(tools, "tools")
         self._user_code = (reward_funcs, tools, environment_factory)  # the worker needs them too
         require_data(config.data.train)  # before the lock creates the run folder
         # one run per run_dir, held until `fit` ends (or `close()`); rank 0 under torchrun
