@@ -213,6 +213,22 @@ def test_gym_step_rewards_are_checked_as_reward_functions_are(reward, done, mess
         episodes.sample([{"prompt": "x"}], ["x"], 1, SamplingParams(max_new_tokens=2))
 
 
+def test_an_environment_that_never_returns_stops_the_run_by_tool_timeout():
+    # an adversarial probe: a gym step that never returned hung the run
+    import time
+
+    class Stuck(GymEnv):
+        def step(self, text):
+            time.sleep(30)
+
+    episodes, _ = plain_episodes(["ab", "cd"], environment_factory=Stuck, tool_timeout=0.2)
+    start = time.perf_counter()
+    with pytest.raises(EpisodeError, match=r"Stuck\.step did not return within rollout\."
+                       r"tool_timeout=0\.2s in episode 0 \(row \{'prompt': 'x'\}\)"):  # fmt: skip
+        episodes.sample([{"prompt": "x"}], ["x"], 1, SamplingParams(max_new_tokens=2))
+    assert time.perf_counter() - start < 5
+
+
 def test_an_episode_never_runs_past_the_model_positions():
     # an adversarial probe: 400-character replies took episodes to 833 tokens on a 512-position
     # model, with no error or truncation

@@ -34,6 +34,21 @@ def failure(env, index: int, row: dict, method: str, error: Exception) -> str:
     )
 
 
+def env_call(env, method: str, index: int, row: dict, timeout: float | None, work: Callable):
+    """`work()` (a call of `env.method`) bounded by `timeout` seconds (`rollout.tool_timeout`;
+    None: unbounded): its result, or an EpisodeError naming the environment, the method, the
+    episode and its row when it raised or did not return in time (its thread is abandoned)."""
+    try:
+        return work() if timeout is None else in_thread(work, timeout, f"{type(env).__name__}")
+    except TimeoutError:
+        raise EpisodeError(
+            f"environment {type(env).__name__}.{method} did not return within "
+            f"rollout.tool_timeout={timeout:g}s in episode {index} (row {short(row)})"
+        ) from None
+    except Exception as e:
+        raise EpisodeError(failure(env, index, row, method, e)) from e
+
+
 def append_to_prompt(prompt, text: str):
     """A prompt with `text` appended (to the last user message of a conversation)."""
     if isinstance(prompt, str):

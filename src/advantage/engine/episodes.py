@@ -28,7 +28,7 @@ from .environments import (
     EpisodeError,
     append_to_prompt,
     callable_tools,
-    failure,
+    env_call,
     is_gym,
     short,
 )
@@ -132,10 +132,8 @@ class Episodes:
         env = None
         if self.environment_factory is not None:
             env = self.environment_factory()
-            try:
-                first = env.reset(row) if self.gym else env.reset(**row)
-            except Exception as e:
-                raise EpisodeError(failure(env, index, row, "reset", e)) from e
+            reset = (lambda: env.reset(row)) if self.gym else (lambda: env.reset(**row))
+            first = env_call(env, "reset", index, row, self.tool_timeout, reset)
             if first:  # TRL: appended to the (last user message of the) prompt
                 prompt = append_to_prompt(prompt, str(first))
         return _Episode(index=index, row=row, prompt_ids=self.encode(prompt), env=env)
@@ -173,10 +171,12 @@ class Episodes:
         """The environment answers the model's last turn (or the episode ends)."""
         text = e.messages[-1]["content"]
         if self.gym:
-            try:
-                reply, reward, done = e.env.step(text)
-            except Exception as err:
-                raise EpisodeError(failure(e.env, e.index, e.row, "step", err)) from err
+
+            def step():
+                reply, reward, done = e.env.step(text)  # a malformed tuple: its EpisodeError
+                return reply, reward, done
+
+            reply, reward, done = env_call(e.env, "step", e.index, e.row, self.tool_timeout, step)
             if reward is not None:  # on the last token of the turn it answers
                 e.rewards[-1] += _step_reward(e, reward)
             if not isinstance(done, (bool, np.bool_)):

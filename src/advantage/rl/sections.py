@@ -134,7 +134,10 @@ class RolloutConfig:
     """Without a chat template: how a tool result / environment reply is written into the
     episode (fields: role, content, name)."""
     tool_timeout: float | None = 10.0
-    """Seconds a tool call may take; then its reply is an error text (null = no limit)."""
+    """Seconds a tool call may take, then its reply is an error text; and an environment's
+    reset or step, then the run stops with an error naming it (null = no limit). Each
+    episode's calls run one after the other: a turn of B episodes whose tools all hang takes
+    B × this."""
     tool_max_output: int = 4000
     """Characters of a tool's output kept in the reply."""
     vllm: dict = field(default_factory=dict)
