@@ -43,6 +43,15 @@ def test_empty_prompt_names_the_row(tmp_path, run_dir):
     data = _jsonl(tmp_path / "d.jsonl", [{"prompt": "ab>"}, {"prompt": "cd>"}, {"prompt": ""}])
     with pytest.raises(ConfigError, match=r"data.train: row 2 has an empty prompt"):
         _trainer(run_dir, f"data.train={data}")
+    # a row without the column other rows have (it was "an empty prompt" after a warning)
+    data = _jsonl(tmp_path / "e.jsonl", [{"prompt": "ab>"}, {"question": "cd>"}])
+    with pytest.raises(ConfigError, match=r"row 1 has no prompt \('prompt' missing or null\)"):
+        _trainer(run_dir, f"data.train={data}")
+
+
+def test_eval_budget_over_the_context_names_eval_max_new_tokens(run_dir):
+    with pytest.raises(ConfigError, match=r"^eval.max_new_tokens=600 leaves no room for a prompt"):
+        _trainer(run_dir, "eval.max_new_tokens=600", "data.eval=builtin:reverse", "eval.size=4")
 
 
 def test_reward_function_needs_a_missing_column(tmp_path, run_dir):

@@ -117,7 +117,9 @@ def check_rows(rows: list[dict], prompt_field: str, field: str = "data.train") -
                 f"{', '.join(row)}); set data.prompt_field"
             )
         prompt = row[prompt_field]
-        if prompt is None or (isinstance(prompt, (str, list)) and len(prompt) == 0):
+        if prompt is None:  # null, or a column other rows have (`fill_missing_columns`)
+            raise ConfigError(f"{field}: row {i} has no prompt ({prompt_field!r} missing or null)")
+        if isinstance(prompt, (str, list)) and len(prompt) == 0:
             raise ConfigError(f"{field}: row {i} has an empty prompt ({prompt_field!r})")
         if not isinstance(prompt, (str, list)):
             raise ConfigError(

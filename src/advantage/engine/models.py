@@ -139,11 +139,10 @@ def add_lora(model: torch.nn.Module, options: dict) -> torch.nn.Module:
         "target_modules": "all-linear",
         **options,
     }
-    try:
-        config = LoraConfig(**options)
-    except TypeError as e:
+    try:  # peft checks some options when it builds the layers (r = 0, unknown modules)
+        return get_peft_model(model, LoraConfig(**options))
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"model.lora: {e}") from None
-    return get_peft_model(model, config)
 
 
 class AdapterDisabled(torch.nn.Module):

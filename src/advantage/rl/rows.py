@@ -68,6 +68,12 @@ def check_context(cfg: Config, tokenizer, model_config, train_rows, eval_rows) -
                 "shorten it"
             )
     eval_new = cfg.eval.max_new_tokens or new
+    if eval_new >= context:
+        field = "eval.max_new_tokens" if cfg.eval.max_new_tokens else "rollout.max_new_tokens"
+        raise ConfigError(
+            f"{field}={eval_new} leaves no room for a prompt: the model's "
+            f"max_position_embeddings={context}"
+        )
     long = check_prompt_lengths(
         tokenizer, eval_rows, d.prompt_field, d.system_prompt, context - eval_new
     )
@@ -75,5 +81,5 @@ def check_context(cfg: Config, tokenizer, model_config, train_rows, eval_rows) -
         raise ConfigError(
             f"data.eval: row {long[0]}: the prompt has {long[1]} tokens; the model's "
             f"max_position_embeddings={context} minus {eval_new} new tokens leaves "
-            f"{context - eval_new}; shorten it"
+            f"{context - eval_new}; shorten it or lower eval.max_new_tokens"
         )

