@@ -119,7 +119,7 @@ def build_rollout_side(cfg: Config, reward_funcs, tools, environment_factory) ->
         tokenizer=tokenizer,
         policy=policy,
         backend=backend,
-        sampler=make_sampler(cfg, backend, tokenizer, tools, environment_factory, policy.config),
+        sampler=make_sampler(cfg, backend, tokenizer, tools, environment_factory, policy),
         sampling=sampling_params(cfg),
     )
 

@@ -23,7 +23,7 @@ def make_reward_computer(
     cfg: Config, reward_funcs: list[Callable] | None, environment_factory=None
 ) -> RewardComputer:
     r = cfg.reward
-    if reward_funcs:
+    if reward_funcs is not None:  # the Python API's, [] included: none but the model's
         sources = [
             RewardSource(getattr(f, "__name__", f"reward_{i}"), f)
             for i, f in enumerate(reward_funcs)
@@ -37,6 +37,11 @@ def make_reward_computer(
         path = model_path(r.model, "reward.model")
         rm = RewardModel(path, r.model_batch_size, cfg.model.trust_remote_code, r.model_normalize)
         sources.append(RewardSource(rm.__name__, rm))
+    if not sources:
+        raise ConfigError(
+            "no reward: reward_funcs=[] and neither reward.model nor an environment's get_reward; "
+            "give a reward function"
+        )
     if r.weights is not None:
         if len(r.weights) != len(sources):
             raise ConfigError(

@@ -9,7 +9,7 @@ from ..engine.configlib import ConfigError, import_object
 from ..engine.data import encode_prompt
 from ..engine.environments import callable_tools
 from ..engine.episodes import Episodes, EpisodeSettings
-from ..engine.parallel import is_fsdp
+from ..engine.parallel import is_fsdp, unwrap
 from ..engine.rollout import TransformersBackend
 from ..engine.sampling import SingleTurn
 from ..engine.sandbox import make_python_tool
@@ -64,9 +64,9 @@ def load_tools(cfg: Config, given: list[Callable] | None = None) -> list[Callabl
     return tools
 
 
-def make_sampler(cfg: Config, backend, tokenizer, tools, environment_factory, model_config=None):
+def make_sampler(cfg: Config, backend, tokenizer, tools, environment_factory, policy=None):
     """One turn, or episodes when there are tools or an environment (which never run past the
-    model's `max_position_embeddings`, read from `model_config`)."""
+    `policy`'s `max_position_embeddings`)."""
     r = cfg.rollout
     # a TRL environment's methods are tools
     schemas = [tool_schema(f) for f in callable_tools(tools, environment_factory)]
@@ -79,7 +79,8 @@ def make_sampler(cfg: Config, backend, tokenizer, tools, environment_factory, mo
 
     if not tools and environment_factory is None:
         return SingleTurn(backend, tokenizer, encode)
-    context = getattr(model_config, "max_position_embeddings", None)
+    config = getattr(unwrap(policy), "config", None) if policy is not None else None
+    context = getattr(config, "max_position_embeddings", None)
     settings = EpisodeSettings(r.max_turns, r.max_episode_tokens, r.reply_template, context)
     return Episodes(
         backend,

@@ -144,7 +144,7 @@ def build_run(
         critic_optimizer=critic_optimizer,
         critic_scheduler=critic_scheduler,
         backend=backend,
-        sampler=make_sampler(cfg, backend, tokenizer, tools, environment_factory, policy.config),
+        sampler=make_sampler(cfg, backend, tokenizer, tools, environment_factory, policy),
         sampling=sampling_params(cfg),
         baseline=make_baseline(algo.baseline, ema_alpha=algo.ema_alpha),
         kl_ctl=KL_CONTROLLERS[algo.kl_controller](algo.kl_coef, algo.kl_target, algo.kl_horizon),

@@ -56,16 +56,15 @@ class RunResult:
 
 def callables(given, name: str) -> list[Callable] | None:
     """The Python API's `reward_funcs` / `eval_funcs` / `tools`: None (the config's), one
-    callable (as TRL takes it) or a non-empty list of them; anything else fails at once,
-    naming the argument and the item, before any model loads."""
+    callable (as TRL takes it) or a list of them (empty: none, e.g. a reward model's score
+    alone); anything else fails at once, naming the argument and the item, before any model
+    loads."""
     if given is None:
         return None
     items = [given] if callable(given) else given
     if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
         raise ConfigError(f"{name}: expected a callable or a list of callables, got {given!r}")
     items = list(items)
-    if not items:
-        raise ConfigError(f"{name} is an empty list; pass None to use the config's")
     for i, f in enumerate(items):
         if not callable(f):
             raise ConfigError(f"{name}[{i}] is {f!r} ({type(f).__name__}), not a callable")
