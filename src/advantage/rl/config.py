@@ -18,6 +18,7 @@ from ..core.algorithm import Algorithm
 from ..core.presets import PRESETS, resolve_axes
 from ..engine import configlib
 from ..engine.configlib import ConfigError
+from .rollout_sections import RewardConfig, RolloutConfig
 from .sections import (
     CheckpointConfig,
     DataConfig,
@@ -25,8 +26,6 @@ from .sections import (
     EvalConfig,
     LogConfig,
     ModelConfig,
-    RewardConfig,
-    RolloutConfig,
     TrainConfig,
 )
 
