@@ -58,7 +58,7 @@ def group_normalize(
     ε = 0 included (where σ + ε = 0 the advantages are left as they are).
     """
     scale = group_std(scores, group_size, valid_mask, unbiased) + eps
-    return torch.where(scale > 0, advantages / torch.where(scale > 0, scale, 1.0), advantages)
+    return advantages / torch.where(scale > 0, scale, 1.0)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, global_stats: bool = True) -> torch.Tensor:

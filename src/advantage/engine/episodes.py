@@ -32,7 +32,7 @@ from .environments import (
     is_gym,
     short,
 )
-from .reward_call import FLOAT32_MAX, as_float
+from .reward_call import as_float, fits_float32
 from .rollout import Rollout, SamplingParams, pad_completions, pad_prompts
 from .sampling import Encode, Sampled
 from .tools import Toolbox, ToolCallParser, ToolResult
@@ -294,7 +294,7 @@ def _step_reward(e: _Episode, reward) -> float:
     """A gym `step`'s reward, checked as a reward function's are: a finite number within
     float32's range (bools as 1 / 0), else an EpisodeError naming the environment and episode."""
     value = as_float(reward)
-    if value is None or not abs(value) <= FLOAT32_MAX:
+    if value is None or not fits_float32(value):
         raise EpisodeError(
             f"environment {type(e.env).__name__}.step returned reward {reward!r} "
             f"({type(reward).__name__}) in episode {e.index} (row {short(e.row)}); expected a "

@@ -150,7 +150,7 @@ def call_reward_function(
                 f"reward function '{source.name}' returned {v!r} ({type(v).__name__}) for sample "
                 f"{i}; expected a float or None"
             )
-        if value is not None and not abs(value) <= FLOAT32_MAX:
+        if value is not None and not fits_float32(value):
             raise RewardError(
                 f"reward function '{source.name}' returned "
                 f"{_short(v) if isinstance(v, int) else value} for sample {i} "
@@ -179,7 +179,12 @@ def _as_list(values) -> list | None:
     return list(values)  # a generator, a map, ...
 
 
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # scores are float32 tensors
+def fits_float32(value: float) -> bool:
+    """A finite number that stays finite as a float32 (scores are float32 tensors)."""
+    return abs(value) <= FLOAT32_MAX
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def as_float(v) -> float | None:
