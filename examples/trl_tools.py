@@ -57,7 +57,12 @@ class CalculatorEnv:
 
 # --- a TRL-style reward function: the episode's messages, the dataset's answer column -------
 def correct(prompts, completions, answer, **kwargs):
-    return [1.0 if c[-1]["content"].strip() == a else 0.0 for c, a in zip(completions, answer)]
+    """1 when the model's last turn is the answer. Not the last message: an episode cut inside a
+    tool's reply (rollout.max_episode_tokens) ends on that reply."""
+    last = [
+        next(m["content"] for m in reversed(c) if m["role"] == "assistant") for c in completions
+    ]
+    return [1.0 if text.strip() == a else 0.0 for text, a in zip(last, answer)]
 
 
 if __name__ == "__main__":

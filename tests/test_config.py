@@ -2,7 +2,7 @@
 
 import pytest
 
-from advantage.rl.config import Config, ConfigError, load_config
+from advantage.rl.config import Config, ConfigError, config_from, load_config
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -75,6 +75,17 @@ def test_yaml_then_overrides(tmp_path):
 def test_config_errors_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_rows_in_memory_get_a_short_error_with_what_to_do():
+    """TRL takes a Dataset object; here `data.train` is a path. The error names the field, shows
+    the value cut short (a 300-row list printed whole was 23,000 characters) and says what to do."""
+    rows = [{"prompt": "ab?" * 10, "answer": "1"}] * 300
+    with pytest.raises(ConfigError) as error:
+        config_from({"data": {"train": rows}})
+    message = str(error.value)
+    assert message.startswith("data.train: expected a string, got list [{'prompt': ")
+    assert "write them to a .jsonl file" in message and len(message) < 300
 
 
 def test_missing_config_file():

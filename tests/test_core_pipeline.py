@@ -199,3 +199,22 @@ def test_card_prints_every_choice():
         assert text in card, text
     grpo = resolve("grpo").card()
     assert "σ_g(s) + 0.0001" in grpo and "+β·k3(π, ref)" in grpo
+
+
+def test_card_says_how_the_reference_follows_the_policy():
+    assert "reference model  yes, frozen" in resolve("grpo").card()
+    assert "reference model  yes, every 4 steps replaced by the policy" in resolve("grpo").card(4)
+    assert "every 2 steps ref ← 0.5·policy + 0.5·ref" in resolve("grpo").card(2, 0.5)
+    assert "reference model  no (not loaded)" in resolve("gspo").card(4)
+
+
+def test_a_reference_sync_without_a_reference_is_warned(tmp_path, caplog):
+    """β = 0 loads no reference, so `model.ref_sync_steps` would do nothing, unsaid."""
+    from advantage.rl.config import load_config
+    from advantage.rl.trainer import Trainer
+    from helpers import small_config
+
+    cfg = load_config(None, small_config(tmp_path, "algorithm=gspo", "model.ref_sync_steps=2"))
+    with caplog.at_level("WARNING", logger="advantage"):
+        Trainer(cfg)
+    assert "model.ref_sync_steps=2 does nothing: gspo uses no reference model" in caplog.text

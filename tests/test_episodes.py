@@ -4,6 +4,7 @@ history, environments in TRL's and gym's shapes, budgets, and bad tools / enviro
 import pytest
 import torch
 
+from advantage.engine.configlib import ConfigError
 from advantage.engine.episodes import EpisodeError, Episodes, EpisodeSettings
 from advantage.engine.rollout import Rollout, SamplingParams, pad_completions, pad_prompts
 from advantage.engine.tools import ToolCallParser, tool_schema
@@ -261,6 +262,32 @@ def test_budgets_end_and_truncate_episodes():
     assert bool(out.rollout.truncated[0]) and int(out.rollout.completion_mask[0].sum()) == 17
 
 
+def test_a_call_in_the_last_turn_does_not_run():
+    """As TRL's tool loop: the calls of the last allowed turn are not executed (their reply
+    could never be read); the episode is truncated (it still acts)."""
+    ran = []
+
+    def counted(expression: str) -> str:
+        """Echo, counted.
+
+        Args:
+            expression: anything
+        """
+        ran.append(expression)
+        return expression
+
+    calls = ToolCallParser(
+        r"<calc>(?P<arguments>.*?)</calc>", stop="</calc>", schemas=[tool_schema(counted)]
+    )
+    settings = EpisodeSettings(max_turns=2, reply_template="[{content}]")
+    episodes, _ = plain_episodes(
+        ["<calc>2</calc>"], tools=[counted], parser=calls, settings=settings
+    )
+    out = episodes.sample([{"prompt": "x"}], ["x"], 1, SamplingParams(max_new_tokens=20))
+    assert ran == ["2"] and bool(out.rollout.truncated[0])
+    assert [m["role"] for m in out.completions[0]] == ["assistant", "tool", "assistant"]
+
+
 def lambda_tool(expression: str) -> str:
     """Echo.
 
@@ -471,3 +498,36 @@ def test_an_environment_reward_may_be_async_or_any_awaitable():
         return environment_reward(None, None, envs)
 
     assert asyncio.run(inside_a_running_loop()) == [1.0, 0.5, 0.25]
+
+
+def test_dapo_overlong_shaping_measures_an_episode_against_its_budget(tmp_path):
+    """`rollout.max_new_tokens` is one turn's budget in episodes: DAPO's shaping there counts
+    the episode's tokens after the prompt against `rollout.max_episode_tokens` (a probe's tool
+    task: every episode that called its tool, 13 + 3 model tokens on a 16-token turn budget,
+    got -1 although nothing was cut)."""
+    from types import SimpleNamespace
+
+    from advantage.rl.config import load_config
+    from advantage.rl.sampling import overlong_lengths
+    from advantage.rl.trainer import Trainer
+    from helpers import small_config
+
+    # 4 model tokens, a 3-token reply, 2 model tokens; a pad
+    taken = torch.tensor([[True] * 9 + [False]])
+    rollout = Rollout(
+        prompt_ids=torch.ones(1, 2, dtype=torch.long), prompt_mask=torch.ones(1, 2, dtype=bool),
+        completion_ids=torch.ones(1, 10, dtype=torch.long), completion_mask=taken,
+        truncated=torch.tensor([False]),
+        action_mask=torch.tensor([[1, 1, 1, 1, 0, 0, 0, 1, 1, 0]], dtype=bool),
+    )  # fmt: skip
+    budgets = SimpleNamespace(max_new_tokens=6, max_episode_tokens=40)
+    run = SimpleNamespace(config=SimpleNamespace(rollout=budgets), episodic=True)
+    lengths, budget = overlong_lengths(run, rollout)
+    assert lengths.tolist() == [9] and budget == 40
+    run.episodic = False
+    lengths, budget = overlong_lengths(run, rollout)
+    assert lengths.tolist() == [6] and budget == 6
+    # episodes without that budget: refused before any model loads
+    cfg = load_config(None, small_config(tmp_path, "algorithm=dapo"))
+    with pytest.raises(ConfigError, match=r"rollout.max_episode_tokens"):
+        Trainer(cfg, reward_funcs=[ids_reward], tools=[multiply])

@@ -68,3 +68,15 @@ def test_trl_tools_example(tmp_path, shape):
     assert '"tools/call_rate"' in metrics and '"reward/correct"' in metrics
     if shape == "environment":  # the environment's get_reward() is a reward source
         assert '"reward/environment"' in metrics
+
+
+def test_trl_tools_example_scores_the_models_last_turn():
+    """An episode cut inside a tool's reply ends on it; scoring the last message credited the
+    tool's output as the answer (a probe: held-out "accuracy" = the tool-call rate)."""
+    import runpy
+
+    correct = runpy.run_path(str(ROOT / "examples" / "trl_tools.py"))["correct"]
+    answered = [{"role": "assistant", "content": "<calc>2+3</calc>"},
+                {"role": "tool", "content": "5"}, {"role": "assistant", "content": "5"}]  # fmt: skip
+    cut = answered[:2]
+    assert correct(["2+3="] * 2, [answered, cut], ["5", "5"]) == [1.0, 0.0]

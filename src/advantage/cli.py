@@ -131,7 +131,11 @@ def _comparison_commands(sub) -> None:
 
 def _model_commands(sub) -> None:
     """eval, merge, init-model, docs."""
-    p = sub.add_parser("eval", help="greedy accuracy and pass@k of MODEL on DATASET")
+    p = sub.add_parser(
+        "eval",
+        help="greedy accuracy and pass@k of MODEL on DATASET (single-turn: episodes with tools "
+        "or an environment are evaluated by a training run's eval.*)",
+    )
     p.add_argument("model", help="model folder, hub id, or builtin:NAME")
     p.add_argument("dataset", help=".jsonl, a local datasets folder/file, or builtin:TASK[:eval]")
     p.add_argument(

@@ -174,8 +174,10 @@ class Algorithm:
         so `old_logp` needs its own forward pass; otherwise `old_logp = logp.detach()` (SPEC §4)."""
         return epochs > 1 or minibatches > 1
 
-    def card(self) -> str:
-        """A printable resolution of this algorithm: the pipeline of SPEC §3–§4, step by step."""
+    def card(self, ref_sync_steps: int = 0, ref_sync_alpha: float = 1.0) -> str:
+        """A printable resolution of this algorithm: the pipeline of SPEC §3–§4, step by step;
+        with `ref_sync_steps` (the run's `model.ref_sync_steps`), how the reference follows the
+        policy."""
         baseline = BASELINES[self.baseline].__doc__.strip().splitlines()[0]
         if self.baseline == "ema":
             baseline += f" (α={self.ema_alpha:g})"
@@ -217,12 +219,24 @@ class Algorithm:
             f"  engine/trainer   off-policy correction: {correction}",
             f"  aggregation      {self.aggregation}",
             f"  critic           {critic}",
-            f"  reference model  {'yes' if self.uses_reference else 'no (not loaded)'}",
+            f"  reference model  {self._reference_text(ref_sync_steps, ref_sync_alpha)}",
             "  episodes         environment tokens are context: not actions, not time steps (γ, λ "
             "and GAE's next value skip them); the score on the last model token, per-turn "
             "rewards on the last token of their turn",
         ]
         return "\n".join(rows)
+
+    def _reference_text(self, sync_steps: int, alpha: float) -> str:
+        if not self.uses_reference:
+            return "no (not loaded)"
+        if not sync_steps:
+            return "yes, frozen"
+        mix = (
+            "replaced by the policy"
+            if alpha == 1
+            else f"ref ← {alpha:g}·policy + {1 - alpha:g}·ref"
+        )
+        return f"yes, every {sync_steps} steps {mix}"
 
     def _beta_text(self) -> str:
         beta = f"β={self.kl_coef:g} {self.kl_controller}"
@@ -234,7 +248,9 @@ class Algorithm:
         parts = ["dynamic sampling (drop groups of equal scores)"] if self.dynamic_sampling else []
         if self.overlong_fraction:
             parts.append(
-                f"overlong shaping over the last {self.overlong_fraction:g} of the token budget"
+                f"overlong shaping over the last {self.overlong_fraction:g} of the token budget "
+                "(rollout.max_new_tokens; episodes: rollout.max_episode_tokens, all tokens "
+                "after the prompt)"
             )
         return "; ".join(parts) or "as the reward sources give them"
 

@@ -84,7 +84,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(
-            errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}"
+            errors[0] if len(errors) == 1 else f"{where}: {short(value)} fits none of {tp}"
         )
     if origin is list:
         (item,) = typing.get_args(tp) or (Any,)
@@ -96,26 +96,28 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"{where}: expected a mapping, got {type(value).__name__} {short(value)}"
+            )
         return dict(value)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a section (mapping), got {value!r}")
+            raise ConfigError(f"{where}: expected a section (mapping), got {short(value)}")
         return load(tp, value, where)
     if tp is Any:
         return value
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {short(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {short(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -124,19 +126,35 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        raise ConfigError(f"{where}: expected a number, got {short(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        rows = where in ("data.train", "data.eval") and not isinstance(value, (int, float))
+        hint = ROWS_HINT if rows else ""
+        raise ConfigError(
+            f"{where}: expected a string, got {type(value).__name__} {short(value)}{hint}"
+        )
     raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
+
+
+ROWS_HINT = (
+    "; rows in memory (a list of dicts, a datasets.Dataset): write them to a .jsonl file, or "
+    "Dataset.save_to_disk(folder), and give its path"
+)
+
+
+def short(x, limit: int = 60) -> str:
+    """`repr(x)`, cut to `limit` characters (errors name a value without printing all of it)."""
+    text = repr(x)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load(cls: type, data: dict | None, where: str = "") -> Any:
     """Build dataclass `cls` from a nested dict, validating keys and types."""
     data = data or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {short(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
+from .configlib import short
 from .reward_call import in_thread, run_awaitable
 
 REWARD_ARGUMENT = "environments"
@@ -99,8 +100,3 @@ def environment_reward(prompts, completions, environments, **kwargs) -> list[flo
             value = in_thread(lambda v=value: run_awaitable(v), None, "environment")
         out.append(value)
     return out
-
-
-def short(x, limit: int = 60) -> str:
-    text = repr(x)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from .configlib import ConfigError
+from .configlib import ConfigError, short
 from .environments import (
     REWARD_ARGUMENT,
     EpisodeError,
@@ -30,7 +30,6 @@ from .environments import (
     callable_tools,
     env_call,
     is_gym,
-    short,
 )
 from .reward_call import as_float, fits_float32
 from .rollout import Rollout, SamplingParams, pad_completions, pad_prompts
@@ -188,11 +187,14 @@ class Episodes:
             if done:
                 e.done = True
         else:
-            results = self._call_tools(e, text)
-            if not results:
+            calls = self.parser.parse(text) if self.parser is not None else []
+            if not calls:
                 e.done = True  # the model ended without acting
                 return
-            replies = [r.message for r in results]
+            if e.turns >= self.settings.max_turns:
+                e.done = e.truncated = True  # it still acts after its last turn: no call runs
+                return
+            replies = [r.message for r in self._call_tools(e, calls)]
         if e.done:
             return
         if e.turns >= self.settings.max_turns:
@@ -206,12 +208,9 @@ class Episodes:
         if len(ids) >= left:
             e.done = e.truncated = True
 
-    def _call_tools(self, e: _Episode, text: str) -> list[ToolResult]:
+    def _call_tools(self, e: _Episode, calls: list) -> list[ToolResult]:
         """The results of the turn's tool calls, one after the other (an environment's tools
         share its state); a parser's error result passes through."""
-        calls = self.parser.parse(text) if self.parser is not None else []
-        if not calls:
-            return []
         if e.toolbox is None:  # built once per episode: its environment's tools are bound
             e.toolbox = Toolbox(
                 callable_tools(self.tools, e.env),

@@ -95,7 +95,8 @@ class AlgoConfig:
     dynamic_sampling: bool | None = None
     """Drop groups of equal scores and refill (DAPO)."""
     overlong_fraction: float | None = None
-    """DAPO's overlong shaping over this fraction of rollout.max_new_tokens."""
+    """DAPO's overlong shaping over this fraction of rollout.max_new_tokens (episodes: of
+    rollout.max_episode_tokens, against each episode's tokens after the prompt)."""
 
 
 @dataclass

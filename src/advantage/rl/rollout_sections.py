@@ -51,7 +51,8 @@ class RolloutConfig:
     tools (optional `get_reward()`), or gym-style `reset(row)` + `step(message) -> (reply,
     reward, done)`. Given as `module:Class` / `file.py:Class`."""
     max_turns: int = 4
-    """Model turns per episode at most (episodes only); still acting after it: truncated."""
+    """Model turns per episode at most (episodes only). Calls made in the last one do not run
+    (as in TRL's tool loop: no turn would read their reply); the episode is then truncated."""
     max_episode_tokens: int | None = None
     """Tokens after the prompt per episode at most, the model's and the environment's
     (null = max_turns × max_new_tokens plus the replies); `max_new_tokens` bounds each turn.
@@ -121,7 +122,8 @@ class RewardConfig:
     model_normalize: bool = False
     """Normalise reward-model scores with running statistics ((r - mean)/std of all scores seen)."""
     missing_eos_penalty: float | None = None
-    """Subtracted from the score of completions that hit max_new_tokens without EOS."""
+    """Subtracted from the score of completions that hit max_new_tokens without EOS (episodes:
+    of truncated episodes, `episode/truncated`)."""
     timeout: float | None = None
     """Seconds allowed for one call of a reward function (null = no limit)."""
     on_timeout: str = "error"

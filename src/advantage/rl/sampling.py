@@ -15,6 +15,7 @@ import torch
 from ..core import overlong_penalty
 from ..engine.parallel import global_sums
 from ..engine.rewards import score_samples
+from ..engine.rollout import Rollout
 from ..engine.sampling import Sampled
 from .records import ScoredRollout
 from .setup import Run
@@ -56,6 +57,17 @@ def rollout_and_score(run: Run) -> ScoredRollout:
     return batch
 
 
+def overlong_lengths(run: Run, rollout: Rollout) -> tuple[torch.Tensor, int]:
+    """What DAPO's overlong shaping measures, and the budget it measures it against: each
+    completion's tokens against `rollout.max_new_tokens`; in episodes, where that budget is a
+    turn's, each episode's tokens after the prompt (the model's and the environment's, as
+    verl's multi-turn DAPO counts the response) against `rollout.max_episode_tokens`, which
+    `build_run` requires there."""
+    if not run.episodic:
+        return rollout.completion_lengths, run.config.rollout.max_new_tokens
+    return rollout.completion_mask.sum(-1), run.config.rollout.max_episode_tokens
+
+
 def score(run: Run, sampled: Sampled, rows: list[dict]) -> ScoredRollout:
     """The reward sources on the G samples of each row, then the shaping of the scores:
     the missing-EOS penalty and DAPO's overlong punishment (`algo.overlong_fraction`)."""
@@ -64,10 +76,8 @@ def score(run: Run, sampled: Sampled, rows: list[dict]) -> ScoredRollout:
     if cfg.reward.missing_eos_penalty:  # completions that never ended
         scores.scores = scores.scores - cfg.reward.missing_eos_penalty * rollout.truncated.float()
     if run.algo.overlong_fraction:
-        max_len = cfg.rollout.max_new_tokens
-        penalty = overlong_penalty(
-            rollout.completion_lengths, max_len, run.algo.overlong_fraction * max_len
-        )
+        lengths, max_len = overlong_lengths(run, rollout)
+        penalty = overlong_penalty(lengths, max_len, run.algo.overlong_fraction * max_len)
         scores.scores = scores.scores + torch.where(scores.score_mask, penalty, 0.0)
     return ScoredRollout(
         rollout=rollout,

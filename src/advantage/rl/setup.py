@@ -112,6 +112,20 @@ def build_run(
     train_rows, eval_rows = load_rows(cfg)  # a bad dataset fails before any model is loaded
     tools = load_tools(cfg, tools)
     environment_factory = load_environment(cfg, environment_factory)
+    if cfg.model.ref_sync_steps and not algo.uses_reference:
+        log.warning(
+            "model.ref_sync_steps=%d does nothing: %s uses no reference model (β = 0, no KL "
+            "term); set algo.kl_coef > 0 or drop it",
+            cfg.model.ref_sync_steps,
+            algo.name,
+        )
+    episodic = bool(tools) or environment_factory is not None
+    if episodic and algo.overlong_fraction and cfg.rollout.max_episode_tokens is None:
+        raise ConfigError(
+            "DAPO's overlong shaping (algo.overlong_fraction) in episodes measures each "
+            "episode's tokens against rollout.max_episode_tokens (rollout.max_new_tokens is one "
+            "turn's budget); set it, or algo.overlong_fraction=null"
+        )
     rewards = make_reward_computer(cfg, reward_funcs, environment_factory)
     rewards.check_columns(set(train_rows[0]) - {cfg.data.prompt_field})
     eval_rewards = make_eval_rewards(cfg, rewards, eval_funcs)

@@ -133,7 +133,7 @@ class Trainer:
             result.eval_before, result.eval_after = logged_evaluations(run.run_dir)
             return result
         start = time.perf_counter()
-        self.logger.print(run.algo.card())
+        self.logger.print(run.algo.card(cfg.model.ref_sync_steps, cfg.model.ref_sync_alpha))
         if self.resumed_from is not None:
             self.logger.print(f"resumed from {self.resumed_from} (step {state.step})")
         self.logger.print(

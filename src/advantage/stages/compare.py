@@ -7,7 +7,8 @@ and the config saved with its newest checkpoint; plots and page come from `engin
   logged; the band around it goes from the lowest to the highest seed (min–max).
 - Table (also OUT/table.md): final held-out accuracy, mean ± std over seeds (std with n - 1) and
   a 95% Student-t interval over seeds (mean ± t(0.975, n-1)·std/√n); steps and wall time until
-  the held-out accuracy first reaches `target`, averaged over the seeds that reach it; the wall
+  the held-out accuracy first reaches `target`, averaged over the seeds that reach it (the
+  evaluation before training counts: a seed that starts there shows 0 steps); the wall
   time of the whole run; KL and entropy at the last step (means over seeds).
 - Each configuration's algorithm card (`advantage.core.resolve(...).card()`).
 
@@ -312,7 +313,8 @@ def _html(confs, rows, figures, rejected, out: Path, target: float) -> str:
 Accuracy is the held-out accuracy (greedy); the final one is the evaluation after the last step.
 ± is the standard deviation over seeds (n - 1); the 95% interval is a Student-t interval over
 seeds (mean ± t(0.975, n-1)·std/√n). Steps and wall time to {100 * target:g}% average the seeds
-that reach it (count in brackets). Wall time is the cumulative <code>time/step</code>: training
+that reach it (count in brackets; the evaluation before training counts: 0 steps when a seed
+starts there). Wall time is the cumulative <code>time/step</code>: training
 only, without start-up and evaluation.</p>
 <table><tr>{head}</tr>
 {body_rows}
