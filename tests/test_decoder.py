@@ -325,3 +325,14 @@ def test_lean_decode_step_only_for_the_layouts_it_knows(tokenizer):
 
     lora = get_peft_model(_llama(tokenizer), LoraConfig(r=2, target_modules=["q_proj"]))
     assert lean_decode_step(lora) is None
+
+
+@pytest.mark.parametrize("params", [{}, {"greedy": True}, {"top_k": 5}])
+def test_non_finite_logits_stop_generation(tokenizer, params):
+    """An argmax over NaN probabilities is token 0 (the pad): a model with NaN weights gave
+    empty completions, 0% accuracy and a clean exit (a probe); now generation stops."""
+    broken = load_causal_lm(str(builtin_model_path("tiny-random"))).eval()
+    with torch.no_grad():
+        broken.model.norm.weight[3] = float("nan")
+    with pytest.raises(hf.NonFiniteLogitsError, match=r"not finite \(NaN or inf\) for 12 of 12"):
+        _generate(broken, tokenizer, **params)

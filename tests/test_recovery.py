@@ -352,3 +352,67 @@ def test_consolidate_trusts_remote_code_only_when_asked(trained, tmp_path, monke
     asked.clear()
     assert main(["consolidate", str(checkpoint), str(tmp_path / "o2"), "--trust-remote-code"]) == 0
     assert asked == [("load_causal_lm", True), ("load_tokenizer", True)]
+
+
+# 13. the run's end, rewinds, more processes (an adversarial probe's findings) -----------------
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_its_end_finishes_it_on_rerun(tmp_path, monkeypatch, capsys):
+    """Killed after its last checkpoint (here in the final save), a run was "already finished"
+    for good: no final/, no evaluation after RL, no report, and a sweep failed it forever."""
+    from advantage.rl import checkpointing
+
+    run_dir = tmp_path / "run"
+    end = ("checkpoint.save_final=true", "data.eval=builtin:reverse:eval", "eval.size=8")
+    real_save = checkpointing.save_final
+
+    def killed(run):
+        raise _Killed
+
+    monkeypatch.setattr(checkpointing, "save_final", killed)
+    with pytest.raises(_Killed):
+        _trainer(run_dir, *end).fit()
+    assert ckpt.finished_step(run_dir) is None and not (run_dir / "final").exists()
+    monkeypatch.setattr(checkpointing, "save_final", real_save)
+    result = _trainer(run_dir, *end).fit()
+    assert "step 2 is trained and saved, the run's end" in capsys.readouterr().out
+    assert ckpt.finished_step(run_dir) == 2 and (run_dir / "final" / "config.json").is_file()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r["step"] for r in records if "eval/accuracy" in r]
+    assert evaluations == [0, 2] and result.eval_after["eval/accuracy"] >= 0  # logged once
+    again = _trainer(run_dir, *end).fit()
+    assert "already finished at step 2; nothing to do" in capsys.readouterr().out
+    assert again.eval_after == {k: v for k, v in records[-1].items() if k.startswith("eval/")}
+
+
+@pytest.mark.slow
+def test_a_rewind_sets_the_abandoned_trajectory_aside(run_copy, caplog):
+    """Resuming an older checkpoint left the newer ones (and the finished mark) in place: a
+    later auto-resume continued the abandoned trajectory."""
+    older = run_copy / "checkpoints" / "step-000001"
+    with caplog.at_level("WARNING", logger="advantage"):
+        trainer = _trainer(run_copy, f"checkpoint.resume={older}", "train.lr=0.5")
+    trainer.close()
+    assert f"resuming step 1 of {run_copy}, which had gone further" in caplog.text
+    (aside,) = run_copy.glob("abandoned-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["finished.json", "step-000002"]
+    assert [p.name for p in ckpt.list_checkpoints(run_copy)] == ["step-000001"]
+    assert _trainer(run_copy, "train.lr=0.5").step == 1  # auto: the new trajectory's newest
+
+
+def test_a_rank_the_checkpoint_has_no_rng_state_for_keeps_its_own(tmp_path):
+    """A 1-process checkpoint resumed in 2: rank 1 took rank 0's RNG state, so both ranks drew
+    the same sampling noise. Now it keeps its own (the trainer seeds it from its rank)."""
+    model = torch.nn.Linear(2, 2)
+    path = ckpt.save_checkpoint(tmp_path, 1, {"policy": model}, {}, {"step": 1}, rank=0)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    state = ckpt.load_checkpoint(path, {"policy": model}, {}, rank=1)
+    assert state["rng_restored"] is False and torch.equal(torch.rand(3), expected)
+    torch.manual_seed(5)
+    assert ckpt.load_checkpoint(path, {"policy": model}, {}, rank=0)["rng_restored"] is True
+    restored = torch.rand(3)  # the saved stream's, not seed 5's
+    torch.manual_seed(5)
+    assert not torch.equal(restored, torch.rand(3))

@@ -184,8 +184,10 @@ def test_unfinished_run_resumes_from_its_checkpoint(swept):
     config, out, _, _ = swept
     run_dir = out / NAMES[1] / "seed-1"
     complete = (run_dir / "metrics.jsonl").read_text().splitlines()
-    # as if killed after the checkpoint of step 2: the step-3 checkpoint and records are gone
+    # as if killed after the checkpoint of step 2: the step-3 checkpoint, the finished mark and
+    # the records are gone
     subprocess.run(["rm", "-r", str(run_dir / "checkpoints" / "step-000003")], check=True)
+    (run_dir / "finished.json").unlink()
     (run_dir / "metrics.jsonl").write_text(
         "".join(line + "\n" for line in complete if json.loads(line)["step"] <= 2)
     )

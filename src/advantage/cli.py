@@ -183,12 +183,17 @@ def main(argv: list[str] | None = None) -> int:
         args.extra, args.argv = extra, argv
     from .engine.configlib import ConfigError
     from .engine.reward_call import RewardError
+    from .engine.rollout import NonFiniteLogitsError
+    from .rl.update import NonFiniteError
 
     try:
         return args.func(args)
     except (ConfigError, RewardError, commands.WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteLogitsError, NonFiniteError) as e:  # the run diverged: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:  # TrainingStopped says where its checkpoint is
         print(str(e) or "interrupted", file=sys.stderr)
         return getattr(e, "exit_code", 130)

@@ -8,7 +8,8 @@ are safetensors, the rest is JSON or `torch.load(weights_only=True)`.
         optimizer.pt              optimizer and scheduler states (tensors and numbers only)
         extra.pt                  the caller's other state (asynchronous rollouts: the batches
                                   already sampled, the worker's state), if any
-        rng-rank{r}.pt            Python, NumPy and torch RNG states of each rank
+        rng-rank{r}.pt            Python, NumPy and torch RNG states of each rank (a rank
+                                  the checkpoint has no state for keeps its own)
         trainer_state.json        step, data position, baseline and KL-controller state, config;
                                   written last: its presence marks a complete checkpoint
 
@@ -72,6 +73,41 @@ def remove_stale(run_dir: str | Path) -> list[str]:
     return [p.name for p in stale]
 
 
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Put the finished folder `tmp` in the place of `final` (fsynced, renamed into place; an
+    old `final` is set aside first and then deleted), so `final` is never half-written."""
+    _fsync_tree(tmp)
+    old = None
+    if final.exists():
+        old = final.with_name(".replaced-" + final.name)
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+FINISHED = "finished.json"
+
+
+def mark_finished(run_dir: str | Path, step: int) -> None:
+    """Record that the run's end (its last checkpoint, evaluation after training, final model,
+    report) is complete at `step`: written last, atomically."""
+    path = Path(run_dir) / FINISHED
+    tmp = path.with_name("." + FINISHED)
+    tmp.write_text(json.dumps({"step": step}))
+    tmp.replace(path)
+
+
+def finished_step(run_dir: str | Path) -> int | None:
+    """The step at which the run's end was completed (`mark_finished`), else None."""
+    try:
+        return int(json.loads((Path(run_dir) / FINISHED).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -85,6 +121,8 @@ def _fsync_tree(path: Path) -> None:
         if f.is_file():
             with f.open("rb") as fh:
                 os.fsync(fh.fileno())
+        elif f.is_dir():
+            _fsync_tree(f)
     _fsync_dir(path)
 
 
@@ -228,8 +266,10 @@ def load_checkpoint(
         if name in small:
             obj.load_state_dict(small[name])
     rng = path / f"rng-rank{rank}.pt"
-    rng = rng if rng.exists() else path / "rng-rank0.pt"
-    set_rng_state(read_file(rng, lambda f: torch.load(f, weights_only=True)))
+    # a rank the checkpoint had not (resumed with more processes) keeps the caller's RNG
+    trainer_state["rng_restored"] = rng.exists()
+    if rng.exists():
+        set_rng_state(read_file(rng, lambda f: torch.load(f, weights_only=True)))
     if (path / "extra.pt").exists():
         trainer_state["extra"] = read_file(
             path / "extra.pt", lambda f: torch.load(f, weights_only=True)

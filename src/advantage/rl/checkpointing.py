@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -136,6 +137,9 @@ def resume(run: Run, state: TrainState, candidates: list[Path]) -> Path | None:
             continue
         _restore(run, state, saved)
         say = log.warning if run.dist.is_main else (lambda text: None)
+        _new_processes(run, state, saved, say)
+        if run.dist.is_main:
+            _set_aside_later_work(run.run_dir, state.step, say)
         if damaged:
             say(
                 f"checkpoint {'; '.join(damaged)}; resuming from the previous complete one, "
@@ -155,6 +159,47 @@ def resume(run: Run, state: TrainState, candidates: list[Path]) -> Path | None:
         _truncate_jsonl(run.run_dir / "metrics.jsonl", -1)
         _truncate_jsonl(run.run_dir / "samples.jsonl", -1)
     return None
+
+
+def _new_processes(run: Run, state: TrainState, saved: dict, say) -> None:
+    """Resumed with another number of processes: say so; a rank the checkpoint has no RNG
+    state for draws from its own seed (`train.seed`, its rank and the step) — never another
+    rank's stream (ranks sampling the same noise would shrink the batch, unseen)."""
+    before, now = int(saved.get("world_size", 1)), run.dist.world_size
+    if not saved["rng_restored"]:
+        from .setup import set_seed
+
+        set_seed(run.config.train.seed + run.dist.rank + 1_000_003 * state.step)
+    if before != now:
+        say(
+            f"resuming step {state.step}, saved by {before} process(es), in {now}: each rank's "
+            "prompts and sampling noise differ from an uninterrupted run's"
+            + (" (the new ranks draw from their own seeds)" if now > before else "")
+        )
+
+
+def _set_aside_later_work(run_dir: Path, step: int, say) -> None:
+    """A rewind (resuming an older checkpoint of this run): the checkpoints after `step`, the
+    final model, report and finished mark of the abandoned trajectory move to
+    `RUN_DIR/abandoned-<time>/` (kept, not deleted), so that a later `checkpoint.resume=auto`
+    continues the new trajectory, not the old one."""
+    later = [p for p in ckpt.list_checkpoints(run_dir) if int(p.name.split("-")[-1]) > step]
+    marked = ckpt.finished_step(run_dir)
+    if not later and (marked is None or marked <= step):
+        return
+    parts = later + [
+        run_dir / name
+        for name in ("final", "final-merged", "report", ckpt.FINISHED)
+        if (run_dir / name).exists()
+    ]
+    aside = run_dir / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for part in parts:
+        part.rename(aside / part.name)
+    say(
+        f"resuming step {step} of {run_dir}, which had gone further: its later work "
+        f"({', '.join(p.name for p in parts)}) moved to {aside}"
+    )
 
 
 def _restore(run: Run, state: TrainState, saved: dict) -> None:
@@ -197,9 +242,14 @@ def _set_optimizers(run: Run, applied: list[Change]) -> None:
 
 
 def save_final(run: Run) -> Path:
-    """The policy as a plain Hugging Face folder (`RUN_DIR/final`); every rank calls this."""
+    """The policy as a plain Hugging Face folder (`RUN_DIR/final`; a LoRA policy: its adapter,
+    and `final-merged`), each written beside and renamed into place: a kill never leaves one
+    half-written. Every rank calls this."""
     final = run.run_dir / "final"
+    tmp = run.run_dir / ".tmp-final"
     model = unwrap(run.policy)
+    if run.dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
     if is_fsdp(run.policy):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -209,15 +259,18 @@ def save_final(run: Run) -> Path:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = get_model_state_dict(run.policy, options=options)
         if run.dist.is_main:
-            model.save_pretrained(final, state_dict=full)
+            model.save_pretrained(tmp, state_dict=full)
     elif run.dist.is_main:
-        model.save_pretrained(final)  # a LoRA policy writes its adapter
+        model.save_pretrained(tmp)  # a LoRA policy writes its adapter
         if hasattr(model, "merge_and_unload"):
-            merged = run.run_dir / "final-merged"
+            merged = run.run_dir / ".tmp-final-merged"
+            shutil.rmtree(merged, ignore_errors=True)
             copy.deepcopy(model).merge_and_unload().save_pretrained(merged)
             run.tokenizer.save_pretrained(merged)
+            ckpt.replace_folder(merged, run.run_dir / "final-merged")
     if run.dist.is_main:
-        run.tokenizer.save_pretrained(final)
+        run.tokenizer.save_pretrained(tmp)
+        ckpt.replace_folder(tmp, final)
     barrier()
     return final
 
@@ -243,6 +296,19 @@ def consolidate(
     return out_dir
 
 
+def drop_evaluation(path: Path, step: int) -> None:
+    """Drop the evaluation-only record of `step` (the evaluation after RL of a run killed
+    before its end was complete, which finishing logs again); atomic."""
+    if not path.is_file():
+        return
+    records, _ = parse_jsonl(path)
+    _rewrite(path, [line for line, r in records if not (r["step"] == step and _evaluation_only(r))])
+
+
+def _evaluation_only(record: dict) -> bool:
+    return all(k in ("step", "time") or k.startswith("eval/") for k in record)
+
+
 def _truncate_jsonl(path: Path, last_step: int) -> None:
     """Drop records logged after `last_step` (steps that the resumed run will redo), and lines
     that are not JSON (a write torn by a crash or a full disk), saying so; atomic."""
@@ -253,7 +319,11 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
         log.warning(
             f"{path}: removed {lines_text(torn)} that {'is' if len(torn) == 1 else 'are'} not valid JSON (a torn write)"
         )
-    keep = [line for line, record in records if record["step"] <= last_step]
+    _rewrite(path, [line for line, record in records if record["step"] <= last_step])
+
+
+def _rewrite(path: Path, lines: list[str]) -> None:
+    """`path` holding `lines`, replaced atomically."""
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.write_text("".join(line + "\n" for line in lines))
     os.replace(tmp, path)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine.checkpoint import finished_step, mark_finished
 from ..engine.configlib import ConfigError
 from ..engine.evaluation import evaluate
 from ..engine.logger import MetricsLogger
@@ -124,12 +125,14 @@ class Trainer:
     def fit(self) -> RunResult:
         cfg, run, state = self.config, self.run, self.state
         result = RunResult(run_dir=run.run_dir)
-        if self.resumed_from is not None and state.step >= cfg.train.steps:  # a rerun
+        trained = self.resumed_from is not None and state.step >= cfg.train.steps
+        if trained and finished_step(run.run_dir) == state.step:  # a rerun
             self.logger.print(
                 f"run_dir {run.run_dir} already finished at step {state.step}; nothing to do (set "
                 "checkpoint.resume=none and a new log.run_dir to train again)"
             )
             self.logger.close()
+            self.close()
             result.eval_before, result.eval_after = logged_evaluations(run.run_dir)
             return result
         start = time.perf_counter()
@@ -150,25 +153,41 @@ class Trainer:
             result.eval_before = logged_evaluations(run.run_dir)[0]
         self.logger.start(state.step)
         try:
-            if cfg.train.max_staleness is not None:  # the worker starts from this RNG state
-                self.rollouts = AsyncRollouts(run, state, *self._user_code, saved=state.pending)
-            with StopSignals(run.dist.is_main) as stop:
-                self._loop(result, stop)
-            if not cfg.checkpoint.every or state.step % cfg.checkpoint.every:
-                self.save_checkpoint()
-            if run.eval_rows:
-                result.eval_after = self.evaluate()
-                self.logger.log(state.step, result.eval_after)
-                self.logger.print(_eval_line("after RL", result.eval_after))
-            if cfg.checkpoint.save_final:
-                checkpointing.save_final(run)
-            if cfg.log.report and run.dist.is_main:
-                self.logger.print(f"report: {make_report(run.run_dir)}")
+            if trained:  # killed after its last checkpoint: the end is missing or partial
+                self.logger.print(
+                    f"run_dir {run.run_dir}: step {state.step} is trained and saved, the run's "
+                    "end (evaluation after RL, final model, report) is not; finishing it"
+                )
+                if run.dist.is_main:
+                    checkpointing.drop_evaluation(run.run_dir / "metrics.jsonl", state.step)
+            else:
+                if cfg.train.max_staleness is not None:  # the worker starts from this RNG state
+                    self.rollouts = AsyncRollouts(run, state, *self._user_code, saved=state.pending)
+                with StopSignals(run.dist.is_main) as stop:
+                    self._loop(result, stop)
+                if not cfg.checkpoint.every or state.step % cfg.checkpoint.every:
+                    self.save_checkpoint()
+            self._finish(result)
         finally:
             self.logger.close()
             self.close()
         result.seconds = time.perf_counter() - start
         return result
+
+    def _finish(self, result: RunResult) -> None:
+        """The run's end, after its last checkpoint: the evaluation after RL, the final model,
+        the report; then the finished mark (a rerun without it finishes these again)."""
+        cfg, run, state = self.config, self.run, self.state
+        if run.eval_rows:
+            result.eval_after = self.evaluate()
+            self.logger.log(state.step, result.eval_after)
+            self.logger.print(_eval_line("after RL", result.eval_after))
+        if cfg.checkpoint.save_final:
+            checkpointing.save_final(run)
+        if cfg.log.report and run.dist.is_main:
+            self.logger.print(f"report: {make_report(run.run_dir)}")
+        if run.dist.is_main:
+            mark_finished(run.run_dir, state.step)
 
     def _loop(self, result: RunResult, stop: StopSignals) -> None:
         """The steps, each logged, evaluated and checkpointed on its schedule. On SIGINT or

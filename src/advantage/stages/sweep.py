@@ -8,9 +8,9 @@ folder, then one comparison page (`advantage.stages.compare`):
       grpo__scope-batch/seed-1/
       compare/index.html      the comparison page and its PNGs; compare/table.md
 
-A run is **finished** when its newest complete checkpoint is at step `train.steps` and, if the
-run evaluates (`rl.rows.held_out_spec`), `metrics.jsonl` holds an evaluation at that step (the
-final one, logged after the final checkpoint). A rerun of the same command skips finished runs
+A run is **finished** when its end is complete at step `train.steps`: the trainer's finished
+mark (`RUN_DIR/finished.json`, written after the last checkpoint, the evaluation after RL, the
+final model and the report; a run killed before it resumes and finishes them). A rerun of the same command skips finished runs
 and resumes the others with `checkpoint.resume=auto` from their newest checkpoint (set
 `checkpoint.every` to keep mid-run checkpoints; without one an unfinished run starts over).
 """
@@ -28,12 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from ..engine.checkpoint import latest_checkpoint
+from ..engine.checkpoint import finished_step, latest_checkpoint
 from ..engine.configlib import ConfigError, check_at_least
-from ..engine.report import read_jsonl
 from ..rl.config import AlgoConfig, Config, load_config
 from ..rl.config_changes import config_changes, resume_view, saved_algorithm
-from ..rl.rows import held_out_spec
 from ..tasks import model_path
 from .compare import make_compare
 
@@ -131,15 +129,14 @@ def plan(
 
 
 def is_finished(run_dir: Path, config: Config) -> bool:
-    """The final checkpoint is at `train.steps` and the final evaluation (if any) is logged.
-    A finished run trained with other settings than `config` is refused (ConfigError): its
-    results would be credited to the new ones."""
+    """The run's end is complete at `train.steps` (its finished mark: the last checkpoint, the
+    evaluation after RL, final model and report; a run killed before them is resumed, and
+    finishes them). A finished run trained with other settings than `config` is refused
+    (ConfigError): its results would be credited to the new ones."""
     checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
+    if checkpoint is None or finished_step(run_dir) != config.train.steps:
         return False
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    if state["step"] != config.train.steps:
-        return False
     now = resume_view(dataclasses.asdict(config), dataclasses.asdict(config.algorithm_spec()))
     refused, applied = config_changes(resume_view(state["config"], saved_algorithm(state)), now)
     if refused or applied:
@@ -147,12 +144,7 @@ def is_finished(run_dir: Path, config: Config) -> bool:
             f"{run_dir} finished under other settings ({', '.join(map(str, refused + applied))}); "
             "give the sweep a new --out, or the settings it was run with"
         )
-    if held_out_spec(config) is None:
-        return True
-    return any(
-        r["step"] == config.train.steps and "eval/accuracy" in r
-        for r in read_jsonl(run_dir / "metrics.jsonl")
-    )
+    return True
 
 
 def available_cores() -> int:

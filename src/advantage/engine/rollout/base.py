@@ -170,6 +170,12 @@ def pad_completions(
     return ids, mask, lp
 
 
+class NonFiniteLogitsError(RuntimeError):
+    """The policy's next-token logits are NaN or infinite: its weights or activations have
+    overflowed (a diverged update, a broken checkpoint). Sampling from them would pick a token
+    by accident (an argmax over NaN gives token 0), so generation stops instead."""
+
+
 class GenerationBackend(Protocol):
     """What the trainer needs from a rollout engine."""
 

@@ -31,7 +31,7 @@ import torch
 
 from ..parallel import unwrap
 from ..precision import autocast, widens_bf16_matmul
-from .base import Rollout, SamplingParams, pad_completions, pad_prompts
+from .base import NonFiniteLogitsError, Rollout, SamplingParams, pad_completions, pad_prompts
 
 LEAVE_EVERY = 8  # ended rows leave the decode batch once they are ≥ 1/8 of it (a cache copy)
 # a decode batch down to this many rows with this many steps left reads column-major weights
@@ -227,12 +227,28 @@ def _draw(
     if params.ignore_eos and eos is not None:
         sampling[:, eos] = -float("inf")
     if params.greedy:
-        return sampling.argmax(-1), None
+        best, token = sampling.max(-1)
+        _check_finite(best, active)  # a NaN in a row makes its max NaN
+        return token, None
     warped = warpers(None, sampling) if warpers else sampling
     probs = torch.softmax(warped, -1)
     noise = torch.empty((B, probs.shape[-1]), device=probs.device).exponential_(1)
     token = (probs / noise[active]).argmax(-1)
-    return token, torch.log_softmax(scaled, -1).gather(-1, token[:, None]).squeeze(-1)
+    logprob = torch.log_softmax(scaled, -1).gather(-1, token[:, None]).squeeze(-1)
+    _check_finite(logprob, active)  # NaN where a row's logits hold a NaN or an inf
+    return token, logprob
+
+
+def _check_finite(values: torch.Tensor, active: torch.Tensor) -> None:
+    """Raise NonFiniteLogitsError naming the rows whose `values` `[R]` are not finite."""
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        rows = active[bad].tolist()
+        raise NonFiniteLogitsError(
+            f"the policy's next-token logits are not finite (NaN or inf) for "
+            f"{len(rows)} of {len(values)} sequences (rows {rows[:8]}): its weights or "
+            "activations overflowed (a diverged update: lower train.lr; or a broken checkpoint)"
+        )
 
 
 def _warpers(params: SamplingParams):
