@@ -4,6 +4,8 @@ FSDP2 (gloo on CPU)."""
 
 import os
 import socket
+import string
+import time
 
 import pytest
 import torch
@@ -155,3 +157,57 @@ def test_two_processes_equal_one(preset, strategy, tmp_path):
     )
     assert worst_grad <= 1e-5 and worst_weight <= 1e-5
     assert max(g.abs().max().item() for g in one["grads"].values()) > 1e-3  # a real gradient
+
+
+class RankTurns:
+    """A gym environment whose episodes end after one turn on rank 0 and three on rank 1."""
+
+    def reset(self, row):
+        self.turns = 0
+
+    def step(self, message):
+        self.turns += 1
+        return "ok", None, os.environ["RANK"] == "0" or self.turns >= 3
+
+
+def _episodes(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    from advantage.rl.config import load_config
+    from advantage.rl.trainer import Trainer
+
+    cfg = load_config(
+        None,
+        [
+            "model.name_or_path=builtin:tiny-random", "data.train=builtin:reverse",
+            f"log.run_dir={out}/run", "log.progress=false", "log.tensorboard=false",
+            "rollout.prompts_per_step=2", "rollout.num_generations=2", "rollout.max_new_tokens=8",
+            "rollout.max_turns=3", "train.steps=2", "eval.size=0", "checkpoint.save_final=false",
+            # every letter or digit ends a turn (untruncated: the episode goes on)
+            f"rollout.stop=[{','.join(repr(c) for c in string.ascii_letters + string.digits)}]",
+            "checkpoint.every=0", "distributed.strategy=fsdp2",
+        ],
+    )  # fmt: skip
+    reward = lambda prompts, completions, **kw: [float(len(c)) for c in completions]  # noqa: E731
+    result = Trainer(cfg, reward_funcs=[reward], environment_factory=RankTurns).fit()
+    torch.save([m["episode/turns"] for m in result.metrics], f"{out}/turns-rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp2_episodes_of_different_lengths_per_rank_do_not_hang(tmp_path):
+    """Every forward of a sharded policy is a collective: a rank whose episodes had all ended
+    went on to the update while another started a turn's prefill, and both waited forever (a
+    probe, also on the calculator demo). Now it decodes a stand-in row while any rank has a
+    turn to take."""
+    context = mp.start_processes(
+        _episodes, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("FSDP2 episodes hung")
+    turns = [torch.load(tmp_path / f"turns-rank{r}.pt") for r in range(2)]
+    assert turns == [[2.0, 2.0]] * 2  # the mean over ranks of 1 and 3 turns

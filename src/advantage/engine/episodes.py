@@ -31,6 +31,7 @@ from .environments import (
     env_call,
     is_gym,
 )
+from .parallel import global_max
 from .reward_call import as_float, fits_float32
 from .rollout import Rollout, SamplingParams, pad_completions, pad_prompts
 from .sampling import Encode, Sampled
@@ -118,9 +119,19 @@ class Episodes:
         episodes = [
             self._start(i * n + j, rows[i], prompts[i]) for i in range(len(rows)) for j in range(n)
         ]
+        # a sharded policy (FSDP2) runs every forward on every rank together: every rank takes
+        # a turn while any rank has an episode running (a rank whose episodes have all ended
+        # decodes a stand-in row), else one that went on would wait for the others forever
+        lockstep = getattr(self.backend, "lockstep", False)
         first = True
-        while running := [e for e in episodes if not e.done]:
-            self._model_turn(running, params, n if first else 1)
+        while True:
+            running = [e for e in episodes if not e.done]
+            if not (global_max(int(bool(running))) if lockstep else running):
+                break
+            if not running:
+                self._stand_in_turn(prompts, params)
+                continue
+            self._model_turn(running, params, n if first else 1, lockstep)
             first = False
             for e in running:
                 if not e.done:
@@ -137,13 +148,27 @@ class Episodes:
                 prompt = append_to_prompt(prompt, str(first))
         return _Episode(index=index, row=row, prompt_ids=self.encode(prompt), env=env)
 
-    def _model_turn(self, running: list[_Episode], params: SamplingParams, n: int) -> None:
-        """One generation for every running episode, in one batch. On the first turn (n > 1)
-        the n episodes of a prompt share it: each prompt is prefilled once."""
-        budget = max(self._tokens_left(e) for e in running)
+    def _turn_params(self, params: SamplingParams, budget: int, lockstep: bool) -> SamplingParams:
+        """A turn's sampling: at most `budget` new tokens (under lockstep the largest of every
+        rank's: the decode steps are taken together), ending at the tool parser's stop texts."""
+        budget = global_max(budget) if lockstep else budget
         params = replace(params, max_new_tokens=min(params.max_new_tokens, budget))
         if self.parser is not None and self.parser.stop_strings:
             params = replace(params, stop=[*params.stop, *self.parser.stop_strings])
+        return params
+
+    def _stand_in_turn(self, prompts: list, params: SamplingParams) -> None:
+        """Under lockstep, a turn of another rank's while this one's episodes have all ended."""
+        stand_in = self.encode(prompts[0]) if prompts else [self.tokenizer.eos_token_id]
+        self.backend.stand_in(stand_in, self._turn_params(params, 1, True))
+
+    def _model_turn(
+        self, running: list[_Episode], params: SamplingParams, n: int, lockstep: bool = False
+    ) -> None:
+        """One generation for every running episode, in one batch. On the first turn (n > 1)
+        the n episodes of a prompt share it: each prompt is prefilled once."""
+        budget = max(self._tokens_left(e) for e in running)
+        params = self._turn_params(params, budget, lockstep)
         shared = n > 1 and all(
             running[k].prompt_ids == running[k - k % n].prompt_ids for k in range(len(running))
         )

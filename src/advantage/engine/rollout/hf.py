@@ -53,9 +53,21 @@ class TransformersBackend:
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.model = model  # generation runs on the training weights themselves
 
+    def stand_in(self, prompt: list[int], params: SamplingParams) -> None:
+        """Under lockstep, this rank's part of a generation in which it has no row of its own
+        (a multi-turn turn where its episodes have all ended): `prompt` as one row that has
+        ended from the start, decoded while any other rank decodes (every forward of a sharded
+        policy is a collective). `params.max_new_tokens` must be the other ranks'."""
+        self.generate([prompt], 1, params, ended=True)
+
     def generate(
-        self, prompts: list[list[int]], num_generations: int, params: SamplingParams
+        self,
+        prompts: list[list[int]],
+        num_generations: int,
+        params: SamplingParams,
+        ended: bool = False,
     ) -> Rollout:
+        """`num_generations` completions of each prompt (`ended`: `stand_in`'s row)."""
         model = unwrap(self.model)
         device = next(model.parameters()).device
         ids, mask = pad_prompts(prompts, self.tokenizer.pad_token_id)  # [P, Tp]
@@ -72,7 +84,7 @@ class TransformersBackend:
             )
             with grad_off, autocast(self.precision, device, model):
                 tokens, logprobs = self._sample(
-                    model, ids.to(device), mask.to(device), num_generations, params
+                    model, ids.to(device), mask.to(device), num_generations, params, ended
                 )
         finally:
             model.train(was_training)
@@ -88,7 +100,7 @@ class TransformersBackend:
             logprobs=None if params.greedy else lp,
         )
 
-    def _sample(self, model, ids, mask, G: int, params: SamplingParams):
+    def _sample(self, model, ids, mask, G: int, params: SamplingParams, ended: bool = False):
         """Token ids `[B, Tn]` and their log-probs `[B, Tn]` (B = P·G), `Tn <= max_new_tokens`.
 
         Rows whose completion has ended leave the decode batch (their KV cache rows are dropped)
@@ -109,7 +121,7 @@ class TransformersBackend:
             attention[:, :Tp] = mask[rows]  # [R, Tp + Tn]: the first Tp + step columns are used
             position = positions[rows, -1:] + 1  # [R, 1]
             active = torch.arange(B, device=ids.device)  # [R] output row of each decode row
-            done = torch.zeros(B, dtype=torch.bool, device=ids.device)  # [R]
+            done = torch.full((B,), ended, dtype=torch.bool, device=ids.device)  # [R]
             tokens = torch.full((B, Tn), pad, dtype=torch.long, device=ids.device)
             logprobs = torch.zeros(B, Tn, device=ids.device)
             for step in range(Tn):
