@@ -204,3 +204,27 @@ def test_pg_gradient_is_ppo_clip_gradient_at_ratio_one():
     # hand check: -A / n on valid tokens
     expected = torch.where(mask, -adv / mask.sum(), 0.0)
     torch.testing.assert_close(grads[0], expected)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_masked_positions_never_reach_a_metric_or_a_valid_gradient(name):
+    """NaN or inf at masked positions (log-probs, old log-probs, advantages): ppo_clip's
+    approx_kl multiplied them by the mask (NaN), and GSPO's per-sequence ratio carried a NaN
+    advantage's 0·NaN into every valid token's gradient (a numerics probe)."""
+    logp, old, adv, mask = _random()
+    clean = [t.detach().clone() for t in (logp, old, adv)]
+    with torch.no_grad():
+        old[~mask], adv[~mask] = float("nan"), float("inf")
+    poisoned = logp.detach().clone()
+    poisoned[~mask] = float("nan")
+    results = []
+    for lp, o, a in [(clean[0], *clean[1:]), (poisoned, old, adv)]:
+        lp = lp.requires_grad_(True)
+        loss, metrics = OBJECTIVES[name](lp, o, a, mask)
+        aggregate(loss, mask, "token_mean").backward()
+        results.append((loss.detach(), metrics, lp.grad))
+    (loss_a, metrics_a, grad_a), (loss_b, metrics_b, grad_b) = results
+    torch.testing.assert_close(loss_b, loss_a)
+    for key, value in metrics_a.items():
+        torch.testing.assert_close(metrics_b[key], value, msg=key)
+    torch.testing.assert_close(grad_b[mask], grad_a[mask])

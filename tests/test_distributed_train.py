@@ -14,6 +14,9 @@ import torch.multiprocessing as mp
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 P, G = 4, 4
+# statistics over the whole batch: 2 processes log what 1 does (not a mean of per-rank values)
+GLOBAL_METRICS = ("reward/mean", "reward/std", "reward/length_reward", "loss/policy", "entropy",
+                  "approx_kl", "clip_frac/low", "clip_frac/high", "loss/value", "kl")  # fmt: skip
 
 
 def _fixed_generate(self, prompts, num_generations, params):
@@ -113,6 +116,7 @@ def _run(rank: int, world: int, preset: str, strategy: str, port: int, out: str)
         {
             "advantages": captured["advantages"],
             "loss": metrics["loss"],
+            "metrics": {k: metrics[k] for k in GLOBAL_METRICS if k in metrics},
             "grads": grads,
             "weights": weights,
         },
@@ -144,6 +148,9 @@ def test_two_processes_equal_one(preset, strategy, tmp_path):
         torch.testing.assert_close(a[:n], b[:n], rtol=0, atol=1e-5, msg=f"advantages of row {i}")
         assert a[n:].abs().sum() == 0 and b[n:].abs().sum() == 0
     assert abs(two[0]["loss"] - one["loss"]) <= 1e-5 and two[0]["loss"] == two[1]["loss"]
+    assert set(one["metrics"]) >= {"reward/std", "loss/policy", "entropy"}
+    for key, value in one["metrics"].items():  # reward/std was the mean of each rank's std
+        assert abs(two[0]["metrics"][key] - value) <= 1e-5 * max(1.0, abs(value)), key
     worst_grad = worst_weight = 0.0
     for name, g in one["grads"].items():
         for part in two:  # DDP and FSDP2 leave every rank with the averaged gradient

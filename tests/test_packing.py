@@ -222,7 +222,8 @@ def test_packed_logprobs_entropy_and_gradients_equal_padded(policy, monkeypatch,
     )
     torch.testing.assert_close(lp[mask], lp_pad[mask], rtol=0, atol=1e-6)
     torch.testing.assert_close(ent[mask], ent_pad[mask], rtol=0, atol=1e-6)
-    assert (lp[~mask] == 0).all()
+    assert (lp[~mask] == 0).all() and (lp_pad[~mask] == 0).all()  # as the docstring says
+    assert (ent[~mask] == 0).all() and (ent_pad[~mask] == 0).all()
 
     def lp_of(model, b):
         return completion_logprobs(model, b, 0.7)[0]

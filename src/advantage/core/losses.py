@@ -58,7 +58,9 @@ def policy_loss(
     mask = mask.bool()
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
-    advantages = advantages.expand_as(logprobs)
+    # masked positions carry 0: a NaN there would reach valid tokens' gradients through a ratio
+    # they share (GSPO's per-sequence ratio), and where()'s backward multiplies 0 by it
+    advantages = torch.where(mask, advantages.expand_as(logprobs), 0.0)
     log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -79,10 +81,16 @@ def policy_loss(
         metrics["clip_frac/high"] = masked_fraction(
             (ratio > 1.0 + clip_high) & (advantages > 0), mask
         )
-        # k3 estimate of KL(old ‖ new), the usual "approx_kl" diagnostic
-        approx_kl = torch.expm1(log_ratio) - log_ratio
-        metrics["approx_kl"] = (approx_kl * mask).sum() / mask.sum().clamp(min=1)
+        metrics["approx_kl"] = approx_kl(log_ratio, mask)
     return torch.where(mask, loss, 0.0), metrics
+
+
+def approx_kl(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k3 estimate of KL(old ‖ new) per token, `expm1(lr) - lr` (the usual "approx_kl"
+    diagnostic), mean over valid tokens (masked ones never enter it, NaN or not)."""
+    with torch.no_grad():
+        k3 = torch.expm1(log_ratio) - log_ratio
+        return torch.where(mask, k3, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 def value_loss(

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .kl import LOG_RATIO_CLAMP, kl_penalty
-from .losses import masked_fraction, policy_loss
+from .losses import approx_kl, masked_fraction, policy_loss
 from .offpolicy import rollout_correction
 from .registry import Registry
 
@@ -61,13 +61,6 @@ def sequence_log_ratio(
     total = torch.where(mask, logprobs - old_logprobs, 0.0).sum(-1)
     length = mask.sum(-1).clamp(min=1)
     return (total / length).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-
-
-def _approx_kl(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """k3 estimate of KL(old ‖ new) per token, `expm1(lr) - lr`, mean over valid tokens."""
-    with torch.no_grad():
-        k3 = torch.expm1(log_ratio) - log_ratio
-        return torch.where(mask, k3, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 def _no_dual_clip(name: str, dual_clip: float | None) -> None:
@@ -111,7 +104,7 @@ def _sequence_ratio_loss(
     loss, metrics = policy_loss(
         log_s, torch.zeros_like(log_s), advantages, mask, clip_low, clip_high, dual_clip
     )
-    metrics["approx_kl"] = _approx_kl(token_log_ratio(logprobs, old_logprobs, mask), mask)
+    metrics["approx_kl"] = approx_kl(token_log_ratio(logprobs, old_logprobs, mask), mask)
     return loss, metrics
 
 
@@ -213,7 +206,7 @@ def cispo(
     metrics = {
         "clip_frac/low": masked_fraction(ratio < 1.0 - clip_low, mask).detach(),
         "clip_frac/high": masked_fraction(ratio > 1.0 + clip_high, mask).detach(),
-        "approx_kl": _approx_kl(log_ratio, mask),
+        "approx_kl": approx_kl(log_ratio, mask),
     }
     return torch.where(mask, loss, 0.0), metrics
 
@@ -240,7 +233,7 @@ def pg(
     _no_dual_clip("pg", dual_clip)
     mask = mask.bool()
     loss = -_as_token_advantages(advantages, logprobs) * logprobs
-    metrics = {"approx_kl": _approx_kl(token_log_ratio(logprobs, old_logprobs, mask), mask)}
+    metrics = {"approx_kl": approx_kl(token_log_ratio(logprobs, old_logprobs, mask), mask)}
     return torch.where(mask, loss, 0.0), metrics
 
 

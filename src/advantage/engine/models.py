@@ -267,6 +267,10 @@ def completion_logprobs(
     elif with_entropy:  # a metric only: no graph
         with torch.no_grad():
             entropy = entropy_from_logits(logits)
+    if mask is None:  # the rectangle: its pads hold what the model made of them
+        valid = batch.completion_mask.to(logits.device).bool()
+        logprobs = torch.where(valid, logprobs, 0.0)
+        entropy = None if entropy is None else torch.where(valid, entropy, 0.0)
     return _unpacked(logprobs, mask), _unpacked(entropy, mask)
 
 

@@ -128,16 +128,27 @@ def control_kl(
     return {"kl": kl_sum / max(n_tokens, 1.0)}
 
 
+def global_mean_std(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and std (Bessel) of every rank's `values` together (two passes, float64); NaN and
+    0 when there are none, 0 std for one. Every rank calls it (two all-reduces)."""
+    n, total = global_sums([float(values.numel()), float(values.double().sum())])
+    if not n:
+        return float("nan"), 0.0
+    mean = total / n
+    squares = global_sums([float(((values.double() - mean) ** 2).sum())])[0]
+    return mean, (squares / (n - 1)) ** 0.5 if n > 1 else 0.0
+
+
 def step_metrics(run: Run, batch: ScoredRollout, known: dict[str, float]) -> dict[str, float]:
     """Rewards, lengths and throughput of this rank's batch, with `known` (the step's times, and
     the β and learning rate it used) (SPEC §5)."""
     rollout, scores = batch.rollout, batch.scores
     lengths = rollout.completion_lengths.float()
     n_tokens = float(rollout.model_mask.sum())
-    scored = scores.scores[scores.score_mask]
+    mean, std = global_mean_std(scores.scores[scores.score_mask])
     metrics = {
-        "reward/mean": float(scored.mean()) if scored.numel() else float("nan"),
-        "reward/std": float(scored.std()) if scored.numel() > 1 else 0.0,
+        "reward/mean": mean,
+        "reward/std": std,
         "reward/unscored_frac": float((~scores.score_mask).float().mean()),
         "completion/length": float(lengths.mean()),
         "completion/clipped_ratio": float(rollout.truncated.float().mean()),
@@ -148,7 +159,7 @@ def step_metrics(run: Run, batch: ScoredRollout, known: dict[str, float]) -> dic
     for name, values, present in zip(
         scores.names, scores.per_source, scores.per_source_mask, strict=True
     ):
-        metrics[f"reward/{name}"] = float(values[present].mean()) if present.any() else float("nan")
+        metrics[f"reward/{name}"] = global_mean_std(values[present])[0]
     if batch.conversations is not None:
         metrics.update(episode_metrics(rollout, batch.conversations))
     if run.algo.dynamic_sampling:

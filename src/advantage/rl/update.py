@@ -84,7 +84,10 @@ def update(run: Run, state: TrainState, tokens: TokenBatch, say: Callable[[str],
                 skipped += 1
             else:
                 grad_norms.append(grad_norm)
-    out = {k: v / max(weight, 1.0) for k, v in sums.items()}
+    # per-token means over every rank's tokens (not the mean of each rank's mean)
+    keys = sorted(sums)
+    *totals, weight = global_sums([sums[k] for k in keys] + [weight])
+    out = {k: v / max(weight, 1.0) for k, v in zip(keys, totals, strict=True)}
     # the aggregated loss (all micro-batches and ranks), averaged over optimizer steps
     n_updates = cfg.train.epochs * -(-B // mb_size)
     out["loss"] = global_sums([objective])[0] / n_updates
