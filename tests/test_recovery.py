@@ -396,7 +396,13 @@ def test_a_rewind_sets_the_abandoned_trajectory_aside(run_copy, caplog):
     trainer.close()
     assert f"resuming step 1 of {run_copy}, which had gone further" in caplog.text
     (aside,) = run_copy.glob("abandoned-*")
-    assert sorted(p.name for p in aside.iterdir()) == ["finished.json", "step-000002"]
+    kept = ["finished.json", "metrics.jsonl", "samples.jsonl", "step-000002"]
+    assert sorted(p.name for p in aside.iterdir()) == kept
+
+    def steps(path):
+        return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+    assert max(steps(aside / "metrics.jsonl")) == 2 and max(steps(run_copy / "metrics.jsonl")) == 1
     assert [p.name for p in ckpt.list_checkpoints(run_copy)] == ["step-000001"]
     assert _trainer(run_copy, "train.lr=0.5").step == 1  # auto: the new trajectory's newest
 
@@ -409,10 +415,10 @@ def test_a_rank_the_checkpoint_has_no_rng_state_for_keeps_its_own(tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    state = ckpt.load_checkpoint(path, {"policy": model}, {}, rank=1)
-    assert state["rng_restored"] is False and torch.equal(torch.rand(3), expected)
+    ckpt.load_checkpoint(path, {"policy": model}, {}, rank=1)
+    assert torch.equal(torch.rand(3), expected)  # untouched (the trainer seeds it by rank)
     torch.manual_seed(5)
-    assert ckpt.load_checkpoint(path, {"policy": model}, {}, rank=0)["rng_restored"] is True
+    ckpt.load_checkpoint(path, {"policy": model}, {}, rank=0)
     restored = torch.rand(3)  # the saved stream's, not seed 5's
     torch.manual_seed(5)
     assert not torch.equal(restored, torch.rand(3))

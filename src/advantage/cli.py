@@ -182,16 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":  # key=value overrides may also follow the options
         args.extra, args.argv = extra, argv
     from .engine.configlib import ConfigError
+    from .engine.diverged import DivergedError
     from .engine.reward_call import RewardError
-    from .engine.rollout import NonFiniteLogitsError
-    from .rl.update import NonFiniteError
 
     try:
         return args.func(args)
     except (ConfigError, RewardError, commands.WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (NonFiniteLogitsError, NonFiniteError) as e:  # the run diverged: no traceback
+    except DivergedError as e:  # no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # TrainingStopped says where its checkpoint is

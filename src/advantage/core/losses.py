@@ -36,6 +36,17 @@ def masked_fraction(flags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (flags & mask).sum() / mask.sum().clamp(min=1)
 
 
+def token_advantages(
+    advantages: torch.Tensor, like: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """`[B]` or `[B, T]` advantages → `[B, T]`, 0 where `mask` is False: a NaN there would
+    reach valid tokens' gradients through a ratio they share (GSPO's per-sequence ratio: the
+    backward of `-A·ρ` multiplies the masked 0 by it)."""
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    return torch.where(mask, advantages.expand_as(like), 0.0)
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -56,11 +67,7 @@ def policy_loss(
     mask bool `[B, T]` → (loss `[B, T]`, 0 where masked; detached metrics).
     """
     mask = mask.bool()
-    if advantages.dim() == 1:
-        advantages = advantages.unsqueeze(-1)
-    # masked positions carry 0: a NaN there would reach valid tokens' gradients through a ratio
-    # they share (GSPO's per-sequence ratio), and where()'s backward multiplies 0 by it
-    advantages = torch.where(mask, advantages.expand_as(logprobs), 0.0)
+    advantages = token_advantages(advantages, logprobs, mask)
     log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio

@@ -25,18 +25,11 @@ from __future__ import annotations
 import torch
 
 from .kl import LOG_RATIO_CLAMP, kl_penalty
-from .losses import approx_kl, masked_fraction, policy_loss
+from .losses import approx_kl, masked_fraction, policy_loss, token_advantages
 from .offpolicy import rollout_correction
 from .registry import Registry
 
 OBJECTIVES: Registry = Registry("policy objective")
-
-
-def _as_token_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`[B]` or `[B, T]` advantages → `[B, T]`."""
-    if advantages.dim() == 1:
-        advantages = advantages.unsqueeze(-1)
-    return advantages.expand_as(like)
 
 
 def token_log_ratio(
@@ -198,7 +191,7 @@ def cispo(
     """
     _no_dual_clip("cispo", dual_clip)
     mask = mask.bool()
-    advantages = _as_token_advantages(advantages, logprobs)
+    advantages = token_advantages(advantages, logprobs, mask)
     log_ratio = token_log_ratio(logprobs, old_logprobs, mask)
     ratio = torch.exp(log_ratio)
     weight = ratio.clamp(1.0 - clip_low, 1.0 + clip_high).detach()  # sg(r̂), eq. 5
@@ -232,7 +225,7 @@ def pg(
     """
     _no_dual_clip("pg", dual_clip)
     mask = mask.bool()
-    loss = -_as_token_advantages(advantages, logprobs) * logprobs
+    loss = -token_advantages(advantages, logprobs, mask) * logprobs
     metrics = {"approx_kl": approx_kl(token_log_ratio(logprobs, old_logprobs, mask), mask)}
     return torch.where(mask, loss, 0.0), metrics
 

@@ -37,6 +37,11 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of checkpoint folder `path` (`step-000012` → 12)."""
+    return int(path.name.removeprefix(PREFIX))
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders start with '.' and are ignored)."""
     root = checkpoint_root(run_dir)
@@ -47,7 +52,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
         for p in root.iterdir()
         if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer_state.json").is_file()
     ]
-    return sorted(done, key=lambda p: int(p.name.removeprefix(PREFIX)))
+    return sorted(done, key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -77,15 +82,11 @@ def replace_folder(tmp: Path, final: Path) -> None:
     """Put the finished folder `tmp` in the place of `final` (fsynced, renamed into place; an
     old `final` is set aside first and then deleted), so `final` is never half-written."""
     _fsync_tree(tmp)
-    old = None
-    if final.exists():
-        old = final.with_name(".replaced-" + final.name)
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
+    replaced = _set_aside(final, ".replaced-") if final.exists() else None
     tmp.rename(final)
     _fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if replaced is not None:
+        shutil.rmtree(replaced)
 
 
 FINISHED = "finished.json"
@@ -202,12 +203,7 @@ def save_checkpoint(
         if rank == 0:
             trainer_state = {**trainer_state, "format": "sharded" if sharded else "safetensors"}
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-            _fsync_tree(tmp)
-            replaced = _set_aside(final, ".replaced-") if final.exists() else None
-            tmp.rename(final)
-            _fsync_dir(root)
-            if replaced is not None:
-                shutil.rmtree(replaced)
+            replace_folder(tmp, final)
             for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
                 shutil.rmtree(_set_aside(old, ".pruned-"), ignore_errors=True)
     except BaseException:
@@ -266,9 +262,7 @@ def load_checkpoint(
         if name in small:
             obj.load_state_dict(small[name])
     rng = path / f"rng-rank{rank}.pt"
-    # a rank the checkpoint had not (resumed with more processes) keeps the caller's RNG
-    trainer_state["rng_restored"] = rng.exists()
-    if rng.exists():
+    if rng.exists():  # a rank the checkpoint had not (more processes now) keeps its own RNG
         set_rng_state(read_file(rng, lambda f: torch.load(f, weights_only=True)))
     if (path / "extra.pt").exists():
         trainer_state["extra"] = read_file(

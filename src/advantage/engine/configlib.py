@@ -130,18 +130,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
-        rows = where in ("data.train", "data.eval") and not isinstance(value, (int, float))
-        hint = ROWS_HINT if rows else ""
-        raise ConfigError(
-            f"{where}: expected a string, got {type(value).__name__} {short(value)}{hint}"
-        )
+        raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {short(value)}")
     raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
-
-
-ROWS_HINT = (
-    "; rows in memory (a list of dicts, a datasets.Dataset): write them to a .jsonl file, or "
-    "Dataset.save_to_disk(folder), and give its path"
-)
 
 
 def short(x, limit: int = 60) -> str:
@@ -166,7 +156,11 @@ def load(cls: type, data: dict | None, where: str = "") -> Any:
             raise ConfigError(
                 f"unknown config key '{path}'{hint} (valid keys here: {', '.join(fields)})"
             )
-        kwargs[key] = _convert(value, hints[key], path)
+        try:
+            kwargs[key] = _convert(value, hints[key], path)
+        except ConfigError as e:  # a field may say what to do instead (`metadata={"hint": ...}`)
+            hint = fields[key].metadata.get("hint")
+            raise ConfigError(f"{e}; {hint}" if hint else str(e)) from None
     try:
         return cls(**kwargs)
     except ConfigError:

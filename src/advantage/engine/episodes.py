@@ -128,8 +128,8 @@ class Episodes:
             running = [e for e in episodes if not e.done]
             if not (global_max(int(bool(running))) if lockstep else running):
                 break
-            if not running:
-                self._stand_in_turn(prompts, params)
+            if not running:  # another rank's turn: its forwards need this rank's too
+                self.backend.stand_in(self._turn_params(params, 1, lockstep))
                 continue
             self._model_turn(running, params, n if first else 1, lockstep)
             first = False
@@ -156,11 +156,6 @@ class Episodes:
         if self.parser is not None and self.parser.stop_strings:
             params = replace(params, stop=[*params.stop, *self.parser.stop_strings])
         return params
-
-    def _stand_in_turn(self, prompts: list, params: SamplingParams) -> None:
-        """Under lockstep, a turn of another rank's while this one's episodes have all ended."""
-        stand_in = self.encode(prompts[0]) if prompts else [self.tokenizer.eos_token_id]
-        self.backend.stand_in(stand_in, self._turn_params(params, 1, True))
 
     def _model_turn(
         self, running: list[_Episode], params: SamplingParams, n: int, lockstep: bool = False

@@ -50,6 +50,23 @@ def global_sums(values: list[float]) -> list[float]:
     return all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
+def global_mean(values: torch.Tensor) -> float:
+    """The mean of every rank's `values` together (float64; NaN when there are none). A sync
+    point (one all-reduce)."""
+    n, total = global_sums([float(values.numel()), float(values.double().sum())])
+    return total / n if n else float("nan")
+
+
+def global_mean_std(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and std (Bessel) of every rank's `values` together (two passes, float64); NaN and
+    0 when there are none, std 0 for one. A sync point (two all-reduces)."""
+    mean = global_mean(values)
+    n, squares = global_sums([float(values.numel()), float(((values.double() - mean) ** 2).sum())])
+    if n < 2:
+        return mean, 0.0
+    return mean, (squares / (n - 1)) ** 0.5
+
+
 def global_max(value: int) -> int:
     """The largest of every rank's `value`; the identity in one process. A sync point."""
     if not is_distributed():

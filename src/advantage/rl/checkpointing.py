@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from ..tasks import model_path
 from .config import Config
 from .config_changes import ON_OPTIMIZER, Change, config_changes, resume_view, saved_algorithm
 from .records import TrainState
-from .setup import Run
+from .setup import Run, set_seed
 
 log = logging.getLogger("advantage")
 
@@ -135,11 +136,12 @@ def resume(run: Run, state: TrainState, candidates: list[Path]) -> Path | None:
                 shutil.rmtree(kept, ignore_errors=True)  # an older damaged copy of this step
                 path.rename(kept)
             continue
-        _restore(run, state, saved)
         say = log.warning if run.dist.is_main else (lambda text: None)
-        _new_processes(run, state, saved, say)
-        if run.dist.is_main:
-            _set_aside_later_work(run.run_dir, state.step, say)
+        if run.dist.is_main:  # before _restore drops the later steps' records
+            _set_aside_later_work(run.run_dir, int(saved["step"]), say)
+        barrier()  # every rank then reads the same finished mark
+        _restore(run, state, saved)
+        _new_processes(run, state, saved, path, say)
         if damaged:
             say(
                 f"checkpoint {'; '.join(damaged)}; resuming from the previous complete one, "
@@ -158,17 +160,16 @@ def resume(run: Run, state: TrainState, candidates: list[Path]) -> Path | None:
     if run.dist.is_main:  # an earlier attempt that died before its first checkpoint
         _truncate_jsonl(run.run_dir / "metrics.jsonl", -1)
         _truncate_jsonl(run.run_dir / "samples.jsonl", -1)
+        (run.run_dir / ckpt.FINISHED).unlink(missing_ok=True)  # a mark with nothing behind it
     return None
 
 
-def _new_processes(run: Run, state: TrainState, saved: dict, say) -> None:
+def _new_processes(run: Run, state: TrainState, saved: dict, path: Path, say) -> None:
     """Resumed with another number of processes: say so; a rank the checkpoint has no RNG
     state for draws from its own seed (`train.seed`, its rank and the step) — never another
     rank's stream (ranks sampling the same noise would shrink the batch, unseen)."""
     before, now = int(saved.get("world_size", 1)), run.dist.world_size
-    if not saved["rng_restored"]:
-        from .setup import set_seed
-
+    if not (path / f"rng-rank{run.dist.rank}.pt").exists():
         set_seed(run.config.train.seed + run.dist.rank + 1_000_003 * state.step)
     if before != now:
         say(
@@ -181,24 +182,26 @@ def _new_processes(run: Run, state: TrainState, saved: dict, say) -> None:
 def _set_aside_later_work(run_dir: Path, step: int, say) -> None:
     """A rewind (resuming an older checkpoint of this run): the checkpoints after `step`, the
     final model, report and finished mark of the abandoned trajectory move to
-    `RUN_DIR/abandoned-<time>/` (kept, not deleted), so that a later `checkpoint.resume=auto`
-    continues the new trajectory, not the old one."""
-    later = [p for p in ckpt.list_checkpoints(run_dir) if int(p.name.split("-")[-1]) > step]
+    `RUN_DIR/abandoned-<time>-<n>/`, with a copy of its metrics and samples (the run's own are
+    cut back to `step`): kept, not deleted, and a later `checkpoint.resume=auto` continues the
+    new trajectory, not the old one."""
+    later = [p for p in ckpt.list_checkpoints(run_dir) if ckpt.checkpoint_step(p) > step]
     marked = ckpt.finished_step(run_dir)
     if not later and (marked is None or marked <= step):
         return
-    parts = later + [
-        run_dir / name
-        for name in ("final", "final-merged", "report", ckpt.FINISHED)
-        if (run_dir / name).exists()
-    ]
-    aside = run_dir / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside.mkdir()
-    for part in parts:
+    names = ("final", "final-merged", "report", ckpt.FINISHED)
+    moved = later + [run_dir / name for name in names if (run_dir / name).exists()]
+    aside = Path(
+        tempfile.mkdtemp(prefix=f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-", dir=run_dir)
+    )
+    for part in moved:
         part.rename(aside / part.name)
+    for log_name in ("metrics.jsonl", "samples.jsonl"):
+        if (run_dir / log_name).is_file():
+            shutil.copy2(run_dir / log_name, aside / log_name)
     say(
         f"resuming step {step} of {run_dir}, which had gone further: its later work "
-        f"({', '.join(p.name for p in parts)}) moved to {aside}"
+        f"({', '.join(p.name for p in moved)}, and its logs) moved to {aside}"
     )
 
 

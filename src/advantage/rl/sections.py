@@ -62,12 +62,18 @@ class ModelConfig(StageModel):
             )
 
 
+ROWS_HINT = (
+    "rows in memory (a list of dicts, a datasets.Dataset): write them to a .jsonl file, or "
+    "Dataset.save_to_disk(folder), and give its path"
+)
+
+
 @dataclass
 class DataConfig:
-    train: str | None = None
+    train: str | None = field(default=None, metadata={"hint": ROWS_HINT})
     """Prompts (required): a .jsonl file, a folder or file readable by `datasets`, or
     `builtin:reverse` (the demo's task)."""
-    eval: str | None = None
+    eval: str | None = field(default=None, metadata={"hint": ROWS_HINT})
     """Held-out prompts (default for builtin tasks: their held-out split; else none, with a
     warning: nothing is evaluated and `result.eval_before/eval_after` stay empty)."""
     prompt_field: str = "prompt"

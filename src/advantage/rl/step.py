@@ -18,7 +18,7 @@ from ..core import AdvantageInputs, compute_advantages
 from ..core.kl import sequence_kl
 from ..engine.episodes import episode_metrics
 from ..engine.models import sync_reference
-from ..engine.parallel import average_metrics, global_sums
+from ..engine.parallel import average_metrics, global_mean, global_mean_std, global_sums
 from .passes import no_grad_passes
 from .records import NoGradPasses, ScoredRollout, TokenBatch, TrainState
 from .sampling import rollout_and_score
@@ -128,20 +128,9 @@ def control_kl(
     return {"kl": kl_sum / max(n_tokens, 1.0)}
 
 
-def global_mean_std(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and std (Bessel) of every rank's `values` together (two passes, float64); NaN and
-    0 when there are none, 0 std for one. Every rank calls it (two all-reduces)."""
-    n, total = global_sums([float(values.numel()), float(values.double().sum())])
-    if not n:
-        return float("nan"), 0.0
-    mean = total / n
-    squares = global_sums([float(((values.double() - mean) ** 2).sum())])[0]
-    return mean, (squares / (n - 1)) ** 0.5 if n > 1 else 0.0
-
-
 def step_metrics(run: Run, batch: ScoredRollout, known: dict[str, float]) -> dict[str, float]:
-    """Rewards, lengths and throughput of this rank's batch, with `known` (the step's times, and
-    the β and learning rate it used) (SPEC §5)."""
+    """Rewards (over every rank's samples), lengths and throughput of this rank's batch, with
+    `known` (the step's times, and the β and learning rate it used) (SPEC §5)."""
     rollout, scores = batch.rollout, batch.scores
     lengths = rollout.completion_lengths.float()
     n_tokens = float(rollout.model_mask.sum())
@@ -159,7 +148,7 @@ def step_metrics(run: Run, batch: ScoredRollout, known: dict[str, float]) -> dic
     for name, values, present in zip(
         scores.names, scores.per_source, scores.per_source_mask, strict=True
     ):
-        metrics[f"reward/{name}"] = global_mean_std(values[present])[0]
+        metrics[f"reward/{name}"] = global_mean(values[present])
     if batch.conversations is not None:
         metrics.update(episode_metrics(rollout, batch.conversations))
     if run.algo.dynamic_sampling:

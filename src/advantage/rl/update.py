@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core import aggregate, policy_objective, value_loss
+from ..engine.diverged import DivergedError
 from ..engine.models import completion_logprobs, completion_values
 from ..engine.parallel import global_sums, unwrap
 from ..engine.precision import matmul_kernels
@@ -24,7 +25,7 @@ from .records import TokenBatch, TrainState
 from .setup import Run
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(DivergedError):
     """Too many consecutive updates had a non-finite loss or gradient."""
 
 

@@ -104,10 +104,13 @@ class Configuration:
 
 
 def algorithm_card(config: dict | None) -> str | None:
-    """The card of a config's preset with its `algo.*` overrides (keys `algorithm`, `algo`)."""
+    """The card of a config's preset with its `algo.*` overrides (keys `algorithm`, `algo`;
+    a run's whole config also says how its reference follows the policy, `model.ref_sync_*`)."""
     if not config:
         return None
-    return resolve_axes(config["algorithm"], config.get("algo", {})).card()
+    model = config.get("model", {})
+    sync = model.get("ref_sync_steps", 0), model.get("ref_sync_alpha", 1.0)
+    return resolve_axes(config["algorithm"], config.get("algo", {})).card(*sync)
 
 
 def find_configurations(dirs: list[Path]) -> tuple[list[Configuration], list[dict]]:

@@ -8,11 +8,12 @@ folder, then one comparison page (`advantage.stages.compare`):
       grpo__scope-batch/seed-1/
       compare/index.html      the comparison page and its PNGs; compare/table.md
 
-A run is **finished** when its end is complete at step `train.steps`: the trainer's finished
-mark (`RUN_DIR/finished.json`, written after the last checkpoint, the evaluation after RL, the
-final model and the report; a run killed before it resumes and finishes them). A rerun of the same command skips finished runs
-and resumes the others with `checkpoint.resume=auto` from their newest checkpoint (set
-`checkpoint.every` to keep mid-run checkpoints; without one an unfinished run starts over).
+A run is **finished** when its end is complete at step `train.steps`: the trainer's mark
+`RUN_DIR/finished.json`, written after the last checkpoint, the evaluation after RL, the final
+model and the report (a run killed before it resumes and finishes them). A rerun of the same
+command skips finished runs and resumes the others with `checkpoint.resume=auto` from their
+newest checkpoint (set `checkpoint.every` to keep mid-run checkpoints; without one an unfinished
+run starts over).
 """
 
 from __future__ import annotations
@@ -278,8 +279,8 @@ def _manifest(command, config_path, overrides, presets, grid, seeds, out) -> dic
         "presets": presets,
         "grid": list(grid or []),
         "seeds": list(range(seeds)),
-        "finished_means": "the newest checkpoint is at train.steps and the final evaluation "
-        "(if the run evaluates) is in metrics.jsonl",
+        "finished_means": "the run's end is complete at train.steps (RUN_DIR/finished.json: "
+        "after the last checkpoint, the evaluation after RL, the final model and the report)",
     }
 
 

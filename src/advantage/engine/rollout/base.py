@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from ..diverged import DivergedError
+
 
 @dataclass
 class SamplingParams:
@@ -170,7 +172,7 @@ def pad_completions(
     return ids, mask, lp
 
 
-class NonFiniteLogitsError(RuntimeError):
+class NonFiniteLogitsError(DivergedError):
     """The policy's next-token logits are NaN or infinite: its weights or activations have
     overflowed (a diverged update, a broken checkpoint). Sampling from them would pick a token
     by accident (an argmax over NaN gives token 0), so generation stops instead."""

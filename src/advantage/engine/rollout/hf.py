@@ -53,18 +53,19 @@ class TransformersBackend:
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.model = model  # generation runs on the training weights themselves
 
-    def stand_in(self, prompt: list[int], params: SamplingParams) -> None:
+    def stand_in(self, params: SamplingParams) -> None:
         """Under lockstep, this rank's part of a generation in which it has no row of its own
-        (a multi-turn turn where its episodes have all ended): `prompt` as one row that has
+        (a multi-turn turn where its episodes have all ended): one pad token as a row that has
         ended from the start, decoded while any other rank decodes (every forward of a sharded
         policy is a collective). `params.max_new_tokens` must be the other ranks'."""
-        self.generate([prompt], 1, params, ended=True)
+        self.generate([[self.tokenizer.pad_token_id]], 1, params, ended=True)
 
     def generate(
         self,
         prompts: list[list[int]],
         num_generations: int,
         params: SamplingParams,
+        *,
         ended: bool = False,
     ) -> Rollout:
         """`num_generations` completions of each prompt (`ended`: `stand_in`'s row)."""
@@ -126,7 +127,8 @@ class TransformersBackend:
             logprobs = torch.zeros(B, Tn, device=ids.device)
             for step in range(Tn):
                 # 2. sample; record log p(token) under logits / T
-                token, logprob = _draw(logits, params, warpers, eos, active, B)
+                token, logprob, broken = _draw(logits, params, warpers, eos, active, B)
+                broken &= ~done  # rows that had ended decode on until they leave: not theirs
                 token = torch.where(done, pad, token)
                 tokens[active, step] = token
                 if logprob is not None:
@@ -136,7 +138,7 @@ class TransformersBackend:
                     done |= token == eos
                 if stop is not None:
                     done |= stop(tokens[active, : step + 1], None)
-                if _all(done, self.lockstep) or step == Tn - 1:
+                if _all(done, active[broken], self.lockstep) or step == Tn - 1:
                     break
                 # 4. ended rows leave the batch (a sharded model keeps one: every rank decodes)
                 if len(done) > 1 and int(done.sum()) * LEAVE_EVERY >= len(done):
@@ -212,14 +214,25 @@ def _prefill(model, ids, mask, positions, cache, G: int) -> tuple[torch.Tensor, 
     return out.logits[:, -1].float()[rows], rows
 
 
-def _all(done: torch.Tensor, across_ranks: bool) -> bool:
-    if not across_ranks:
-        return bool(done.all())
-    import torch.distributed as dist
+def _all(done: torch.Tensor, broken: torch.Tensor, across_ranks: bool) -> bool:
+    """Whether every row has ended (`across_ranks`: on every rank; one all-reduce). Raises
+    NonFiniteLogitsError if a row's logits were not finite (output rows `broken`): under
+    lockstep on every rank together, as one rank stopping alone would leave the others
+    waiting in the next collective."""
+    pending, bad = (~done).sum(), len(broken)
+    if across_ranks:
+        import torch.distributed as dist
 
-    pending = (~done).sum().float()
-    dist.all_reduce(pending)
-    return pending.item() == 0
+        counts = torch.tensor([float(pending), float(bad)])
+        dist.all_reduce(counts)
+        pending, bad = counts.tolist()
+    if bad:
+        raise NonFiniteLogitsError(
+            f"the policy's next-token logits are not finite (NaN or inf) for {int(bad)} "
+            f"sequences (this rank's rows {broken.tolist()[:8]}): its weights or activations "
+            "overflowed (a diverged update: lower train.lr; or a broken checkpoint)"
+        )
+    return pending == 0
 
 
 def _draw(
@@ -229,9 +242,10 @@ def _draw(
     eos: int | None,
     active: torch.Tensor,
     B: int,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The next token of each decode row `[R]` and its log-prob under logits / T (None when
-    greedy). The draw is `torch.multinomial`'s own (argmax of p / q, q ~ Exp(1)) with the
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The next token of each decode row `[R]`, its log-prob under logits / T (None when
+    greedy), and which rows' logits are not finite (`[R]` bool: an argmax over NaN is token 0,
+    so the loop stops on them). The draw is `torch.multinomial`'s own (argmax of p / q, q ~ Exp(1)) with the
     noise drawn for all B rows and taken at the `active` ones: a row gets the same noise
     whether or not ended rows have left the batch."""
     scaled = logits if params.greedy else logits / params.temperature
@@ -240,27 +254,13 @@ def _draw(
         sampling[:, eos] = -float("inf")
     if params.greedy:
         best, token = sampling.max(-1)
-        _check_finite(best, active)  # a NaN in a row makes its max NaN
-        return token, None
+        return token, None, ~torch.isfinite(best)  # a NaN in a row makes its max NaN
     warped = warpers(None, sampling) if warpers else sampling
     probs = torch.softmax(warped, -1)
     noise = torch.empty((B, probs.shape[-1]), device=probs.device).exponential_(1)
     token = (probs / noise[active]).argmax(-1)
     logprob = torch.log_softmax(scaled, -1).gather(-1, token[:, None]).squeeze(-1)
-    _check_finite(logprob, active)  # NaN where a row's logits hold a NaN or an inf
-    return token, logprob
-
-
-def _check_finite(values: torch.Tensor, active: torch.Tensor) -> None:
-    """Raise NonFiniteLogitsError naming the rows whose `values` `[R]` are not finite."""
-    bad = ~torch.isfinite(values)
-    if bool(bad.any()):
-        rows = active[bad].tolist()
-        raise NonFiniteLogitsError(
-            f"the policy's next-token logits are not finite (NaN or inf) for "
-            f"{len(rows)} of {len(values)} sequences (rows {rows[:8]}): its weights or "
-            "activations overflowed (a diverged update: lower train.lr; or a broken checkpoint)"
-        )
+    return token, logprob, ~torch.isfinite(logprob)  # a NaN or an inf in a row: NaN here
 
 
 def _warpers(params: SamplingParams):
