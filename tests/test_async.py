@@ -161,3 +161,46 @@ def test_a_worker_started_separately_connects_to_its_trainer(tmp_path):
         _cli(local, "train.max_staleness=0"), env=_env(), check=True, capture_output=True
     )
     assert _weights(tmp_path / "remote", 5) == _weights(local, 5)
+
+
+def raises_on_training(prompts, completions, **kwargs):
+    """A reward function with a bug that shows at the second training batch."""
+    flag = Path(os.environ["ADVANTAGE_TEST_FLAG"])
+    count = int(flag.read_text()) if flag.exists() else 0
+    flag.write_text(str(count + 1))
+    if count == 1:
+        raise ZeroDivisionError("a bug in the reward")
+    return length_reward(prompts, completions)
+
+
+def test_an_error_in_the_worker_is_raised_as_the_synchronous_loop_raises_it(tmp_path, monkeypatch):
+    """It reached the user as `WorkerError: ... exited with code 1 ... run the same command
+    again to resume` (which fails the same way), exit code 1: now the reward function's own
+    RewardError, the CLI's one line and exit code 2."""
+    from advantage.engine.reward_call import RewardError
+
+    monkeypatch.setenv("ADVANTAGE_TEST_FLAG", str(tmp_path / "flag"))
+    config = _config(tmp_path / "run", "train.max_staleness=1")
+    with pytest.raises(RewardError, match=r"reward function 'raises_on_training' raised Zero"):
+        Trainer(config, [raises_on_training]).fit()
+
+
+def test_ctrl_c_in_a_terminal_stops_an_asynchronous_run_with_a_checkpoint(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: the worker died of it, and the
+    trainer could not receive the batches its stop checkpoint holds (a traceback, exit 1, the
+    step lost). The worker leaves signals to its trainer."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cli(run_dir, "train.steps=1000", "checkpoint.every=0"), env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while not (run_dir / "metrics.jsonl").exists() or len(_records(run_dir)) < 2:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "stopped by SIGINT after step" in stderr
+    step = max(r["step"] for r in _records(run_dir))
+    assert (run_dir / "checkpoints" / f"step-{step:06d}" / "trainer_state.json").exists()

@@ -29,11 +29,15 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import pickle
 import signal
+import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -41,9 +45,12 @@ from ..core import Algorithm
 from ..engine import checkpoint as ckpt
 from ..engine.configlib import ConfigError
 from ..engine.data import PromptStream
+from ..engine.diverged import DivergedError
+from ..engine.environments import EpisodeError
 from ..engine.link import Link, PeerGone, free_port
 from ..engine.models import add_lora, load_causal_lm, load_tokenizer, quiet_transformers
 from ..engine.parallel import DistInfo
+from ..engine.reward_call import RewardError
 from ..engine.rewards import RewardComputer
 from ..tasks import dataset_rows, model_path, tokenizer_path
 from .config import Config, config_from
@@ -71,7 +78,10 @@ class WorkerSpec:
     port: int
     threads: int
     follow_parent: bool = True
-    """Exit when the process that started it ends (a worker spawned by its trainer)."""
+    """Exit when the process that started it ends (a worker spawned by its trainer); its
+    trainer alone answers Ctrl-C and SIGTERM (it needs the worker's batches for its stop
+    checkpoint), and reads the error that stopped the worker from `error_file`."""
+    error_file: str | None = None
 
 
 @dataclass
@@ -144,11 +154,42 @@ def restore_worker_state(side, state: dict) -> None:
             source.fn.load_state_dict(state.get("reward_sources", {}).get(source.name, {}))
 
 
+# what a user's code or data did wrong: the trainer raises it as the synchronous loop would
+USER_ERRORS = (ConfigError, RewardError, EpisodeError, DivergedError)
+
+
 def worker_main(spec: WorkerSpec) -> None:
-    """The rollout worker's process: sample batch i with version max(0, i - k), send it."""
+    """The rollout worker's process: sample batch i with version max(0, i - k), send it. An
+    error stops it; a local worker leaves the error for its trainer (`error_file`)."""
     torch.set_num_threads(spec.threads)
     if spec.follow_parent:
         _exit_with_parent()
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a terminal's Ctrl-C reaches the group
+            signal.signal(signum, signal.SIG_IGN)
+    try:
+        _sample_batches(spec)
+    except Exception as e:
+        if spec.error_file is None:
+            raise
+        _leave_error(spec.error_file, e)
+        if not isinstance(e, USER_ERRORS):
+            raise  # its traceback, for a bug of ours
+        sys.exit(1)
+
+
+def _leave_error(path: str, error: Exception) -> None:
+    """`error` pickled into `path` (as a WorkerError with its text if it does not pickle)."""
+    try:
+        data = pickle.dumps(error)
+        pickle.loads(data)
+    except Exception:
+        data = pickle.dumps(
+            WorkerError(f"the rollout worker raised {type(error).__name__}: {error}")
+        )
+    Path(path).write_bytes(data)
+
+
+def _sample_batches(spec: WorkerSpec) -> None:
     cfg = config_from(spec.config)
     side = build_rollout_side(cfg, spec.reward_funcs, spec.tools, spec.environment_factory)
     link = Link(spec.host, spec.port, rank=1)
@@ -202,12 +243,13 @@ class AsyncRollouts:
         )
         self.last_state = (saved or {}).get("worker") or {"rng": ckpt.rng_state()}
         self.worker_seconds: dict[int, float] = {}
-        self.process = None
+        self.process = self.error_file = None
         address = cfg.distributed.rollout_address
         if address:  # a worker started elsewhere (`advantage rollout-worker`) connects here
             host, port = _host_port(address)
         else:  # this machine: start the worker
             host, port = "127.0.0.1", free_port()
+            self.error_file = Path(tempfile.mkstemp(prefix="advantage-worker-error-")[1])
             spec = WorkerSpec(
                 config=dataclasses.asdict(cfg),
                 reward_funcs=reward_funcs,
@@ -216,6 +258,7 @@ class AsyncRollouts:
                 host=host,
                 port=port,
                 threads=cfg.distributed.rollout_threads or max(1, torch.get_num_threads() // 2),
+                error_file=str(self.error_file),
             )
             context = multiprocessing.get_context("spawn")
             self.process = context.Process(target=worker_main, args=(spec,), daemon=True)
@@ -252,8 +295,10 @@ class AsyncRollouts:
 
     def close(self) -> None:
         if self.process is not None and self.process.is_alive():
-            self.process.terminate()
+            self.process.kill()  # it ignores SIGTERM (its trainer answers it)
             self.process.join(timeout=10)
+        if self.error_file is not None:
+            self.error_file.unlink(missing_ok=True)
 
     def _receive(self, index: int) -> None:
         message = self._guard(self.link.recv)
@@ -270,6 +315,9 @@ class AsyncRollouts:
             how = f"stopped answering ({e})"
             if self.process is not None:
                 self.process.join(timeout=5)
+                left = self.error_file.read_bytes() if self.error_file.is_file() else b""
+                if left:  # what stopped it: raised here as the synchronous loop raises it
+                    raise pickle.loads(left) from None
                 code = self.process.exitcode
                 how = (
                     f"(pid {self.process.pid}) was killed by {signal.Signals(-code).name}"
