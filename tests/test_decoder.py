@@ -350,3 +350,28 @@ def test_under_lockstep_every_rank_stops_when_one_has_non_finite_logits(monkeypa
         hf._all(done, torch.tensor([], dtype=torch.long), across_ranks=True)
     monkeypatch.setattr(dist, "all_reduce", lambda t: t)
     assert not hf._all(done, torch.tensor([], dtype=torch.long), across_ranks=True)
+
+
+def test_stop_strings_with_a_tokenizer_of_a_tasks_own_characters(policy):
+    """transformers' StopStringCriteria probes the vocabulary with "abcdef": a character
+    tokenizer of a task's own characters (`advantage init-model --chars "0123456789+="`) made
+    it raise ValueError inside generation (every episode adds stop strings). Such rows now stop
+    on their decoded text, where the stop string ends."""
+    from advantage.tasks.tiny import char_tokenizer as chars
+
+    digits = chars("0123456789+=")
+    digits.eos_token = "+"
+    stops = hf._stop_criterion(digits, SamplingParams(stop=["=1", "9"]))
+    assert isinstance(stops, hf.DecodedStops)
+    rows = torch.tensor([digits.encode("12=1", add_special_tokens=False),
+                         digits.encode("1=12", add_special_tokens=False),
+                         digits.encode("2349", add_special_tokens=False)])  # fmt: skip
+    assert stops(rows).tolist() == [True, False, True]
+    prompts = [digits("12=")["input_ids"], digits("7+")["input_ids"]]
+    out = TransformersBackend(policy, digits).generate(
+        prompts, 2, SamplingParams(max_new_tokens=30, seed=0, stop=["=1", "9"])
+    )
+    for ids, truncated in zip(out.completion_ids, out.truncated, strict=True):
+        text = digits.decode(ids, skip_special_tokens=True)
+        ended = text.endswith(("=1", "9")) or "+" in digits.decode(ids)
+        assert ended or bool(truncated), text

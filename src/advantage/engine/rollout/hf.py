@@ -279,11 +279,35 @@ def _warpers(params: SamplingParams):
 
 
 def _stop_criterion(tokenizer, params: SamplingParams):
+    """`stop(ids [R, n], None) -> [R]` bool: a row's text now ends inside one of `params.stop`
+    (transformers' `StopStringCriteria`, or `DecodedStops` where it cannot read the tokenizer)."""
     if not params.stop:
         return None
     from transformers.generation.stopping_criteria import StopStringCriteria
 
-    return StopStringCriteria(tokenizer, list(params.stop))
+    try:
+        return StopStringCriteria(tokenizer, list(params.stop))
+    except ValueError:  # it probes the vocabulary with "abcdef", which a tokenizer of a
+        return DecodedStops(tokenizer, list(params.stop))  # task's own characters may lack
+
+
+class DecodedStops:
+    """Stop strings found in decoded text: a row stops when one of them ends in its last token
+    (the tail of the row, decoded with and without that token). Per row and step in Python:
+    for tokenizers `StopStringCriteria` cannot take."""
+
+    def __init__(self, tokenizer, stops: list[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, stops
+        self.window = max(map(len, stops)) + 8  # tokens: most decode to one character or more
+
+    def __call__(self, ids: torch.Tensor, scores=None) -> torch.Tensor:
+        decode = self.tokenizer.decode
+        hits = []
+        for row in ids.tolist():
+            tail = decode(row[-self.window :], skip_special_tokens=True)
+            before = decode(row[-self.window : -1], skip_special_tokens=True)
+            hits.append(any(s in tail and s not in before for s in self.stops))
+        return torch.tensor(hits, dtype=torch.bool, device=ids.device)
 
 
 class DecodeForward:
