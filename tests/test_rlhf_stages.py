@@ -76,10 +76,11 @@ def test_running_moments_hand_computed_and_state():
 
 @pytest.mark.slow
 def test_reward_model_from_rm_loads_in_train(tmp_path):
+    from advantage.engine.configlib import ConfigError
     from advantage.engine.configlib import load_config as load_stage_config
     from advantage.rl.config import load_config
     from advantage.rl.trainer import Trainer
-    from advantage.stages.rm import RMConfig, run_rm
+    from advantage.stages.rm import RMConfig, finished_rm, run_rm
     from advantage.tasks import builtin_model_path
 
     base = builtin_model_path("tiny-random")
@@ -98,6 +99,11 @@ def test_reward_model_from_rm_loads_in_train(tmp_path):
         ],
     )
     stats = run_rm(cfg)
+    assert finished_rm(tmp_path / "rm") == stats  # what a rerun of the chain keeps
+    with pytest.raises(
+        ConfigError, match=r"already holds a reward-model run \(metrics.jsonl, final\)"
+    ):
+        run_rm(cfg)  # it overwrote final/ and appended to metrics.jsonl
     # it learned something in 30 steps: against its own start (≈0.50 with a random head; 0.665
     # after, on one CPU), not a fixed number that another CPU's kernels could land just under
     assert stats["eval_pairwise_accuracy"] > stats["eval_pairwise_accuracy_before"] + 0.05, stats
@@ -119,3 +125,33 @@ def test_reward_model_from_rm_loads_in_train(tmp_path):
     assert all(math.isfinite(m["loss/value"]) for m in result.metrics)
     assert trainer.rewards.sources[0].name.startswith("reward_model(")
     assert trainer.rewards.sources[0].fn.moments.count == 2 * 8  # normalised over both steps
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([], r"data.train: the dataset is empty"),
+        ([{"prompt": "a", "chosen": "b", "rejected": "c"}], r"1 pair\(s\) leave none to train"),
+        ([{"prompt": "a", "chosen": "b", "rejected": "c", "m": "x"}] * 4,
+         r"row 0's margin \('m'\) is 'x', not a finite number"),
+    ],
+)  # fmt: skip
+def test_reward_model_data_errors_name_the_field(tmp_path, rows, message):
+    """Each was a raw IndexError / ValueError traceback (the last one mid-training)."""
+    import json
+
+    from advantage.engine.configlib import ConfigError
+    from advantage.engine.configlib import load_config as load_stage_config
+    from advantage.stages.rm import RMConfig, run_rm
+    from advantage.tasks import builtin_model_path
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_stage_config(
+        RMConfig, None,
+        [f"model.name_or_path={builtin_model_path('tiny-random')}", f"data.train={data}",
+         f"log.run_dir={tmp_path / 'rm'}", "log.progress=false", "log.tensorboard=false",
+         "data.margin_field=m" if "margin" in message else "train.steps=2"],
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=message):
+        run_rm(cfg)

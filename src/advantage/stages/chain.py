@@ -14,7 +14,7 @@ from pathlib import Path
 from ..engine.configlib import load_config
 from ..rl.trainer import train
 from ..tasks import model_path
-from .rm import RMConfig, run_rm
+from .rm import RMConfig, finished_rm, run_rm
 
 
 def run_chain(run_dir: str | Path = "runs/chain", overrides: list[str] | None = None) -> dict:
@@ -35,7 +35,7 @@ def run_chain(run_dir: str | Path = "runs/chain", overrides: list[str] | None = 
             "pairs=6000",
         ],
     )
-    rm = run_rm(rm_cfg)  # 2. reward model
+    rm = finished_rm(run_dir / "rm") or run_rm(rm_cfg)  # 2. reward model (a rerun keeps it)
     print(
         f"reward model: held-out pairwise accuracy {100 * rm['eval_pairwise_accuracy_before']:.1f}% -> "
         f"{100 * rm['eval_pairwise_accuracy']:.1f}% ({rm['eval_pairs']} pairs, {rm['seconds']:.0f}s)"

@@ -9,6 +9,8 @@ during RL (both go through `advantage.engine.reward_model`).
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +18,17 @@ from pathlib import Path
 import torch
 
 from ..core import bradley_terry_loss
+from ..engine.checkpoint import replace_folder
 from ..engine.configlib import ConfigError, check_at_least, check_fraction
 from ..engine.data import load_rows
 from ..engine.logger import MetricsLogger
 from ..engine.models import quiet_transformers
+from ..engine.report import parse_jsonl
 from ..engine.reward_model import load_reward_model, score
 from ..engine.supervised import StageLog, StageModel, StageSettings, batches
 from ..tasks import model_path, require_data, task_of, tokenizer_path
+
+log = logging.getLogger("advantage")
 
 
 @dataclass
@@ -87,11 +93,31 @@ def preference_rows(cfg: RMConfig, spec: str, split: str) -> list[dict]:
         )
     rows = load_rows(spec, f"data.{split}")
     d = cfg.data
+    if not rows:
+        raise ConfigError(f"data.{split}: the dataset is empty")
     for i, row in enumerate(rows):
         for name in (d.prompt_field, d.chosen_field, d.rejected_field):
             if name not in row or row[name] in (None, "", []):
                 raise ConfigError(f"data.{split}: row {i} has no (or an empty) '{name}' column")
+        if d.margin_field and not _is_number(row.get(d.margin_field)):
+            raise ConfigError(
+                f"data.{split}: row {i}'s margin ('{d.margin_field}') is "
+                f"{row.get(d.margin_field)!r}, not a finite number"
+            )
+    same = sum(row[d.chosen_field] == row[d.rejected_field] for row in rows)
+    if same:
+        log.warning(
+            f"data.{split}: {same} of {len(rows)} pairs have the same chosen and rejected "
+            "answer: no preference, they teach nothing"
+        )
     return rows
+
+
+def _is_number(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 @torch.no_grad()
@@ -107,10 +133,43 @@ def pairwise_accuracy(
     return wins / max(len(rows), 1)
 
 
+def finished_rm(run_dir: str | Path) -> dict | None:
+    """The results of the reward-model run in `run_dir` (as `run_rm` returns them) when it
+    finished (its final/ and its held-out accuracies before and after are there), else None."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "final" / "config.json").is_file():
+        return None
+    records, _ = (
+        parse_jsonl(run_dir / "metrics.jsonl")
+        if (run_dir / "metrics.jsonl").is_file()
+        else ([], [])
+    )
+    evaluations = [r for _, r in records if "eval/pairwise_accuracy" in r]
+    if len(evaluations) < 2:
+        return None
+    first, last = evaluations[0], evaluations[-1]
+    return {
+        "eval_pairwise_accuracy": last["eval/pairwise_accuracy"],
+        "eval_pairwise_accuracy_before": first["eval/pairwise_accuracy"],
+        "eval_pairs": last.get("eval/pairs", 0),
+        "seconds": last.get("time/train", 0.0),
+        "final": str(run_dir / "final"),
+    }
+
+
 def run_rm(cfg: RMConfig) -> dict:
-    """`advantage rm`: train, evaluate pairwise accuracy on held-out pairs, save RUN_DIR/final."""
+    """`advantage rm`: train, evaluate pairwise accuracy on held-out pairs, save RUN_DIR/final.
+    A run folder that already holds a run (metrics.jsonl or final/) is refused: nothing is
+    overwritten or appended to."""
     quiet_transformers()
     d, t = cfg.data, cfg.train
+    run_dir = Path(cfg.log.run_dir)
+    held = [name for name in ("metrics.jsonl", "final") if (run_dir / name).exists()]
+    if held:
+        raise ConfigError(
+            f"log.run_dir {str(run_dir)!r} already holds a reward-model run ({', '.join(held)}); "
+            "choose a new log.run_dir (nothing is overwritten)"
+        )
     torch.manual_seed(t.seed)
     rows = preference_rows(cfg, require_data(d.train), "train")  # before any model loads
     path = model_path(cfg.model.name_or_path)
@@ -124,6 +183,11 @@ def run_rm(cfg: RMConfig) -> dict:
         eval_rows = preference_rows(cfg, d.eval or d.train, "eval")
     else:
         n_eval = max(1, int(len(rows) * d.eval_fraction))
+        if n_eval >= len(rows):
+            raise ConfigError(
+                f"data.train: {len(rows)} pair(s) leave none to train on after holding out "
+                f"data.eval_fraction={d.eval_fraction:g}; give more pairs, or data.eval"
+            )
         generator = torch.Generator().manual_seed(t.seed)
         order = torch.randperm(len(rows), generator=generator).tolist()
         eval_rows, rows = [rows[i] for i in order[:n_eval]], [rows[i] for i in order[n_eval:]]
@@ -132,6 +196,7 @@ def run_rm(cfg: RMConfig) -> dict:
     logger = MetricsLogger(
         cfg.log.run_dir, t.steps, cfg.log.tensorboard, cfg.log.wandb, cfg.log.progress
     )
+    logger.log(0, {"eval/pairwise_accuracy": accuracy_before, "eval/pairs": len(eval_rows)})
     logger.start(0)
     start = time.perf_counter()
     order = batches(len(rows), t.batch_size, t.seed)
@@ -162,14 +227,13 @@ def run_rm(cfg: RMConfig) -> dict:
     finally:
         logger.close()
     accuracy = pairwise_accuracy(model, tokenizer, eval_rows, d)
-    logger.log(t.steps, {"eval/pairwise_accuracy": accuracy})
-    final = Path(cfg.log.run_dir) / "final"
-    model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
-    return {
-        "eval_pairwise_accuracy": accuracy,
-        "eval_pairwise_accuracy_before": accuracy_before,
-        "eval_pairs": len(eval_rows),
-        "seconds": time.perf_counter() - start,
-        "final": str(final),
-    }
+    seconds = time.perf_counter() - start
+    tmp = run_dir / ".tmp-final"  # renamed into place: never half-written
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    replace_folder(tmp, run_dir / "final")
+    logger.log(  # last: with final/, it marks the run finished (`finished_rm`)
+        t.steps,
+        {"eval/pairwise_accuracy": accuracy, "eval/pairs": len(eval_rows), "time/train": seconds},
+    )
+    return finished_rm(run_dir)
