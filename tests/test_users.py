@@ -75,6 +75,20 @@ def test_lora_reference_is_the_base_and_saving_writes_the_adapter(run_dir):
     torch.testing.assert_close(
         lp_merged[batch.completion_mask], lp_peft[batch.completion_mask], atol=1e-4, rtol=0
     )
+    # a LoRA checkpoint consolidates to the merged model (its peft keys failed to load), and
+    # `advantage merge` takes the adapter from anywhere (its base path is absolute) or refuses
+    # a folder that is no adapter in one line
+    from advantage.cli import main
+    from advantage.engine.checkpoint import latest_checkpoint
+
+    assert main(["consolidate", str(latest_checkpoint(run_dir)), str(run_dir / "c")]) == 0
+    assert main(["merge", str(run_dir / "final"), str(run_dir / "m")]) == 0
+    for folder in ("c", "m"):
+        other = AutoModelForCausalLM.from_pretrained(run_dir / folder).state_dict()
+        for name, weight in merged.state_dict().items():
+            torch.testing.assert_close(other[name], weight, atol=1e-6, rtol=0, msg=name)
+    assert main(["merge", str(run_dir / "c"), str(run_dir / "x")]) == 2
+    assert not (run_dir / "x").exists()
 
 
 CHAT_TEMPLATE = (

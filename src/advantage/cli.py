@@ -154,6 +154,7 @@ def _model_commands(sub) -> None:
     p = sub.add_parser("merge", help="merge a LoRA adapter folder into a full model folder")
     p.add_argument("adapter")
     p.add_argument("out")
+    p.add_argument("--base", help="the base model (default: the adapter's base_model_name_or_path)")
     p.set_defaults(func=commands.cmd_merge)
     p = sub.add_parser(
         "init-model", help="a tiny Qwen2 + character tokenizer for a toy task of your own"

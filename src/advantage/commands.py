@@ -258,13 +258,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from peft import AutoPeftModelForCausalLM
+    import json
 
-    from .engine.configlib import new_folder
-    from .engine.models import load_tokenizer
+    from peft import PeftModel
+
+    from .engine.configlib import ConfigError, new_folder
+    from .engine.models import load_causal_lm, load_tokenizer
+    from .tasks import model_path
 
     new_folder(args.out)
-    model = AutoPeftModelForCausalLM.from_pretrained(args.adapter)
+    settings = Path(args.adapter) / "adapter_config.json"
+    if not settings.is_file():
+        raise ConfigError(
+            f"ADAPTER {args.adapter!r} is not a LoRA adapter folder (no adapter_config.json; a "
+            "LoRA run writes its adapter to RUN_DIR/final)"
+        )
+    base = args.base or json.loads(settings.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{settings} names no base model; give it: --base MODEL")
+    base = model_path(base, "--base" if args.base else "the adapter's base model (or --base)")
+    model = PeftModel.from_pretrained(load_causal_lm(base), args.adapter)
     with _writing(args.out):
         model.merge_and_unload().save_pretrained(args.out)
         load_tokenizer(args.adapter).save_pretrained(args.out)

@@ -67,8 +67,8 @@ def local_or_hub(
     """`name` as a local path when it exists, else as a hub id that can be loaded; otherwise a
     ConfigError naming `field`. `probe` is a file every such repository has (for the cache)."""
     path = Path(name).expanduser()
-    if path.exists():
-        return str(path)
+    if path.exists():  # absolute: what is written down of it (a LoRA adapter's base) holds anywhere
+        return str(path.resolve())
     missing = f"{field}: the {kind} {name!r} does not exist"
     if not looks_like_hub_id(name):
         raise ConfigError(missing)

@@ -18,7 +18,7 @@ import torch
 
 from ..engine import checkpoint as ckpt
 from ..engine.configlib import ConfigError
-from ..engine.models import load_causal_lm, load_tokenizer
+from ..engine.models import add_lora, load_causal_lm, load_tokenizer
 from ..engine.parallel import barrier, global_sums, is_fsdp, unwrap
 from ..engine.report import lines_text, parse_jsonl
 from ..tasks import model_path
@@ -281,7 +281,8 @@ def save_final(run: Run) -> Path:
 def consolidate(
     checkpoint: str | Path, out_dir: str | Path, *, trust_remote_code: bool = False
 ) -> Path:
-    """A checkpoint (sharded or not) → a plain Hugging Face model folder (`from_pretrained`).
+    """A checkpoint (sharded or not) → a plain Hugging Face model folder (`from_pretrained`);
+    a LoRA run's checkpoint: its adapters merged into the base (as `final-merged`).
 
     The base model is the one the checkpoint names; code from it runs only when the caller
     passes `trust_remote_code=True`: a checkpoint's own trainer_state.json (which anyone who
@@ -293,7 +294,11 @@ def consolidate(
     model_cfg = json.loads(state_path.read_text())["config"]["model"]
     base = model_path(model_cfg["name_or_path"])
     model = load_causal_lm(base, trust_remote_code)
+    if model_cfg.get("lora") is not None:  # the saved keys are the peft model's
+        model = add_lora(model, model_cfg["lora"])
     model.load_state_dict(ckpt.load_policy_weights(checkpoint, model))
+    if model_cfg.get("lora") is not None:
+        model = model.merge_and_unload()
     model.save_pretrained(out_dir)
     load_tokenizer(model_cfg.get("tokenizer") or base, trust_remote_code).save_pretrained(out_dir)
     return out_dir
