@@ -162,6 +162,21 @@ def test_consolidate_and_merge_never_write_into_a_folder_with_files(tmp_path, ca
     assert (final / "model.safetensors").read_text() == "kept"
 
 
+def test_an_interrupted_stage_run_trains_again_with_its_logs_kept(tmp_path, caplog):
+    """Ctrl-C in `advantage sft` / `rm` (or a chain's RM stage) left logs and no model, and the
+    same command was refused for good ("already holds a run"); now the logs move aside."""
+    from advantage.engine.supervised import stage_folder
+
+    run = tmp_path / "rm"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    with caplog.at_level("WARNING", logger="advantage"):
+        stage_folder(run, "a reward-model")
+    (aside,) = run.glob("interrupted-*")
+    assert (aside / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert not (run / "metrics.jsonl").exists() and "training again" in caplog.text
+
+
 def test_sft_never_writes_over_a_run(tmp_path, capsys):
     run = tmp_path / "sft"
     (run / "final").mkdir(parents=True)

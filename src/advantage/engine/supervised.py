@@ -4,10 +4,13 @@ only: the SFT stage (`advantage sft`) and the built-in models' warm start both r
 
 from __future__ import annotations
 
+import logging
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -15,6 +18,33 @@ from .configlib import ConfigError, check_at_least, check_positive
 from .data import encode_prompt
 from .optim import make_optimizer
 from .reward_helpers import completion_text
+
+log = logging.getLogger("advantage")
+
+
+def stage_folder(run_dir: Path, kind: str) -> None:
+    """Make `run_dir` ready for a stage run (SFT, reward model) of `kind`: one that holds a
+    finished run (final/) is refused, nothing overwritten; the logs of an interrupted one (no
+    model was saved: these stages keep no checkpoint) move to `RUN_DIR/interrupted-<time>-…/`
+    and the stage trains again."""
+    if (run_dir / "final").exists():
+        raise ConfigError(
+            f"log.run_dir {str(run_dir)!r} already holds {kind} run (final); choose a new "
+            "log.run_dir (nothing is overwritten)"
+        )
+    logs = [run_dir / n for n in ("metrics.jsonl", "samples.jsonl", "tensorboard")]
+    logs = [p for p in logs if p.exists()]
+    if not logs:
+        return
+    aside = Path(
+        tempfile.mkdtemp(prefix=f"interrupted-{time.strftime('%Y%m%d-%H%M%S')}-", dir=run_dir)
+    )
+    for path in logs:
+        path.rename(aside / path.name)
+    log.warning(
+        f"log.run_dir {run_dir} holds the logs of an interrupted {kind} run and no model (these "
+        f"stages keep no checkpoint): moved to {aside}; training again"
+    )
 
 
 @dataclass

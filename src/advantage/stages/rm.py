@@ -25,7 +25,7 @@ from ..engine.logger import MetricsLogger
 from ..engine.models import quiet_transformers
 from ..engine.report import parse_jsonl
 from ..engine.reward_model import load_reward_model, score
-from ..engine.supervised import StageLog, StageModel, StageSettings, batches
+from ..engine.supervised import StageLog, StageModel, StageSettings, batches, stage_folder
 from ..tasks import model_path, require_data, task_of, tokenizer_path
 
 log = logging.getLogger("advantage")
@@ -139,18 +139,16 @@ def finished_rm(run_dir: str | Path) -> dict | None:
     run_dir = Path(run_dir)
     if not (run_dir / "final" / "config.json").is_file():
         return None
-    records, _ = (
-        parse_jsonl(run_dir / "metrics.jsonl")
-        if (run_dir / "metrics.jsonl").is_file()
-        else ([], [])
-    )
+    metrics = run_dir / "metrics.jsonl"
+    records, _ = parse_jsonl(metrics) if metrics.is_file() else ([], [])
     evaluations = [r for _, r in records if "eval/pairwise_accuracy" in r]
-    if len(evaluations) < 2:
+    if not evaluations:
         return None
-    first, last = evaluations[0], evaluations[-1]
+    first, last = evaluations[0], evaluations[-1]  # one, in a folder of an earlier version
+    before = first["eval/pairwise_accuracy"] if len(evaluations) > 1 else float("nan")
     return {
         "eval_pairwise_accuracy": last["eval/pairwise_accuracy"],
-        "eval_pairwise_accuracy_before": first["eval/pairwise_accuracy"],
+        "eval_pairwise_accuracy_before": before,
         "eval_pairs": last.get("eval/pairs", 0),
         "seconds": last.get("time/train", 0.0),
         "final": str(run_dir / "final"),
@@ -159,17 +157,11 @@ def finished_rm(run_dir: str | Path) -> dict | None:
 
 def run_rm(cfg: RMConfig) -> dict:
     """`advantage rm`: train, evaluate pairwise accuracy on held-out pairs, save RUN_DIR/final.
-    A run folder that already holds a run (metrics.jsonl or final/) is refused: nothing is
-    overwritten or appended to."""
+    A run folder that holds a finished run is refused (`stage_folder`)."""
     quiet_transformers()
     d, t = cfg.data, cfg.train
     run_dir = Path(cfg.log.run_dir)
-    held = [name for name in ("metrics.jsonl", "final") if (run_dir / name).exists()]
-    if held:
-        raise ConfigError(
-            f"log.run_dir {str(run_dir)!r} already holds a reward-model run ({', '.join(held)}); "
-            "choose a new log.run_dir (nothing is overwritten)"
-        )
+    stage_folder(run_dir, "a reward-model")
     torch.manual_seed(t.seed)
     rows = preference_rows(cfg, require_data(d.train), "train")  # before any model loads
     path = model_path(cfg.model.name_or_path)

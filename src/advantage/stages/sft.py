@@ -22,6 +22,7 @@ from ..engine.supervised import (
     encode_pair,
     eval_loss,
     rows_to_pairs,
+    stage_folder,
     supervised_finetune,
 )
 from ..tasks import model_path, require_data, task_of, tokenizer_path
@@ -46,16 +47,10 @@ class SFTConfig:
 
 def run_sft(cfg: SFTConfig) -> dict:
     """`advantage sft`: load, train with logging, report the held-out loss, save RUN_DIR/final.
-    A run folder that already holds a run (metrics.jsonl or final/) is refused: nothing is
-    overwritten or appended to."""
+    A run folder that holds a finished run is refused (`stage_folder`)."""
     quiet_transformers()
     run_dir = Path(cfg.log.run_dir)
-    held = [name for name in ("metrics.jsonl", "final") if (run_dir / name).exists()]
-    if held:
-        raise ConfigError(
-            f"log.run_dir {str(run_dir)!r} already holds an SFT run ({', '.join(held)}); choose "
-            "a new log.run_dir (nothing is overwritten)"
-        )
+    stage_folder(run_dir, "an SFT")
     # data first: a bad dataset fails before any model is loaded
     rows = _supervised_rows(require_data(cfg.data.train), cfg, "data.train")
     eval_rows = _supervised_rows(cfg.data.eval, cfg, "data.eval") if cfg.data.eval else []
