@@ -204,3 +204,21 @@ def test_ctrl_c_in_a_terminal_stops_an_asynchronous_run_with_a_checkpoint(tmp_pa
     assert "Traceback" not in stderr and "stopped by SIGINT after step" in stderr
     step = max(r["step"] for r in _records(run_dir))
     assert (run_dir / "checkpoints" / f"step-{step:06d}" / "trainer_state.json").exists()
+
+
+def test_a_resume_line_says_which_queued_batches_keep_the_old_settings():
+    """A probe: resumed with `rollout.temperature` and `reward.functions` changed, steps 3–4
+    trained batches sampled at the old temperature and scored by the old function, unsaid."""
+    from types import SimpleNamespace
+
+    from advantage.rl.checkpointing import _queued_note
+    from advantage.rl.config_changes import Change
+
+    state = SimpleNamespace(step=2, pending={"queue": [{}, {}]})
+    changes = [Change("rollout.temperature", 1.0, 0.5), Change("train.lr", 1e-3, 1e-4)]
+    assert _queued_note(state, changes) == (
+        " (steps 3–4 train the 2 batch(es) sampled and scored before the checkpoint, under the "
+        "old rollout.temperature)"
+    )
+    assert _queued_note(state, changes[1:]) == ""
+    assert _queued_note(SimpleNamespace(step=2, pending=None), changes) == ""

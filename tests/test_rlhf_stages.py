@@ -100,9 +100,7 @@ def test_reward_model_from_rm_loads_in_train(tmp_path):
     )
     stats = run_rm(cfg)
     assert finished_rm(tmp_path / "rm") == stats  # what a rerun of the chain keeps
-    with pytest.raises(
-        ConfigError, match=r"already holds a reward-model run \(final\)"
-    ):
+    with pytest.raises(ConfigError, match=r"already holds a reward-model run \(final\)"):
         run_rm(cfg)  # it overwrote final/ and appended to metrics.jsonl
     # it learned something in 30 steps: against its own start (≈0.50 with a random head; 0.665
     # after, on one CPU), not a fixed number that another CPU's kernels could land just under

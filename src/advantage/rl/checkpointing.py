@@ -150,7 +150,10 @@ def resume(run: Run, state: TrainState, candidates: list[Path]) -> Path | None:
         applied = check_config(saved, run.config, path)
         if applied:
             _set_optimizers(run, applied)
-            say(f"resuming {path.name} with config changes: {', '.join(map(str, applied))}")
+            say(
+                f"resuming {path.name} with config changes: {', '.join(map(str, applied))}"
+                + _queued_note(state, applied)
+            )
         return path
     if damaged:
         raise ConfigError(
@@ -162,6 +165,21 @@ def resume(run: Run, state: TrainState, candidates: list[Path]) -> Path | None:
         _truncate_jsonl(run.run_dir / "samples.jsonl", -1)
         (run.run_dir / ckpt.FINISHED).unlink(missing_ok=True)  # a mark with nothing behind it
     return None
+
+
+def _queued_note(state: TrainState, applied: list[Change]) -> str:
+    """What the resume line adds when an asynchronous checkpoint's queued batches (sampled and
+    scored before it) will be trained on as they are, under sampling or reward settings that
+    have changed since."""
+    queued = len((state.pending or {}).get("queue", []))
+    changed = [c.key for c in applied if c.key.startswith(("rollout.", "reward."))]
+    if not queued or not changed:
+        return ""
+    steps = f"{state.step + 1}" + (f"–{state.step + queued}" if queued > 1 else "")
+    return (
+        f" (steps {steps} train the {queued} batch(es) sampled and scored before the checkpoint, "
+        f"under the old {', '.join(changed)})"
+    )
 
 
 def _new_processes(run: Run, state: TrainState, saved: dict, path: Path, say) -> None:
