@@ -117,3 +117,20 @@ def test_lora_policy_syncs_only_its_adapter_into_vllm(run_dir):
     gap = (lp - rollout.logprobs)[rollout.completion_mask].abs().max().item()
     print(f"LoRA in vLLM: max |engine - trainer| {gap:.2e} after {len(result.metrics)} updates")
     assert gap < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"engine_kwargs": {"bogus_option": 1}}, r"rollout.vllm=\{'bogus_option': 1\}.*bogus"),
+        ({"lora_rank": 4}, r"model.lora r=4: vLLM takes ranks 1, 8, 16"),
+    ],
+)
+def test_settings_vllm_refuses_are_one_line_config_errors(options, message):
+    """A probe: both were vLLM tracebacks (TypeError; pydantic's ValidationError)."""
+    from advantage.engine.configlib import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        VLLMBackend(
+            str(builtin_model_path("tiny-random")), char_tokenizer(), max_model_len=64, **options
+        )

@@ -71,7 +71,19 @@ class VLLMBackend:
             kwargs.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=1)
         kwargs.update(engine_kwargs or {})
         threads = torch.get_num_threads()
-        self.llm = LLM(**kwargs)
+        try:
+            self.llm = LLM(**kwargs)
+        except (TypeError, ValueError) as e:  # an unknown option; a value vLLM refuses
+            what = " ".join(line.strip() for line in str(e).splitlines()[:3])
+            raise ConfigError(
+                f"vLLM refused its settings (rollout.vllm={engine_kwargs or {}}"
+                + (
+                    f", model.lora r={lora_rank}: vLLM takes ranks 1, 8, 16, 32, ..."
+                    if lora_rank
+                    else ""
+                )
+                + f"): {type(e).__name__}: {what}"
+            ) from None
         torch.set_num_threads(threads)
         self.tokenizer = tokenizer
         self._logit_scale = 1.0
