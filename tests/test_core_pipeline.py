@@ -218,3 +218,22 @@ def test_a_reference_sync_without_a_reference_is_warned(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="advantage"):
         Trainer(cfg)
     assert "model.ref_sync_steps=2 does nothing: gspo uses no reference model" in caplog.text
+
+
+def test_what_a_preset_sets_can_be_turned_off():
+    """In a config null keeps the preset's value, so PPO's value clip and DAPO's overlong
+    shaping could not be turned off (a probe): `.inf` and `0` do."""
+    import math
+
+    import torch
+
+    from advantage.core.losses import value_loss
+    from advantage.core.presets import resolve_axes
+
+    assert "unclipped value loss" in resolve_axes("ppo", {"value_clip": math.inf}).card()
+    assert "overlong" not in resolve_axes("dapo", {"overlong_fraction": 0.0}).card()
+    values, old, returns = torch.tensor([[2.0]]), torch.tensor([[0.0]]), torch.tensor([[0.0]])
+    mask = torch.tensor([[True]])
+    loss, _ = value_loss(values, old, returns, mask, clip=math.inf)
+    torch.testing.assert_close(loss, value_loss(values, old, returns, mask, clip=None)[0])
+    assert loss.item() == 2.0  # ½·(2 − 0)²

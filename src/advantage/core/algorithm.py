@@ -64,7 +64,8 @@ class Algorithm:
     dual_clip: float | None = None
     """c > 1 bounds the loss of negative-advantage tokens at c·|A| (None = off)."""
     value_clip: float | None = 0.2
-    """ε_v of the clipped value loss (None = unclipped)."""
+    """ε_v of the clipped value loss (None or inf = unclipped; in a config `algo.value_clip: .inf`,
+    as null there keeps the preset's value)."""
     value_coef: float = 0.1
     """Weight of the critic loss."""
     entropy_coef: float = 0.0
@@ -101,7 +102,8 @@ class Algorithm:
         _one_of(self.kl_placement, KL_PLACEMENTS, "algo.kl_placement")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
+            unclipped = f.name == "value_clip" and value == math.inf  # how to turn it off
+            if isinstance(value, float) and not math.isfinite(value) and not unclipped:
                 raise ValueError(f"algo.{f.name} must be a finite number, got {value}")
         for name in ("group_std_eps", "whiten_eps", "value_coef", "entropy_coef", "value_clip"):
             if (getattr(self, name) or 0.0) < 0:
@@ -135,9 +137,9 @@ class Algorithm:
             raise ValueError(f"algo.correction_low={low} exceeds algo.correction_high={high}")
         if self.correction == "mis" and low is None and high is None:
             raise ValueError("algo.correction=mis needs algo.correction_low and/or _high")
-        if self.overlong_fraction is not None and not 0 < self.overlong_fraction <= 1:
+        if self.overlong_fraction is not None and not 0 <= self.overlong_fraction <= 1:
             raise ValueError(
-                f"algo.overlong_fraction must be in (0, 1] (or null), got {self.overlong_fraction}"
+                f"algo.overlong_fraction must be in [0, 1] (0: off), got {self.overlong_fraction}"
             )
 
     # Every decision the loop takes from the algorithm is asked here, in one place.
@@ -198,11 +200,11 @@ class Algorithm:
             if self.correction == "none"
             else f"{self.correction} at {self.correction_level} level, ratio bounds {bounds}"
         )
-        critic = (
-            f"yes, clipped value loss ε_v={self.value_clip}, coef {self.value_coef:g}"
-            if self.uses_critic
-            else "no"
+        clipped = self.value_clip not in (None, math.inf)
+        value_loss = (
+            f"clipped value loss ε_v={self.value_clip}" if clipped else "unclipped value loss"
         )
+        critic = f"yes, {value_loss}, coef {self.value_coef:g}" if self.uses_critic else "no"
         kl_reward = f"-β·{self.kl_estimator}(old, ref) on every token, {self._beta_text()}"
         kl_loss = f"+β·{self.kl_estimator}(π, ref) per token, {self._beta_text()}"
         rows = [

@@ -7,6 +7,8 @@ Losses are returned per token `[B, T]`; `aggregate` turns them into a scalar.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .kl import LOG_RATIO_CLAMP
@@ -117,7 +119,7 @@ def value_loss(
     mask = mask.bool()
     unclipped = (values - returns).square()
     metrics: dict[str, torch.Tensor] = {}
-    if clip is None:
+    if clip is None or clip == math.inf:
         loss = 0.5 * unclipped
     else:
         v_clipped = old_values + (values - old_values).clamp(-clip, clip)

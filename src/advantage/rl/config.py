@@ -32,7 +32,8 @@ from .sections import (
 
 @dataclass
 class AlgoConfig:
-    """Overrides of the preset's axes; null keeps the preset's value. The meaning of each field,
+    """Overrides of the preset's axes; null keeps the preset's value (to turn off what a preset
+    sets: `value_clip: .inf`, unclipped; `overlong_fraction: 0`). The meaning of each field,
     and every preset's value, are on the algorithm card (`advantage card PRESET`) and in
     `advantage.core.algorithm.Algorithm`."""
 
@@ -73,7 +74,7 @@ class AlgoConfig:
     dual_clip: float | None = None
     """Dual-clip c > 1."""
     value_clip: float | None = None
-    """ε_v of the value loss."""
+    """ε_v of the value loss (.inf: unclipped)."""
     value_coef: float | None = None
     """Weight of the critic loss."""
     entropy_coef: float | None = None
@@ -96,7 +97,7 @@ class AlgoConfig:
     """Drop groups of equal scores and refill (DAPO)."""
     overlong_fraction: float | None = None
     """DAPO's overlong shaping over this fraction of rollout.max_new_tokens (episodes: of
-    rollout.max_episode_tokens, against each episode's tokens after the prompt)."""
+    rollout.max_episode_tokens, against each episode's tokens after the prompt); 0: off."""
 
 
 @dataclass
