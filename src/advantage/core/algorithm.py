@@ -90,8 +90,10 @@ class Algorithm:
     """Drop groups whose scores are all equal and refill from new prompts (DAPO)."""
     overlong_fraction: float | None = None
     """DAPO's soft overlong punishment (arXiv:2503.14476 eq. 13), added to the score: 0 up to
-    L_max - L_cache tokens, then linearly down to -1 at L_max = rollout.max_new_tokens, with
-    L_cache = this fraction of L_max (DAPO: 4096 / 20480 = 0.2; null = off)."""
+    L_max - L_cache tokens, then linearly down to -1 at L_max = rollout.max_new_tokens (episodes:
+    rollout.max_episode_tokens, against all tokens after the prompt), with L_cache = this
+    fraction of L_max (DAPO: 4096 / 20480 = 0.2; None or 0 = off; in a config 0, as null there
+    keeps the preset's value)."""
 
     def __post_init__(self) -> None:
         BASELINES.check(self.baseline, "algo.baseline")
