@@ -244,3 +244,25 @@ def test_help_and_argument_errors_do_not_import_torch(argv):
         env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
     )
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+class RaisingGym:
+    """A gym environment whose step raises (a bug in the user's environment)."""
+
+    def reset(self, row):
+        return None
+
+    def step(self, message):
+        raise KeyError("no such key")
+
+
+def test_an_environment_that_raises_is_one_line(tmp_path, capsys, monkeypatch):
+    """It was a traceback ending in `EpisodeError: ...` (exit 1), unlike a raising reward."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    err = _error(
+        capsys, "train", "model.name_or_path=builtin:tiny-random", "data.train=builtin:reverse",
+        f"log.run_dir={tmp_path}", "log.progress=false", "log.tensorboard=false", "eval.size=0",
+        "data.eval=null", "rollout.prompts_per_step=1", "rollout.num_generations=2",
+        "rollout.max_new_tokens=4", "train.steps=1", "rollout.environment=test_cli_errors:RaisingGym",
+    )  # fmt: skip
+    assert err.startswith("environment RaisingGym.step raised KeyError in episode ")

@@ -184,11 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         args.extra, args.argv = extra, argv
     from .engine.configlib import ConfigError
     from .engine.diverged import DivergedError
+    from .engine.environments import EpisodeError
     from .engine.reward_call import RewardError
 
     try:
         return args.func(args)
-    except (ConfigError, RewardError, commands.WriteError) as e:
+    except (ConfigError, RewardError, EpisodeError, commands.WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except DivergedError as e:  # no traceback
