@@ -211,8 +211,8 @@ def test_a_resume_line_says_which_queued_batches_keep_the_old_settings():
     trained batches sampled at the old temperature and scored by the old function, unsaid."""
     from types import SimpleNamespace
 
-    from advantage.rl.checkpointing import _queued_note
     from advantage.rl.config_changes import Change
+    from advantage.rl.resuming import _queued_note
 
     state = SimpleNamespace(step=2, pending={"queue": [{}, {}]})
     changes = [Change("rollout.temperature", 1.0, 0.5), Change("train.lr", 1e-3, 1e-4)]

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from advantage.engine.models import load_causal_lm
-from advantage.engine.rollout import SamplingParams, TransformersBackend, hf
+from advantage.engine.rollout import (
+    NonFiniteLogitsError,
+    SamplingParams,
+    TransformersBackend,
+    draw,
+    hf,
+)
 from advantage.tasks import builtin_model_path
 from advantage.tasks.tiny import char_tokenizer
 
@@ -93,12 +99,12 @@ def test_draw_is_torch_multinomial_with_noise_per_output_row():
     torch.manual_seed(1)
     expected = torch.multinomial(torch.softmax(logits / 0.5, -1), 1).squeeze(-1)
     torch.manual_seed(1)
-    token, logprob, _ = hf._draw(logits, params, None, None, torch.arange(6), 6)
+    token, logprob, _ = draw.draw(logits, params, None, None, torch.arange(6), 6)
     assert torch.equal(token, expected)
     torch.testing.assert_close(logprob, torch.log_softmax(logits / 0.5, -1)[range(6), token])
     # rows 1, 4 alone (the others have left the batch) draw with the noise of rows 1, 4
     torch.manual_seed(1)
-    token, _, _ = hf._draw(logits[[1, 4]], params, None, None, torch.tensor([1, 4]), 6)
+    token, _, _ = draw.draw(logits[[1, 4]], params, None, None, torch.tensor([1, 4]), 6)
     assert torch.equal(token, expected[[1, 4]])
 
 
@@ -216,7 +222,7 @@ def test_lockstep_keeps_decoding_after_every_row_has_ended(policy, tokenizer, mo
     alone = _generate(policy, tokenizer, max_new_tokens=120)
     forwards = []
     original_forward = policy.forward
-    monkeypatch.setattr(hf, "_all", lambda done, broken, across_ranks: False)
+    monkeypatch.setattr(hf, "all_ended", lambda done, broken, across_ranks: False)
     monkeypatch.setattr(
         policy, "forward", lambda *a, **k: forwards.append(1) or original_forward(*a, **k)
     )
@@ -334,7 +340,7 @@ def test_non_finite_logits_stop_generation(tokenizer, params):
     broken = load_causal_lm(str(builtin_model_path("tiny-random"))).eval()
     with torch.no_grad():
         broken.model.norm.weight[3] = float("nan")
-    with pytest.raises(hf.NonFiniteLogitsError, match=r"not finite \(NaN or inf\) for 12 seq"):
+    with pytest.raises(NonFiniteLogitsError, match=r"not finite \(NaN or inf\) for 12 seq"):
         _generate(broken, tokenizer, **params)
 
 
@@ -346,10 +352,10 @@ def test_under_lockstep_every_rank_stops_when_one_has_non_finite_logits(monkeypa
     other_rank = torch.tensor([0.0, 1.0])  # another rank: no row pending, one broken
     monkeypatch.setattr(dist, "all_reduce", lambda t: t.add_(other_rank))
     done = torch.tensor([False, True])
-    with pytest.raises(hf.NonFiniteLogitsError, match=r"for 1 sequences \(this rank's rows \[\]\)"):
-        hf._all(done, torch.tensor([], dtype=torch.long), across_ranks=True)
+    with pytest.raises(NonFiniteLogitsError, match=r"for 1 sequences \(this rank's rows \[\]\)"):
+        draw.all_ended(done, torch.tensor([], dtype=torch.long), across_ranks=True)
     monkeypatch.setattr(dist, "all_reduce", lambda t: t)
-    assert not hf._all(done, torch.tensor([], dtype=torch.long), across_ranks=True)
+    assert not draw.all_ended(done, torch.tensor([], dtype=torch.long), across_ranks=True)
 
 
 def test_stop_strings_with_a_tokenizer_of_a_tasks_own_characters(policy):
@@ -361,8 +367,8 @@ def test_stop_strings_with_a_tokenizer_of_a_tasks_own_characters(policy):
 
     digits = chars("0123456789+=")
     digits.eos_token = "+"
-    stops = hf._stop_criterion(digits, SamplingParams(stop=["=1", "9"]))
-    assert isinstance(stops, hf.DecodedStops)
+    stops = draw.stop_criterion(digits, SamplingParams(stop=["=1", "9"]))
+    assert isinstance(stops, draw.DecodedStops)
     rows = torch.tensor([digits.encode("12=1", add_special_tokens=False),
                          digits.encode("1=12", add_special_tokens=False),
                          digits.encode("2349", add_special_tokens=False)])  # fmt: skip

@@ -33,7 +33,7 @@ from ..engine.parallel import global_sums
 from ..engine.report import logged_evaluations, make_report
 from ..engine.runlock import RunDirLock
 from ..tasks import require_data
-from . import checkpointing
+from . import checkpointing, resuming
 from .async_rollout import AsyncRollouts, check_async
 from .config import Config, config_from
 from .records import ScoredRollout, TrainState
@@ -94,11 +94,11 @@ class Trainer:
         # one run per run_dir, held until `fit` ends (or `close()`); rank 0 under torchrun
         self._lock = RunDirLock(config.log.run_dir) if os.environ.get("RANK", "0") == "0" else None
         try:
-            candidates = checkpointing.resume_candidates(config, is_main=self._lock is not None)
+            candidates = resuming.resume_candidates(config, is_main=self._lock is not None)
             self.run: Run = build_run(config, reward_funcs, eval_funcs, tools, environment_factory)
             check_async(config, self.run.dist.world_size)
             self.state = TrainState()
-            self.resumed_from = checkpointing.resume(self.run, self.state, candidates)
+            self.resumed_from = resuming.resume(self.run, self.state, candidates)
         except BaseException:
             self.close()
             raise
@@ -159,7 +159,7 @@ class Trainer:
                     "end (evaluation after RL, final model, report) is not; finishing it"
                 )
                 if run.dist.is_main:
-                    checkpointing.drop_evaluation(run.run_dir / "metrics.jsonl", state.step)
+                    resuming.drop_evaluation(run.run_dir / "metrics.jsonl", state.step)
             else:
                 if cfg.train.max_staleness is not None:  # the worker starts from this RNG state
                     self.rollouts = AsyncRollouts(run, state, *self._user_code, saved=state.pending)

@@ -31,7 +31,8 @@ import torch
 
 from ..parallel import unwrap
 from ..precision import autocast, widens_bf16_matmul
-from .base import NonFiniteLogitsError, Rollout, SamplingParams, pad_completions, pad_prompts
+from .base import Rollout, SamplingParams, pad_completions, pad_prompts
+from .draw import all_ended, draw, stop_criterion, warpers_for
 
 LEAVE_EVERY = 8  # ended rows leave the decode batch once they are ≥ 1/8 of it (a cache copy)
 # a decode batch down to this many rows with this many steps left reads column-major weights
@@ -108,7 +109,7 @@ class TransformersBackend:
         once 1/LEAVE_EVERY of the batch has ended; `active` maps decode rows to output rows."""
         from .kv_cache import decode_attention_for
 
-        warpers, stop = _warpers(params), _stop_criterion(self.tokenizer, params)
+        warpers, stop = warpers_for(params), stop_criterion(self.tokenizer, params)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         Tp, Tn = ids.shape[1], params.max_new_tokens
         forward, relay = self._decoder(model, ids, mask, G)
@@ -127,7 +128,7 @@ class TransformersBackend:
             logprobs = torch.zeros(B, Tn, device=ids.device)
             for step in range(Tn):
                 # 2. sample; record log p(token) under logits / T
-                token, logprob, broken = _draw(logits, params, warpers, eos, active, B)
+                token, logprob, broken = draw(logits, params, warpers, eos, active, B)
                 broken &= ~done  # rows that had ended decode on until they leave: not theirs
                 token = torch.where(done, pad, token)
                 tokens[active, step] = token
@@ -138,7 +139,7 @@ class TransformersBackend:
                     done |= token == eos
                 if stop is not None:
                     done |= stop(tokens[active, : step + 1], None)
-                if _all(done, active[broken], self.lockstep) or step == Tn - 1:
+                if all_ended(done, active[broken], self.lockstep) or step == Tn - 1:
                     break
                 # 4. ended rows leave the batch (a sharded model keeps one: every rank decodes)
                 if len(done) > 1 and int(done.sum()) * LEAVE_EVERY >= len(done):
@@ -212,102 +213,6 @@ def _prefill(model, ids, mask, positions, cache, G: int) -> tuple[torch.Tensor, 
     rows = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(G)
     cache.batch_select_indices(rows)
     return out.logits[:, -1].float()[rows], rows
-
-
-def _all(done: torch.Tensor, broken: torch.Tensor, across_ranks: bool) -> bool:
-    """Whether every row has ended (`across_ranks`: on every rank; one all-reduce). Raises
-    NonFiniteLogitsError if a row's logits were not finite (output rows `broken`): under
-    lockstep on every rank together, as one rank stopping alone would leave the others
-    waiting in the next collective."""
-    pending, bad = (~done).sum(), len(broken)
-    if across_ranks:
-        import torch.distributed as dist
-
-        counts = torch.tensor([float(pending), float(bad)])
-        dist.all_reduce(counts)
-        pending, bad = counts.tolist()
-    if bad:
-        raise NonFiniteLogitsError(
-            f"the policy's next-token logits are not finite (NaN or inf) for {int(bad)} "
-            f"sequences (this rank's rows {broken.tolist()[:8]}): its weights or activations "
-            "overflowed (a diverged update: lower train.lr; or a broken checkpoint)"
-        )
-    return pending == 0
-
-
-def _draw(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    warpers,
-    eos: int | None,
-    active: torch.Tensor,
-    B: int,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """The next token of each decode row `[R]`, its log-prob under logits / T (None when
-    greedy), and which rows' logits are not finite (`[R]` bool: an argmax over NaN is token 0,
-    so the loop stops on them). The draw is `torch.multinomial`'s own (argmax of p / q, q ~ Exp(1)) with the
-    noise drawn for all B rows and taken at the `active` ones: a row gets the same noise
-    whether or not ended rows have left the batch."""
-    scaled = logits if params.greedy else logits / params.temperature
-    sampling = scaled.clone() if (warpers or params.ignore_eos) else scaled
-    if params.ignore_eos and eos is not None:
-        sampling[:, eos] = -float("inf")
-    if params.greedy:
-        best, token = sampling.max(-1)
-        return token, None, ~torch.isfinite(best)  # a NaN in a row makes its max NaN
-    warped = warpers(None, sampling) if warpers else sampling
-    probs = torch.softmax(warped, -1)
-    noise = torch.empty((B, probs.shape[-1]), device=probs.device).exponential_(1)
-    token = (probs / noise[active]).argmax(-1)
-    logprob = torch.log_softmax(scaled, -1).gather(-1, token[:, None]).squeeze(-1)
-    return token, logprob, ~torch.isfinite(logprob)  # a NaN or an inf in a row: NaN here
-
-
-def _warpers(params: SamplingParams):
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    warpers = LogitsProcessorList()
-    if params.top_k:
-        warpers.append(TopKLogitsWarper(params.top_k))
-    if params.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(params.top_p))
-    return warpers
-
-
-def _stop_criterion(tokenizer, params: SamplingParams):
-    """`stop(ids [R, n], None) -> [R]` bool: a row's text now ends inside one of `params.stop`
-    (transformers' `StopStringCriteria`, or `DecodedStops` where it cannot read the tokenizer)."""
-    if not params.stop:
-        return None
-    from transformers.generation.stopping_criteria import StopStringCriteria
-
-    try:
-        return StopStringCriteria(tokenizer, list(params.stop))
-    except ValueError:  # it probes the vocabulary with "abcdef", which a tokenizer of a
-        return DecodedStops(tokenizer, list(params.stop))  # task's own characters may lack
-
-
-class DecodedStops:
-    """Stop strings found in decoded text: a row stops when one of them ends in its last token
-    (the tail of the row, decoded with and without that token). Per row and step in Python:
-    for tokenizers `StopStringCriteria` cannot take."""
-
-    def __init__(self, tokenizer, stops: list[str]) -> None:
-        self.tokenizer, self.stops = tokenizer, stops
-        self.window = max(map(len, stops)) + 8  # tokens: most decode to one character or more
-
-    def __call__(self, ids: torch.Tensor, scores=None) -> torch.Tensor:
-        decode = self.tokenizer.decode
-        hits = []
-        for row in ids.tolist():
-            tail = decode(row[-self.window :], skip_special_tokens=True)
-            before = decode(row[-self.window : -1], skip_special_tokens=True)
-            hits.append(any(s in tail and s not in before for s in self.stops))
-        return torch.tensor(hits, dtype=torch.bool, device=ids.device)
 
 
 class DecodeForward:
