@@ -291,10 +291,12 @@ def test_ranks_take_rank_zeros_measurement(tmp_path):
 
 @pytest.mark.parametrize("choice", ["fp32", "native"])
 def test_attention_is_widened_with_the_products(choice):
-    """Under `autocast` with widened products, advantage's attention (here the packed passes'
-    masked call) is fp32 SDPA on the bf16-rounded query, keys and values, the output rounded to
-    bf16 and the gradients bf16-rounded; with native kernels, autocast's bf16 SDPA. A decode
-    step (one query, no autograd) keeps the bf16 kernel either way."""
+    """Under `autocast`, advantage's attention (here the packed passes' masked call) with
+    autograd is fp32 SDPA on the bf16-rounded query, keys and values, the output rounded to
+    bf16 and the gradients bf16-rounded, whichever the products' kernels (PyTorch's bf16
+    backward is the slower one on CPU). Without autograd: the same where products are widened;
+    with native kernels, autocast's bf16 SDPA (the reference pass). A decode step (one query,
+    no autograd) keeps the bf16 kernel either way."""
     from advantage.engine.rollout.kv_cache import sdpa_gqa
 
     set_bf16_matmul(choice)
@@ -311,27 +313,24 @@ def test_attention_is_widened_with_the_products(choice):
         out.backward(grad)
         return out, [t.grad for t in (q, k, v)]
 
+    def widened(q=q):
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(
+                q.to(BF16).float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True
+            )
+        return out.transpose(1, 2).to(BF16)
+
+    def native(q=q):
+        with torch.autocast("cpu", dtype=BF16):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return out.transpose(1, 2)
+
     with autocast("bf16", "cpu", qwen2()):
         got, got_grads = attention(lambda: sdpa_gqa(torch.nn.Module(), q, k, v, mask)[0])
         with torch.no_grad():
+            forward_only = sdpa_gqa(torch.nn.Module(), q, k, v, mask)[0]
             decode = sdpa_gqa(torch.nn.Module(), q[:, :, -1:], k, v, None)[0]
-    if choice == "fp32":
-
-        def expected_fn():
-            with torch.autocast("cpu", enabled=False):
-                out = F.scaled_dot_product_attention(
-                    q.to(BF16).float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True
-                )
-            return out.transpose(1, 2).to(BF16)
-
-    else:
-
-        def expected_fn():
-            with torch.autocast("cpu", dtype=BF16):
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-            return out.transpose(1, 2)
-
-    expected, expected_grads = attention(expected_fn)
+    expected, expected_grads = attention(widened)
     assert got.dtype == BF16
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     for a, b in zip(got_grads, expected_grads, strict=True):
@@ -339,9 +338,12 @@ def test_attention_is_widened_with_the_products(choice):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert got_grads[1].dtype == BF16 and got_grads[0].dtype == torch.float32
     assert torch.equal(got_grads[0], got_grads[0].to(BF16).float())  # bf16-rounded
-    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
-        native = F.scaled_dot_product_attention(q[:, :, -1:], k, v, enable_gqa=True)
-    torch.testing.assert_close(decode, native.transpose(1, 2), rtol=0, atol=0)
+    with torch.no_grad():
+        expected_forward = widened() if choice == "fp32" else native()
+        torch.testing.assert_close(forward_only, expected_forward, rtol=0, atol=0)
+        with torch.autocast("cpu", dtype=BF16):
+            one_query = F.scaled_dot_product_attention(q[:, :, -1:], k, v, enable_gqa=True)
+    torch.testing.assert_close(decode, one_query.transpose(1, 2), rtol=0, atol=0)
 
 
 def test_decode_step_over_a_widened_cache_attends_in_fp32():

@@ -297,9 +297,7 @@ def _token_outputs(
     mask = attention_mask(packed.allowed, config._attn_implementation, torch.float32)
     with (
         autocast(precision, device, unwrap(model)),
-        segment_attention_for(
-            config, device, packed, precision, recomputed=_checkpointing(model)
-        ) as segments,
+        segment_attention_for(config, device, packed, _checkpointing(model)) as segments,
     ):
         out = model(
             input_ids=packed.input_ids.to(device),

@@ -19,7 +19,7 @@ import contextlib
 import torch
 
 from .packing import PackedBatch, Segment
-from .precision import widened_attention, widens_bf16_matmul
+from .precision import widened_attention
 from .rollout.kv_cache import register_attention, sdpa_gqa, sdpa_replaced
 
 _SEGMENT_SDPA = "advantage_segment_sdpa"
@@ -126,14 +126,14 @@ MIN_GAIN = 2
 
 @contextlib.contextmanager
 def segment_attention_for(
-    config, device: torch.device, packed: PackedBatch, precision: str, recomputed: bool = False
+    config, device: torch.device, packed: PackedBatch, recomputed: bool = False
 ):
     """Inside, a model of `config` with SDPA attention on CPU attends with `segment_attention`:
     over segments for `packed` when that pays — the rows' masked squares at least `MIN_GAIN`
     times the scores the segments need (each call counted `CALL_COST` more), i.e. long rows
-    (the realistic workload's, not the fixed one's 8 × 16 tokens), and not for a backward in
-    bf16 or fp16 on PyTorch's bf16 kernels (measured slower: tiny bf16 realistic update 2.18 →
-    2.52 s; with widened products attention is fp32) — else with the masked call (`sdpa_gqa`).
+    (the realistic workload's, not the fixed one's 8 × 16 tokens) — else with the masked call
+    (`sdpa_gqa`). In bf16 a pass with autograd attends in fp32 on CPU
+    (`precision.fp32_attention_backward`: the bf16 kernel's backward is the slower one).
     `recomputed` (gradient checkpointing: the backward pass runs the forward again, outside
     this context): the model keeps its own attention, so both runs are the same. Yields the
     keywords the model call then takes."""
@@ -148,7 +148,5 @@ def segment_attention_for(
         for s in packed.segments
     )
     pays = MIN_GAIN * needed <= R * N * N
-    if precision != "fp32" and torch.is_grad_enabled() and not widens_bf16_matmul(device):
-        pays = False
     with sdpa_replaced(config, _SEGMENT_SDPA, device):
         yield {"packed_segments": packed.segments} if pays else {}
