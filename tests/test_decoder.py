@@ -137,18 +137,19 @@ def test_growing_cache_equals_dynamic_cache(policy, monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_shared_prompt_cache_equals_growing_cache(policy, monkeypatch, precision):
+@pytest.mark.parametrize(("precision", "kernels"), [("fp32", "fp32"), ("bf16", "fp32"),
+                                                     ("bf16", "native")])  # fmt: skip
+def test_shared_prompt_cache_equals_growing_cache(policy, monkeypatch, precision, kernels):
     """Each prompt's keys once, its rows pointing at it: prefill of left-padded prompts, rows
     given their prompt, steps past a buffer's end, rows leaving in a new order (one prompt
     losing all its rows): the logits of the cache that copies each prompt to its rows. In bf16
-    with widened products both caches store rounded fp32 keys and values (a decode step attends
-    in fp32): equal up to bf16 rounding."""
+    (widened products or PyTorch's bf16 kernels) both caches store rounded fp32 keys and values
+    (a decode step attends in fp32): equal up to bf16 rounding."""
     from advantage.engine import precision as mixed
     from advantage.engine.rollout import kv_cache
 
     monkeypatch.setattr(kv_cache, "CHUNK", 3)
-    monkeypatch.setattr(mixed, "_choice", "fp32")  # widened bf16 products (restored after)
+    monkeypatch.setattr(mixed, "_choice", kernels)  # restored after
     widened = precision == "bf16"
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 40, (3, 6), generator=g)
@@ -269,9 +270,36 @@ def test_decode_attention_is_fp32_only(monkeypatch):
     q, k = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 5, 8)
     v = torch.randn(2, 2, 5, 8, dtype=torch.bfloat16)
     module = torch.nn.Module()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # as a decode step
         out, _ = kv_cache.sdpa_gqa(module, q, k, v, None)
     assert out.shape == (2, 1, 4, 8)
+
+
+@pytest.mark.parametrize("kernels", ["fp32", "native"])
+def test_bf16_decode_keeps_its_cache_rounded_in_fp32(policy, tokenizer, monkeypatch, kernels):
+    """bf16 on CPU, whichever the products' kernels: the decode loop's cache stores keys and
+    values rounded to bf16, as fp32 (over a bf16 cache PyTorch's SDPA copies it at every
+    step). The attention over it: test_shared_prompt_cache_equals_growing_cache."""
+    from advantage.engine import precision as mixed
+    from advantage.engine.rollout import kv_cache
+
+    monkeypatch.setattr(mixed, "_choice", kernels)  # restored after
+    made = []
+    decode_cache = kv_cache.decode_cache
+
+    def recorded(*args):
+        made.append(decode_cache(*args))
+        return made[-1]
+
+    monkeypatch.setattr(kv_cache, "decode_cache", recorded)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=8, seed=0)
+    out = TransformersBackend(policy, tokenizer, "bf16").generate(prompts, 2, params)
+    layer = made[0].layers[0]
+    assert layer.keys.dtype == layer.values.dtype == torch.float32
+    for t in (layer.keys, layer.values):
+        assert torch.equal(t, t.to(torch.bfloat16).float())
+    assert out.logprobs.isfinite().all()
 
 
 def _llama(tokenizer):

@@ -24,7 +24,9 @@ kernels (`native`, or `auto` on a CPU with AMX): the CPU flash kernel's bf16 bac
 than its fp32 one even there (an AMX Xeon, a packed row of 8 × 128 positions, 8 heads: forward +
 backward 13.4 ms in bf16 against 6.0 ms in fp32; the fixed benchmark's `small` bf16 update
 0.40 → 0.33 s, `tiny` 0.090 → 0.072 s). Passes without autograd (reference, old policy,
-prefill, decode) keep the bf16 kernel, which is the faster forward there (0.8 against 1.7 ms).
+prefill) keep the bf16 kernel, which is the faster forward there (0.8 against 1.7 ms). A decode
+step in bf16 on CPU attends in fp32 with either kernels, over a cache stored rounded, as fp32
+(`kv_cache.decode_cache(widened=True)`; `hf.HFRollout._decoder` says why).
 
 Two ways to widen: `Bf16MatmulInFp32`, a dispatch mode that catches every product (forward and
 backward) at the cost of intercepting every op in Python; and, for models whose only bf16
@@ -192,23 +194,24 @@ def widened_attention(attention):
     `fp32_attention_backward`), runs with autocast off on the bf16-rounded
     query, keys and values as fp32 (exact), its output rounded to bf16; the gradients it passes
     back are rounded to bf16 (as a bf16 kernel's would be) by the casts. Elsewhere unchanged.
-    A decode step (one query per row, no autograd) is widened only over a cache that stores its
-    keys and values rounded, as fp32 (`kv_cache.decode_cache(widened=True)`; both fp32 here):
+    A decode step (one query per row, no autograd) is widened over a cache that stores its keys
+    and values rounded, as fp32 (`kv_cache.decode_cache(widened=True)`; both fp32 here),
+    whichever the products' kernels, and only there:
     widening a bf16 cache would copy all of it at every step (the realistic benchmark's `tiny`
     rollout: 1.6 → 2.3 s)."""
 
     @functools.wraps(attention)
     def attend(module, query, key, value, *args, **kwargs):
-        if not (_WIDENED.get() or fp32_attention_backward(query.device)):
-            return attention(module, query, key, value, *args, **kwargs)
         if not torch.is_autocast_enabled(query.device.type):
             return attention(module, query, key, value, *args, **kwargs)
-        if query.shape[2] == 1 and not torch.is_grad_enabled():
+        if query.shape[2] == 1 and not torch.is_grad_enabled():  # a decode step
             if not key.dtype == value.dtype == torch.float32:
                 return attention(module, query, key, value, *args, **kwargs)
-            key_value = (key, value)  # stored rounded
-        else:
+            key_value = (key, value)  # stored rounded (`decode_cache(widened=True)`)
+        elif _WIDENED.get() or fp32_attention_backward(query.device):
             key_value = (_round(key), _round(value))
+        else:
+            return attention(module, query, key, value, *args, **kwargs)
         with torch.autocast(query.device.type, enabled=False):
             out, weights = attention(module, _round(query), *key_value, *args, **kwargs)
         return out.to(torch.bfloat16), weights

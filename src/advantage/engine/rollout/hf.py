@@ -9,8 +9,9 @@ top-k/top-p), the quantity the trainer computes.
 
 Per step the loop does the step's work and little else (`kv_cache.py`): the KV cache is written
 in place (no copy of it per token), attention reads grouped K/V heads without expanding them, a
-long prompt's keys and values are kept once for its G completions (in fp32, and in bf16 where
-products are widened: `precision.widened_attention`), rows that have ended leave the batch,
+long prompt's keys and values are kept once for its G completions (in fp32 and bf16; in bf16
+on CPU the cache stores them rounded to bf16, as fp32, and a step attends in fp32:
+`precision.widened_attention`), rows that have ended leave the batch,
 and a batch left with few rows for many steps reads column-major weights (`WeightLayout`).
 Llama and Qwen2 models decode through their modules without the model-level forward
 (`decode_step.py`: the same logits, bitwise).
@@ -157,14 +158,17 @@ class TransformersBackend:
     def _decoder(self, model, ids, mask, G: int) -> tuple[DecodeForward, bool]:
         """The decode steps' forward over a fresh cache, and whether the weights may be laid out
         column-major once few rows are left (CPU, fp32 products: MKL's few-row GEMM gains).
-        A long prompt's cache is kept once (`shares_prompt`); widened bf16: decode steps attend
-        in fp32 over a cache stored so (SDPA models, whose attention is advantage's)."""
+        A long prompt's cache is kept once (`shares_prompt`); bf16 on CPU: decode steps attend
+        in fp32 over a cache stored rounded, as fp32 (SDPA models, whose attention is
+        advantage's), whichever kernels the products take: over a bf16 cache PyTorch's SDPA
+        copies the cache's views at every step (realistic benchmark rollout with bf16 GEMMs on
+        an AMX Xeon: `small` 6.4–6.5 → 5.2–5.5 s, `tiny` 1.49–1.59 → 1.32–1.45 s)."""
         from .decode_step import lean_decode_step
         from .kv_cache import decode_cache, shares_prompt
 
         widened = (
             self.precision == "bf16"
-            and widens_bf16_matmul(ids.device)
+            and ids.device.type == "cpu"
             and getattr(model.config, "_attn_implementation", None) == "sdpa"
         )
         shared = shares_prompt(model, ids.shape[1], G, ids.device, widened)
@@ -176,7 +180,8 @@ class TransformersBackend:
             padded=not bool(mask.all()),
         )
         relay = ids.device.type == "cpu" and not self.lockstep
-        return forward, relay and (self.precision == "fp32" or widened)
+        fp32_products = self.precision == "fp32" or (widened and widens_bf16_matmul(ids.device))
+        return forward, relay and fp32_products
 
     def _cut(
         self, rows: list[list[int]], params: SamplingParams

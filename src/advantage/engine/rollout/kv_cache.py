@@ -19,8 +19,8 @@ at its block and hold only their own positions. A decode step reads the cache on
 weights and ~210 MB of keys and values, most of them the G copies of each prompt, computed from
 the sizes); `shared_prompt_attention` attends each prompt's rows as one block of queries over
 its prompt, then each row over its own positions, with one softmax over both. It pays where prompts are long
-(`shares_prompt`); short prompts keep the one-block cache. In bf16 with widened products both
-caches store keys and values rounded to bf16 as fp32, and decode steps attend in fp32.
+(`shares_prompt`); short prompts keep the one-block cache. In bf16 on CPU both caches store keys
+and values rounded to bf16 as fp32, and decode steps attend in fp32.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def decode_cache(
     """A cache of `GrowingLayer`s for `model` (every layer full attention), else transformers'
     `DynamicCache` (sliding-window layers keep their own kind). With `prompt_mask` `[P, Tp]`
     (the prefill's prompts, True = token), a `SharedPromptCache` (see `shares_prompt`).
-    `widened` (bf16 with widened products, `precision.widened_attention`): the layers store
+    `widened` (bf16 on CPU, `precision.widened_attention`): the layers store
     what they are given rounded to bf16, as fp32, so that a decode step attends in fp32
     without widening the cache again."""
     if not full_attention_only(model.config):
@@ -65,7 +65,7 @@ def shares_prompt(
     """Whether a decode loop of `completions` rows per prompt, prompts padded to
     `prompt_length`, keeps each prompt's cache once (`SharedPromptCache`): SDPA models with
     full attention on CPU whose decode steps attend in fp32 (fp32 weights without autocast, or
-    bf16 `widened`), from SHARE_FROM prompt positions (below, the extra indexing of each step
+    bf16 over a `widened` cache), from SHARE_FROM prompt positions (below, the extra indexing of each step
     costs more than re-reading short prompts: the `tiny` model, 16 new tokens, rollout 88.7 →
     89.4 ms with 32-token prompts, 108 → 106 ms with 64-token ones)."""
     config = model.config
