@@ -202,7 +202,9 @@ def test_prompt_given_as_a_list_of_strings(tmp_path, capsys):
 
 
 def test_model_and_data_typos_fail_at_once(tmp_path, capsys, monkeypatch):
-    """A relative path typo or an unknown hub id: no minute of network retries."""
+    """A relative path typo or an unknown hub id: no minute of network retries, and (on a
+    machine that has not built the default model yet) no build of it first."""
+    monkeypatch.setenv("ADVANTAGE_CACHE", str(tmp_path / "cache"))  # a new machine's
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr("advantage.engine.hub.hub_reachable", lambda timeout=3.0: False)
     start = time.perf_counter()
@@ -226,6 +228,7 @@ def test_model_and_data_typos_fail_at_once(tmp_path, capsys, monkeypatch):
         "data.train: the file or folder 'data/tran.json' does not exist"
     )
     assert time.perf_counter() - start < 20
+    assert not (tmp_path / "cache").exists()  # nothing built
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["eval"], ["card"], ["train", "--steps=3"]])

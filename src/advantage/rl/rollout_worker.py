@@ -26,7 +26,7 @@ from ..engine.models import add_lora, load_causal_lm, load_tokenizer, quiet_tran
 from ..engine.parallel import DistInfo
 from ..engine.reward_call import RewardError
 from ..engine.rewards import RewardComputer
-from ..tasks import dataset_rows, model_path, tokenizer_path
+from ..tasks import dataset_rows, model_paths
 from .config import Config, config_from
 from .records import RunSizes
 from .rewarding import make_reward_computer
@@ -85,10 +85,8 @@ def build_rollout_side(cfg: Config, reward_funcs, tools, environment_factory) ->
     rows = dataset_rows(cfg.data.train, "data.train")
     tools = load_tools(cfg, tools)
     environment_factory = load_environment(cfg, environment_factory)
-    path = model_path(cfg.model.name_or_path)
-    tokenizer = load_tokenizer(
-        tokenizer_path(cfg.model.tokenizer, path), cfg.model.trust_remote_code
-    )
+    path, tokenizer_folder = model_paths(cfg.model)
+    tokenizer = load_tokenizer(tokenizer_folder, cfg.model.trust_remote_code)
     policy = load_causal_lm(path, cfg.model.trust_remote_code)
     if cfg.model.lora is not None:
         policy = add_lora(policy, cfg.model.lora)  # the same parameters as the trainer's

@@ -37,7 +37,7 @@ from ..engine.precision import log_bf16_kernels, set_bf16_matmul
 from ..engine.rewards import RewardComputer
 from ..engine.rollout import SamplingParams
 from ..engine.sampling import SingleTurn
-from ..tasks import model_path, tokenizer_path
+from ..tasks import model_path, model_paths
 from .config import Config
 from .records import RunSizes
 from .rewarding import make_eval_rewards, make_reward_computer
@@ -168,10 +168,8 @@ def build_run(
 def _load_models(cfg: Config, algo, train_rows: list[dict], eval_rows: list[dict]):
     """(policy path, tokenizer, policy, reference or None, critic or None), unwrapped: the
     reference is the policy with its adapter disabled under LoRA, else a frozen copy."""
-    policy_path = model_path(cfg.model.name_or_path)
-    tokenizer = load_tokenizer(
-        tokenizer_path(cfg.model.tokenizer, policy_path), cfg.model.trust_remote_code
-    )
+    policy_path, tokenizer_folder = model_paths(cfg.model)
+    tokenizer = load_tokenizer(tokenizer_folder, cfg.model.trust_remote_code)
     policy = load_causal_lm(policy_path, cfg.model.trust_remote_code)
     check_context(cfg, tokenizer, policy.config, train_rows, eval_rows)
     if cfg.model.gradient_checkpointing:

@@ -26,7 +26,7 @@ from ..engine.models import quiet_transformers
 from ..engine.report import parse_jsonl
 from ..engine.reward_model import load_reward_model, score
 from ..engine.supervised import StageLog, StageModel, StageSettings, batches, stage_folder
-from ..tasks import model_path, require_data, task_of, tokenizer_path
+from ..tasks import model_paths, require_data, task_of
 
 log = logging.getLogger("advantage")
 
@@ -164,12 +164,9 @@ def run_rm(cfg: RMConfig) -> dict:
     stage_folder(run_dir, "a reward-model")
     torch.manual_seed(t.seed)
     rows = preference_rows(cfg, require_data(d.train), "train")  # before any model loads
-    path = model_path(cfg.model.name_or_path)
+    path, tokenizer_folder = model_paths(cfg.model)
     model, tokenizer = load_reward_model(
-        path,
-        cfg.model.trust_remote_code,
-        new_head=True,
-        tokenizer_path=tokenizer_path(cfg.model.tokenizer, path),
+        path, cfg.model.trust_remote_code, new_head=True, tokenizer_path=tokenizer_folder
     )
     if d.eval is not None or task_of(d.train) is not None:
         eval_rows = preference_rows(cfg, d.eval or d.train, "eval")

@@ -25,7 +25,7 @@ from ..engine.supervised import (
     stage_folder,
     supervised_finetune,
 )
-from ..tasks import model_path, require_data, task_of, tokenizer_path
+from ..tasks import model_paths, require_data, task_of
 
 
 @dataclass
@@ -54,10 +54,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     # data first: a bad dataset fails before any model is loaded
     rows = _supervised_rows(require_data(cfg.data.train), cfg, "data.train")
     eval_rows = _supervised_rows(cfg.data.eval, cfg, "data.eval") if cfg.data.eval else []
-    path = model_path(cfg.model.name_or_path)
-    tokenizer = load_tokenizer(
-        tokenizer_path(cfg.model.tokenizer, path), cfg.model.trust_remote_code
-    )
+    path, tokenizer_folder = model_paths(cfg.model)
+    tokenizer = load_tokenizer(tokenizer_folder, cfg.model.trust_remote_code)
     model = load_causal_lm(path, cfg.model.trust_remote_code)
     logger = MetricsLogger(
         cfg.log.run_dir, cfg.train.steps, cfg.log.tensorboard, cfg.log.wandb, cfg.log.progress

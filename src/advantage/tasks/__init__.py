@@ -111,9 +111,13 @@ def model_path(spec: str, field: str = "model.name_or_path") -> str:
         raise ConfigError(f"{field}: {e}") from None
 
 
-def tokenizer_path(spec: str | None, model: str) -> str:
-    """The folder of `model.tokenizer` when it is set (checked like a model), else the model's."""
-    return model_path(spec, "model.tokenizer") if spec else model
+def model_paths(model) -> tuple[str, str]:
+    """(model folder, tokenizer folder) of a `ModelConfig`: `model.tokenizer` when set (checked
+    like a model), else the model's. The tokenizer is checked first: a typo there fails at once,
+    not after a built-in model's first build (minutes)."""
+    tokenizer = model_path(model.tokenizer, "model.tokenizer") if model.tokenizer else None
+    path = model_path(model.name_or_path)
+    return path, tokenizer or path
 
 
 def builtin_model_path(name: str, verbose: bool = True) -> Path:
