@@ -26,7 +26,7 @@ backward 13.4 ms in bf16 against 6.0 ms in fp32; the fixed benchmark's `small` b
 0.40 → 0.33 s, `tiny` 0.090 → 0.072 s). Passes without autograd (reference, old policy,
 prefill) keep the bf16 kernel, which is the faster forward there (0.8 against 1.7 ms). A decode
 step in bf16 on CPU attends in fp32 with either kernels, over a cache stored rounded, as fp32
-(`kv_cache.decode_cache(widened=True)`; `hf.HFRollout._decoder` says why).
+(`kv_cache.decode_cache(widened=True)`; `hf.TransformersBackend._decoder` says why).
 
 Two ways to widen: `Bf16MatmulInFp32`, a dispatch mode that catches every product (forward and
 backward) at the cost of intercepting every op in Python; and, for models whose only bf16
