@@ -227,6 +227,11 @@ def test_model_and_data_typos_fail_at_once(tmp_path, capsys, monkeypatch):
     assert _error(capsys, "train", "data.train=data/tran.json") == (
         "data.train: the file or folder 'data/tran.json' does not exist"
     )
+    # a built-in tokenizer (built on first use) does not go before the model's typo
+    tokenizer = "model.tokenizer=builtin:tiny-reverse"
+    assert _error(capsys, *base, tokenizer, "model.name_or_path=runs/sft/finall") == (
+        "model.name_or_path: the folder 'runs/sft/finall' does not exist"
+    )
     assert time.perf_counter() - start < 20
     assert not (tmp_path / "cache").exists()  # nothing built
 

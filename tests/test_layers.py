@@ -109,3 +109,15 @@ def test_the_walk_sees_the_package():
     assert len(edges) > 40
     assert "advantage.engine.models" in edges["advantage.rl.setup"]
     assert "advantage.core" in edges["advantage.engine.models"]
+
+
+def test_every_exported_name_exists():
+    """Each module's `__all__` names only what it has (`from advantage.x import *` works)."""
+    import importlib
+
+    for name, path in modules().items():
+        if "__all__" not in path.read_text():
+            continue
+        module = importlib.import_module(name)
+        missing = [n for n in getattr(module, "__all__", []) if not hasattr(module, n)]
+        assert not missing, f"{name}.__all__ names {missing}"

@@ -132,8 +132,8 @@ def segment_attention_for(
     over segments for `packed` when that pays — the rows' masked squares at least `MIN_GAIN`
     times the scores the segments need (each call counted `CALL_COST` more), i.e. long rows
     (the realistic workload's, not the fixed one's 8 × 16 tokens) — else with the masked call
-    (`sdpa_gqa`). In bf16 a pass with autograd attends in fp32 on CPU
-    (`precision.fp32_attention_backward`: the bf16 kernel's backward is the slower one).
+    (`sdpa_gqa`). In bf16 on CPU either attends in fp32 (`precision.fp32_attention`: the bf16
+    kernel's backward is the slower one).
     `recomputed` (gradient checkpointing: the backward pass runs the forward again, outside
     this context): the model keeps its own attention, so both runs are the same. Yields the
     keywords the model call then takes."""

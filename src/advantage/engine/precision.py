@@ -19,14 +19,16 @@ attention in bf16 runs on those slow bf16 GEMMs (the `tiny` model's backward: 10
 2.9 ms in fp32). Everything else (activations kept for the backward pass, elementwise ops)
 stays as autocast makes it.
 
-**Attention with a backward pass on CPU** runs so too where the products are PyTorch's bf16
-kernels (`native`, or `auto` on a CPU with AMX): the CPU flash kernel's bf16 backward is slower
-than its fp32 one even there (an AMX Xeon, a packed row of 8 × 128 positions, 8 heads: forward +
-backward 13.4 ms in bf16 against 6.0 ms in fp32; the fixed benchmark's `small` bf16 update
-0.40 → 0.33 s, `tiny` 0.090 → 0.072 s). Passes without autograd (reference, old policy,
-prefill) keep the bf16 kernel, which is the faster forward there (0.8 against 1.7 ms). A decode
-step in bf16 on CPU attends in fp32 with either kernels, over a cache stored rounded, as fp32
-(`kv_cache.decode_cache(widened=True)`; `hf.TransformersBackend._decoder` says why).
+**Attention on CPU** runs so too where the products are PyTorch's bf16 kernels (`native`, or
+`auto` on a CPU with AMX): the CPU flash kernel's bf16 backward is slower than its fp32 one even
+there (an AMX Xeon, a packed row of 8 × 128 positions, 8 heads: forward + backward 13.4 ms in
+bf16 against 6.0 ms in fp32; the fixed benchmark's `small` bf16 update 0.40 → 0.33 s, `tiny`
+0.090 → 0.072 s), and passes without autograd (reference, old policy, old values, prefill)
+attend the same way, so that a pass with and without a gradient give the same log-probs
+bitwise (the first minibatch's ratio is 1; the KL to an identical reference is 0), at the cost
+of their faster bf16 forward (0.8 against 1.7 ms for that row). A decode step in bf16 on CPU
+attends in fp32 over a cache stored rounded, as fp32 (`kv_cache.decode_cache(widened=True)`;
+`hf.TransformersBackend._decoder` says why).
 
 Two ways to widen: `Bf16MatmulInFp32`, a dispatch mode that catches every product (forward and
 backward) at the cost of intercepting every op in Python; and, for models whose only bf16
@@ -175,14 +177,11 @@ def autocast(
         _WIDENED.reset(token)
 
 
-def fp32_attention_backward(device: torch.device | str) -> bool:
+def fp32_attention(device: torch.device | str) -> bool:
     """Whether attention implemented by advantage runs in fp32 on bf16-rounded inputs although
-    the products are bf16 kernels: a pass with autograd under bf16 autocast on CPU (module
-    docstring)."""
-    device = torch.device(device)
+    the products may be bf16 kernels: under bf16 autocast on CPU (module docstring)."""
     return (
-        device.type == "cpu"
-        and torch.is_grad_enabled()
+        torch.device(device).type == "cpu"
         and torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
     )
@@ -190,8 +189,8 @@ def fp32_attention_backward(device: torch.device | str) -> bool:
 
 def widened_attention(attention):
     """An attention implementation `attention(module, query, key, value, mask, ...)` that,
-    inside `autocast` with widened bf16 products (or with autograd on CPU:
-    `fp32_attention_backward`), runs with autocast off on the bf16-rounded
+    inside `autocast` with widened bf16 products (or on CPU whatever the kernels:
+    `fp32_attention`), runs with autocast off on the bf16-rounded
     query, keys and values as fp32 (exact), its output rounded to bf16; the gradients it passes
     back are rounded to bf16 (as a bf16 kernel's would be) by the casts. Elsewhere unchanged.
     A decode step (one query per row, no autograd) is widened over a cache that stores its keys
@@ -208,7 +207,7 @@ def widened_attention(attention):
             if not key.dtype == value.dtype == torch.float32:
                 return attention(module, query, key, value, *args, **kwargs)
             key_value = (key, value)  # stored rounded (`decode_cache(widened=True)`)
-        elif _WIDENED.get() or fp32_attention_backward(query.device):
+        elif _WIDENED.get() or fp32_attention(query.device):
             key_value = (_round(key), _round(value))
         else:
             return attention(module, query, key, value, *args, **kwargs)

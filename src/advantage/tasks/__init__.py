@@ -113,11 +113,16 @@ def model_path(spec: str, field: str = "model.name_or_path") -> str:
 
 def model_paths(model) -> tuple[str, str]:
     """(model folder, tokenizer folder) of a `ModelConfig`: `model.tokenizer` when set (checked
-    like a model), else the model's. The tokenizer is checked first: a typo there fails at once,
-    not after a built-in model's first build (minutes)."""
-    tokenizer = model_path(model.tokenizer, "model.tokenizer") if model.tokenizer else None
-    path = model_path(model.name_or_path)
-    return path, tokenizer or path
+    like a model), else the model's. Folders and hub ids are checked before a built-in model is
+    built: a typo in either field fails at once, not after a first build (minutes)."""
+    fields = [(model.name_or_path, "model.name_or_path")]
+    if model.tokenizer:
+        fields.append((model.tokenizer, "model.tokenizer"))
+    paths = {}
+    for spec, field in sorted(fields, key=lambda f: parse_builtin(f[0]) is not None):
+        paths[field] = model_path(spec, field)
+    path = paths["model.name_or_path"]
+    return path, paths.get("model.tokenizer", path)
 
 
 def builtin_model_path(name: str, verbose: bool = True) -> Path:
@@ -202,9 +207,9 @@ __all__ = [
     "eval_spec",
     "get_task",
     "model_path",
+    "model_paths",
     "parse_builtin",
     "require_data",
     "reverse_reward",
     "task_of",
-    "tokenizer_path",
 ]
