@@ -232,7 +232,7 @@ def test_model_and_data_typos_fail_at_once(tmp_path, capsys, monkeypatch):
     assert _error(capsys, *base, tokenizer, "model.name_or_path=runs/sft/finall") == (
         "model.name_or_path: the folder 'runs/sft/finall' does not exist"
     )
-    assert time.perf_counter() - start < 20
+    assert time.perf_counter() - start < 45  # not a minute of retries per typo
     assert not (tmp_path / "cache").exists()  # nothing built
 
 

@@ -227,7 +227,7 @@ def test_an_environment_that_never_returns_stops_the_run_by_tool_timeout():
     with pytest.raises(EpisodeError, match=r"Stuck\.step did not return within rollout\."
                        r"tool_timeout=0\.2s in episode 0 \(row \{'prompt': 'x'\}\)"):  # fmt: skip
         episodes.sample([{"prompt": "x"}], ["x"], 1, SamplingParams(max_new_tokens=2))
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 15  # not the step's 30 s
 
 
 def test_an_episode_never_runs_past_the_model_positions():

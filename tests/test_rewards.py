@@ -187,26 +187,26 @@ except RewardError as e:
 
 def test_async_function_that_blocks_its_loop_times_out():
     async def blocking(prompts, completions, **kw):
-        time.sleep(3)  # blocks the event loop: asyncio.wait_for cannot interrupt it
+        time.sleep(6)  # blocks the event loop: asyncio.wait_for cannot interrupt it
         return [0.0] * len(completions)
 
     start = time.perf_counter()
     with pytest.raises(RewardError, match=r"'blocking' took longer than reward.timeout=0.3s"):
         _call(blocking, timeout=0.3)
-    assert time.perf_counter() - start < 2
+    assert time.perf_counter() - start < 5  # cut off, not waited for
 
 
 def test_on_timeout_skip_scores_the_batch_none(caplog):
     def slow(prompts, completions, **kw):
-        time.sleep(2)
+        time.sleep(6)
         return [0.0] * len(completions)
 
-    rc = RewardComputer(
-        [RewardSource("slow", slow), RewardSource("trl", trl_style)], timeout=0.2, on_timeout="skip"
+    rc = RewardComputer(  # a timeout the fast source meets on a busy machine too
+        [RewardSource("slow", slow), RewardSource("trl", trl_style)], timeout=2, on_timeout="skip"
     )
     with caplog.at_level("WARNING", logger="advantage"):
         out = rc(PROMPTS, COMPLETIONS, IDS, {}, group_size=2)
-    assert "'slow' took longer than reward.timeout=0.2s" in caplog.text
+    assert "'slow' took longer than reward.timeout=2s" in caplog.text
     assert "reward.on_timeout=skip" in caplog.text
     assert out.per_source_mask[0].tolist() == [False] * 4  # slow: None for the whole batch
     torch.testing.assert_close(out.scores, torch.tensor([2.0, 2.0, 2.0, 2.0]))  # trl alone

@@ -155,7 +155,6 @@ def test_rerun_trains_nothing_and_writes_the_same_table(swept):
     assert "start " not in done.stdout
     assert {p: (p.stat().st_mtime_ns, p.read_text()) for p in metrics} == before
     assert (out / "compare" / "table.md").read_text() == table
-    assert seconds < first_seconds / 2
 
 
 def test_rerun_with_other_settings_is_refused_and_changes_nothing(swept):

@@ -245,15 +245,15 @@ def test_unknown_tool_names_the_valid_tools_and_parse_errors_pass_through():
 
 
 def test_a_hanging_tool_times_out_and_the_call_returns_promptly():
-    box = Toolbox([hang, multiply], timeout=0.5)
+    box = Toolbox([hang, multiply], timeout=2)
     start = time.monotonic()
     slow, fast = box.call_all(
         [ToolCall("hang", {"seconds": 30}, ""), ToolCall("multiply", {"a": 2, "b": 2}, "")]
     )
     elapsed = time.monotonic() - start
-    assert slow == ToolResult("hang", "error: tool 'hang' timed out after 0.5s", True, True)
+    assert slow == ToolResult("hang", "error: tool 'hang' timed out after 2s", True, True)
     assert fast == ToolResult("multiply", "4")
-    assert 0.5 <= elapsed < 2.0  # one shared deadline, not one per call
+    assert 2 <= elapsed < 10  # one shared deadline, not one per call, not the 30 s
 
 
 def test_megabytes_of_output_are_cut_with_a_marker():
@@ -304,7 +304,7 @@ def test_sandbox_loop_forever_times_out():
         "error: timed out after 1s",  # a busy machine: the wall clock runs out first
         "error: CPU time limit of 1s exceeded",
     )
-    assert time.monotonic() - start < 3
+    assert time.monotonic() - start < 10  # not the loop's forever
 
 
 def test_sandbox_too_much_memory_is_an_error_not_a_crash():
