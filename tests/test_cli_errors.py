@@ -42,6 +42,33 @@ def test_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
     )
 
 
+def test_a_key_given_twice_is_refused_not_dropped(tmp_path, capsys):
+    # an adversarial probe: PyYAML kept the second `train:` section, dropping the first's lr
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  steps: 2\n  lr: 3.0e-4\nlog:\n  every: 1\ntrain:\n  seed: 7\n")
+    assert _error(capsys, "train", str(config)) == (
+        f"{config}: line 6, column 1: YAML error: the key 'train' appears twice in one mapping "
+        "(first at line 1); merge the two"
+    )
+    assert _error(capsys, "train", "rollout.vllm={a: 1, a: 2}").startswith(
+        "override 'rollout.vllm={a: 1, a: 2}': line 1, column 8: YAML error: the key 'a' appears"
+    )
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+    # an adversarial probe: rows written by json.dumps(ensure_ascii=False) with U+2028 / U+0085
+    # in a string were cut in two by str.splitlines: "line 1 is not valid JSON"
+    from advantage.engine.data import load_rows
+
+    rows = [{"prompt": "a\u2028b>", "answer": "x"}, {"prompt": "c\x85d>", "answer": "y"}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows))
+    assert "\u2028" in data.read_text() and [r["prompt"] for r in load_rows(str(data))] == [
+        "a\u2028b>",
+        "c\x85d>",
+    ]
+
+
 def test_non_utf8_config_and_jsonl_name_the_line_and_byte(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_bytes(b"train:\n  lr: 1.0e-3 # caf\xe9\n")

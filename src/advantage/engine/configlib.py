@@ -188,7 +188,7 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, text = item.split("=", 1)
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: {_yaml_problem(e)}") from None
         out.append((key.strip(), value))
@@ -257,7 +257,7 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     text = read_text(path)
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
@@ -288,12 +288,31 @@ def read_text(path: Path, what: str = "") -> str:
         ) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last
+    one without a word: a second `train:` section dropped the first's settings)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None,
+                    f"the key {key!r} appears twice in one mapping (first at line {seen[key]}); "
+                    "merge the two", key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def _yaml_problem(e: yaml.YAMLError) -> str:
     """`line L, column C: problem` of a YAML error (not PyYAML's `<unicode string>` report)."""
     mark = getattr(e, "problem_mark", None)
     problem = getattr(e, "problem", None) or str(e)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return f"{where}YAML syntax error: {problem}"
+    kind = "YAML error" if isinstance(e, yaml.constructor.ConstructorError) else "YAML syntax error"
+    return f"{where}{kind}: {problem}"
 
 
 @cache

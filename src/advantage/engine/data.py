@@ -26,7 +26,8 @@ def load_rows(spec: str, field: str = "data.train") -> list[dict]:
         if not path.is_file():
             raise ConfigError(f"{field}: file {spec!r} does not exist")
         rows = []
-        for n, line in enumerate(read_text(path, f"{field}: ").splitlines(), start=1):
+        # lines end at "\n" only: JSON strings may hold U+2028, U+0085, ... (`splitlines` splits)
+        for n, line in enumerate(read_text(path, f"{field}: ").split("\n"), start=1):
             if not line.strip():
                 continue
             try:

@@ -54,7 +54,7 @@ def parse_jsonl(path: Path) -> tuple[list[tuple[str, dict]], list[int]]:
     """(line, record) of each JSON line of `path`, and the 1-based numbers of the lines that
     are not JSON objects (a write torn by a crash or a full disk) and were left out."""
     records, torn = [], []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    for number, line in enumerate(path.read_text(errors="replace").split("\n"), 1):
         if not line.strip():
             continue
         try:
