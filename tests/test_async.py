@@ -5,6 +5,7 @@ that dies gives one clear error while the checkpoints stay."""
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,6 +135,31 @@ def test_a_dead_worker_is_one_clear_error_and_the_run_resumes(tmp_path, monkeypa
     assert (tmp_path / "run" / "checkpoints" / "step-000001" / "trainer_state.json").exists()
     result = Trainer(config, [dies_once]).fit()  # the rerun resumes from step 1
     assert len(result.metrics) == 3
+
+
+def test_a_worker_that_dies_before_connecting_is_an_error_not_a_wait(tmp_path):
+    # an adversarial probe: a script training without `if __name__ == "__main__":` had its
+    # worker (spawn: it imports the script) fail before connecting; the trainer waited 30 min
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import advantage\n"
+        "advantage.train({'model': {'name_or_path': 'builtin:tiny-random'},\n"
+        "                 'data': {'train': 'builtin:reverse'}, 'eval': {'size': 0},\n"
+        f"                 'log': {{'run_dir': {str(tmp_path / 'run')!r}, 'progress': False}},\n"
+        "                 'train': {'steps': 2, 'max_staleness': 1},\n"
+        "                 'reward': {'functions': ['exact_match']}})\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert out.returncode == 1
+    assert re.search(
+        r"WorkerError: the rollout worker \(pid \d+\) exited with code 1 before it connected "
+        r"\(its error is printed above; .* under `if __name__ == '__main__':`",
+        out.stderr,
+    ), out.stderr[-2000:]
+    assert "is in use by another run" in out.stderr  # the worker's own error, printed above
 
 
 def test_a_worker_started_separately_connects_to_its_trainer(tmp_path):

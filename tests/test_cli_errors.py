@@ -86,6 +86,13 @@ def test_numeric_field_out_of_range(capsys):
     err = _error(capsys, "train", "data.train=builtin:reverse", "train.lr=nan")
     assert err == "train.lr must be a finite number > 0, got nan"
     assert _error(capsys, "sft", "train.lr=-1") == "train.lr must be a finite number > 0, got -1.0"
+    # adversarial probes: the worker died at set_num_threads; a TypeError from TCPStore
+    assert _error(capsys, "train", "distributed.rollout_threads=-3") == (
+        "distributed.rollout_threads must be >= 1, got -3"
+    )
+    assert _error(capsys, "train", "distributed.rollout_address=127.0.0.1:99999") == (
+        "distributed.rollout_address: '127.0.0.1:99999' is not HOST:PORT (e.g. 10.0.0.2:29600)"
+    )
 
 
 @pytest.mark.slow

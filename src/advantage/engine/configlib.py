@@ -42,6 +42,14 @@ def check_at_least(name: str, value: float | None, low: float) -> None:
         raise ConfigError(f"{name} must be >= {low:g}, got {value}")
 
 
+def host_port(address: str, name: str = "distributed.rollout_address") -> tuple[str, int]:
+    """`HOST:PORT` as (host, port), the port in 1..65535."""
+    host, _, port = str(address).rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{name}: {address!r} is not HOST:PORT (e.g. 10.0.0.2:29600)")
+    return host, int(port)
+
+
 def check_positive(name: str, value: float | None) -> None:
     """`value` > 0 and finite, or None."""
     if value is not None and not (value > 0 and math.isfinite(value)):

@@ -12,11 +12,15 @@ from __future__ import annotations
 import datetime
 import pickle
 import socket
+import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 OBJECT, WEIGHTS = 1, 2  # message tags
+_JOINED = "advantage/peer-joined"  # set by rank 1 once connected to the store
+BEFORE_CONNECTING = "it ended before connecting"
 
 
 class PeerGone(RuntimeError):
@@ -32,10 +36,32 @@ def free_port(host: str = "127.0.0.1") -> int:
 class Link:
     """Rank 0 (the trainer, hosting the rendezvous) or rank 1 (the rollout worker)."""
 
-    def __init__(self, host: str, port: int, rank: int, timeout_s: float = 1800.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        rank: int,
+        alive: Callable[[], bool] | None = None,
+        timeout_s: float = 1800.0,
+    ) -> None:
+        """`alive` (rank 0): whether the peer's process still runs; one that ends before it
+        connects raises PeerGone at once (else rank 0 would wait out `timeout_s`)."""
         timeout = datetime.timedelta(seconds=timeout_s)
         self.rank, self.peer = rank, 1 - rank
-        self.store = dist.TCPStore(host, port, 2, rank == 0, timeout=timeout)
+        waits = rank == 1 or alive is None
+        self.store = dist.TCPStore(
+            host, port, 2, rank == 0, timeout=timeout, wait_for_workers=waits
+        )
+        if rank == 1:
+            self.store.set(_JOINED, "1")
+        elif alive is not None:
+            deadline = time.monotonic() + timeout_s
+            while not self.store.check([_JOINED]):
+                if not alive():
+                    raise PeerGone(BEFORE_CONNECTING)
+                if time.monotonic() > deadline:
+                    raise PeerGone(f"it did not connect within {timeout_s:g} s")
+                time.sleep(0.05)
         self.group = dist.ProcessGroupGloo(self.store, rank, 2, timeout)
         self._pending: list = []  # (work, buffer) of sends still in flight
 

@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 
 from ..engine import checkpoint as ckpt
-from ..engine.configlib import ConfigError
-from ..engine.link import Link, PeerGone, free_port
+from ..engine.configlib import ConfigError, host_port
+from ..engine.link import BEFORE_CONNECTING, Link, PeerGone, free_port
 from .config import Config
 from .records import ScoredRollout, TrainState
 from .rollout_worker import WorkerError, WorkerSpec, worker_main
@@ -70,7 +70,7 @@ class AsyncRollouts:
         self.process = self.error_file = None
         address = cfg.distributed.rollout_address
         if address:  # a worker started elsewhere (`advantage rollout-worker`) connects here
-            host, port = _host_port(address)
+            host, port = host_port(address)
         else:  # this machine: start the worker
             host, port = "127.0.0.1", free_port()
             self.error_file = Path(tempfile.mkstemp(prefix="advantage-worker-error-")[1])
@@ -87,7 +87,8 @@ class AsyncRollouts:
             context = multiprocessing.get_context("spawn")
             self.process = context.Process(target=worker_main, args=(spec,), daemon=True)
             self.process.start()
-        self.link = Link("0.0.0.0" if address else host, port, rank=0)
+        alive = None if address else self.process.is_alive  # a worker that dies first: say so
+        self.link = self._guard(lambda: Link("0.0.0.0" if address else host, port, 0, alive))
         start = {"first_batch": state.step + len(self.queue), "state": self.last_state}
         self._guard(lambda: self.link.send(start))
         self.link.push_weights(state.step, run.policy)
@@ -148,25 +149,23 @@ class AsyncRollouts:
                     if code is not None and code < 0
                     else f"(pid {self.process.pid}) exited with code {code}"
                 )
+                if str(e) == BEFORE_CONNECTING:  # it never ran worker_main's error handling
+                    raise WorkerError(
+                        f"the rollout worker {how} before it connected (its "
+                        "error is printed above; a script that trains with "
+                        "train.max_staleness must start training under "
+                        "`if __name__ == '__main__':`, as the worker process imports it)"
+                    ) from None
             raise WorkerError(
                 f"the rollout worker {how}; checkpoints already written are intact: run the "
                 "same command again to resume"
             ) from None
 
 
-def _host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(
-            f"distributed.rollout_address: {address!r} is not HOST:PORT (e.g. 10.0.0.2:29600)"
-        )
-    return host, int(port)
-
-
 def run_remote_worker(config: Config, address: str, threads: int | None = None) -> None:
     """`advantage rollout-worker CONFIG --connect HOST:PORT`: a worker on another machine (its
     engine, e.g. vLLM on a GPU node), connecting to a trainer that waits at HOST:PORT."""
-    host, port = _host_port(address)
+    host, port = host_port(address)
     spec = WorkerSpec(
         config=dataclasses.asdict(config),
         reward_funcs=None,

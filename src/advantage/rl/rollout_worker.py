@@ -133,12 +133,12 @@ USER_ERRORS = (ConfigError, RewardError, EpisodeError, DivergedError)
 def worker_main(spec: WorkerSpec) -> None:
     """The rollout worker's process: sample batch i with version max(0, i - k), send it. An
     error stops it; a local worker leaves the error for its trainer (`error_file`)."""
-    torch.set_num_threads(spec.threads)
     if spec.follow_parent:
         _exit_with_parent()
         for signum in (signal.SIGINT, signal.SIGTERM):  # a terminal's Ctrl-C reaches the group
             signal.signal(signum, signal.SIG_IGN)
     try:
+        torch.set_num_threads(spec.threads)
         _sample_batches(spec)
     except Exception as e:
         if spec.error_file is None:

@@ -15,6 +15,7 @@ from ..engine.configlib import (
     check_finite,
     check_fraction,
     check_positive,
+    host_port,
 )
 from ..engine.optim import LR_SCHEDULES
 from ..engine.precision import BF16_MATMUL_CHOICES
@@ -230,3 +231,6 @@ class DistributedConfig:
 
     def __post_init__(self) -> None:
         check_choice("distributed.strategy", self.strategy, ("ddp", "fsdp2"))
+        check_at_least("distributed.rollout_threads", self.rollout_threads, 1)
+        if self.rollout_address is not None:
+            host_port(self.rollout_address)
