@@ -233,6 +233,41 @@ def test_no_loadable_checkpoint_is_an_error(run_copy):
         _trainer(run_copy, "train.steps=3")
 
 
+def test_a_finished_run_without_checkpoints_is_not_trained_over(run_copy, tmp_path):
+    # adversarial probes: checkpoints/ deleted to free disk, or an SFT run's folder: train
+    # started afresh there and replaced final/ and metrics.jsonl without a word
+    shutil.rmtree(run_copy / "checkpoints")
+    sft = tmp_path / "sft"
+    (sft / "final").mkdir(parents=True)
+    (sft / "final" / "model.safetensors").write_bytes(b"an SFT model")
+    (sft / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+
+    def files() -> dict:  # but the run lock's file
+        return {p: p.read_bytes() for d in (run_copy, sft) for p in d.rglob("*")
+                if p.is_file() and p.name != ".lock"}  # fmt: skip
+
+    kept = files()
+    for folder, what in ((run_copy, r"a finished run \(finished.json\)"),
+                         (sft, r"a trained model \(final/\)")):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"'{folder}' already holds {what} and no "
+                           "checkpoint to continue it from; choose a new log.run_dir"):  # fmt: skip
+            _trainer(folder)
+    assert files() == kept
+
+
+def test_sft_into_an_rl_run_folder_is_refused(run_copy, capsys):
+    # an adversarial probe: sft called the RL run's logs "an interrupted SFT run", moved them
+    # aside and wrote its final/ into the RL folder; the RL rerun then replaced it
+    (run_copy / "finished.json").unlink()  # an interrupted RL run: checkpoints, logs
+    kept = {p: p.read_bytes() for p in run_copy.rglob("*") if p.is_file()}
+    assert main(["sft", f"log.run_dir={run_copy}", "train.steps=1"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: log.run_dir '{run_copy}' holds an RL run (checkpoints/); choose a new "
+        "log.run_dir (nothing is overwritten)\n"
+    )
+    assert {p: p.read_bytes() for p in run_copy.rglob("*") if p.is_file()} == kept
+
+
 # 8. a torn metrics line ------------------------------------------------------------------------
 
 

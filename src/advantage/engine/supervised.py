@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import FINISHED, list_checkpoints
 from .configlib import ConfigError, check_at_least, check_positive
 from .data import encode_prompt
 from .optim import make_optimizer
@@ -27,6 +28,11 @@ def stage_folder(run_dir: Path, kind: str) -> None:
     finished run (final/) is refused, nothing overwritten; the logs of an interrupted one (no
     model was saved: these stages keep no checkpoint) move to `RUN_DIR/interrupted-<time>-…/`
     and the stage trains again."""
+    if list_checkpoints(run_dir) or (run_dir / FINISHED).exists():
+        raise ConfigError(
+            f"log.run_dir {str(run_dir)!r} holds an RL run (checkpoints/); choose a new "
+            "log.run_dir (nothing is overwritten)"
+        )
     if (run_dir / "final").exists():
         raise ConfigError(
             f"log.run_dir {str(run_dir)!r} already holds {kind} run (final); choose a new "

@@ -34,6 +34,13 @@ def resume_candidates(config: Config, *, is_main: bool = True) -> list[Path]:
     if is_main:
         ckpt.remove_stale(run_dir)
     found = ckpt.list_checkpoints(run_dir)
+    if not found and ((run_dir / "final").exists() or (run_dir / ckpt.FINISHED).exists()):
+        finished = (run_dir / ckpt.FINISHED).exists()
+        what = f"a finished run ({ckpt.FINISHED})" if finished else "a trained model (final/)"
+        raise ConfigError(
+            f"log.run_dir {str(run_dir)!r} already holds {what} and no checkpoint to continue "
+            "it from; choose a new log.run_dir (nothing is overwritten)"
+        )
     if resume == "none":
         if found:
             raise ConfigError(
