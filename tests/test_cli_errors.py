@@ -235,6 +235,28 @@ def test_prompt_given_as_a_list_of_strings(tmp_path, capsys):
     )
 
 
+def test_a_tokenizer_that_does_not_fit_the_model(tmp_path, capsys, caplog):
+    # adversarial probes: more tokens than embedding rows was an IndexError traceback from
+    # the model's forward; far fewer trained silently on completions that decode to nothing
+    assert main(["init-model", str(tmp_path / "m"), "--chars", "fedcba>"]) == 0  # 11 tokens
+    capsys.readouterr()
+    base = ["train", "data.train=builtin:reverse", f"log.run_dir={tmp_path / 'run'}"]
+    assert _error(
+        capsys, *base, f"model.name_or_path={tmp_path / 'm'}", "model.tokenizer=builtin:tiny-random"
+    ) == (
+        "model.tokenizer: the tokenizer has 87 tokens but the model's embedding has 11 rows; "
+        "use the model's own tokenizer (ids past its table cannot be embedded)"
+    )
+    from advantage.engine.models import check_vocabulary, load_causal_lm, load_tokenizer
+    from advantage.tasks import builtin_model_path
+
+    with caplog.at_level("WARNING", logger="advantage"):
+        check_vocabulary(
+            load_tokenizer(str(tmp_path / "m")), load_causal_lm(builtin_model_path("tiny-random"))
+        )
+    assert "the tokenizer has 11 tokens but the model's embedding has 87 rows" in caplog.text
+
+
 def test_model_and_data_typos_fail_at_once(tmp_path, capsys, monkeypatch):
     """A relative path typo or an unknown hub id: no minute of network retries, and (on a
     machine that has not built the default model yet) no build of it first."""

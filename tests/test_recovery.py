@@ -93,6 +93,7 @@ def test_config_changes_sorts_refused_from_applied():
         (["algorithm=ppo"], "critic: no → yes"),
         (["model.lora={r: 4}"], 'model.lora: null → {"r": 4}'),
         (["model.name_or_path=other"], "model.name_or_path: builtin:tiny-reverse → other"),
+        (["model.tokenizer=other"], "model.tokenizer: null → other"),  # it was applied
         (["model.critic=some/critic"], "model.critic: null → some/critic"),
         (["model.ref_sync_steps=2"], "synced reference: no → yes"),
     ]:

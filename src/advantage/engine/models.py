@@ -68,6 +68,25 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def check_vocabulary(tokenizer, model: torch.nn.Module, field: str = "model.tokenizer") -> None:
+    """A tokenizer with more tokens than the model has embedding rows is refused (its ids past
+    the table fail inside the model's forward); one with fewer than half as many is warned about
+    (the model samples ids it cannot decode: completions lose their text). Models pad their
+    tables past their tokenizer's size (Qwen2: 151936 rows for 151665 tokens), so fewer is not
+    an error."""
+    rows, tokens = model.get_input_embeddings().num_embeddings, len(tokenizer)
+    if tokens > rows:
+        raise ConfigError(
+            f"{field}: the tokenizer has {tokens} tokens but the model's embedding has {rows} "
+            "rows; use the model's own tokenizer (ids past its table cannot be embedded)"
+        )
+    if 2 * tokens < rows:
+        log.warning(
+            f"{field}: the tokenizer has {tokens} tokens but the model's embedding has {rows} "
+            "rows; is it the model's own tokenizer? (ids it cannot decode will be sampled)"
+        )
+
+
 def as_saved(tokenizer, path: str):
     """`tokenizer`, or the folder's own `tokenizer.json` loaded as it is when `AutoTokenizer`
     rebuilt it as a different kind of model. transformers 5 forces the model family's tokenizer

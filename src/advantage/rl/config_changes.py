@@ -31,6 +31,7 @@ REFUSED: dict[str, str] = {
     "synced reference": "a reference is saved only when model.ref_sync_steps > 0",
     "rollout.num_generations": "group baselines and scopes were computed over groups of G",
     "model.name_or_path": "the saved weights are a fine-tune of this model",
+    "model.tokenizer": "the saved weights were trained on this tokenizer's ids",
     "model.lora": "the saved weights are the adapters of this LoRA setting (or the full model)",
     "model.critic": "the saved critic was initialised from this model",
 }

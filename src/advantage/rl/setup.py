@@ -25,6 +25,7 @@ from ..engine.episodes import Episodes
 from ..engine.models import (
     AdapterDisabled,
     add_lora,
+    check_vocabulary,
     frozen_copy,
     load_causal_lm,
     load_critic,
@@ -171,6 +172,7 @@ def _load_models(cfg: Config, algo, train_rows: list[dict], eval_rows: list[dict
     policy_path, tokenizer_folder = model_paths(cfg.model)
     tokenizer = load_tokenizer(tokenizer_folder, cfg.model.trust_remote_code)
     policy = load_causal_lm(policy_path, cfg.model.trust_remote_code)
+    check_vocabulary(tokenizer, policy, _tokenizer_field(cfg.model))
     check_context(cfg, tokenizer, policy.config, train_rows, eval_rows)
     if cfg.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
@@ -186,6 +188,10 @@ def _load_models(cfg: Config, algo, train_rows: list[dict], eval_rows: list[dict
         critic_path = model_path(cfg.model.critic, "model.critic") if cfg.model.critic else None
         critic = load_critic(critic_path or policy_path, cfg.model.trust_remote_code)
     return policy_path, tokenizer, policy, ref, critic
+
+
+def _tokenizer_field(model_cfg) -> str:
+    return "model.tokenizer" if model_cfg.tokenizer else "model.name_or_path"
 
 
 def _wrap_models(cfg: Config, dist, policy, ref, critic):

@@ -13,7 +13,12 @@ from pathlib import Path
 from ..engine.configlib import ConfigError
 from ..engine.data import load_rows
 from ..engine.logger import MetricsLogger
-from ..engine.models import load_causal_lm, load_tokenizer, quiet_transformers
+from ..engine.models import (
+    check_vocabulary,
+    load_causal_lm,
+    load_tokenizer,
+    quiet_transformers,
+)
 from ..engine.supervised import (
     PairColumns,
     SFTSettings,
@@ -57,6 +62,9 @@ def run_sft(cfg: SFTConfig) -> dict:
     path, tokenizer_folder = model_paths(cfg.model)
     tokenizer = load_tokenizer(tokenizer_folder, cfg.model.trust_remote_code)
     model = load_causal_lm(path, cfg.model.trust_remote_code)
+    check_vocabulary(
+        tokenizer, model, "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
+    )
     logger = MetricsLogger(
         cfg.log.run_dir, cfg.train.steps, cfg.log.tensorboard, cfg.log.wandb, cfg.log.progress
     )
