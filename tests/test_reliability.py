@@ -237,3 +237,21 @@ def test_ragged_column_warns_and_reaches_rewards_as_none(tmp_path, run_dir, capl
     assert "data.train: column 'answer' is missing from 3 of 4 rows (first: row 1)" in caplog.text
     trainer.fit()
     assert set(seen) == {"ba", None}
+
+
+def half_unscored(prompts, completions, **kwargs):
+    """1.0 for prompts of odd length; None (not scored) for the others."""
+    return [None if len(p) % 2 == 0 else 1.0 for p in prompts]
+
+
+def test_unscored_samples_are_out_of_eval_and_logged_as_null(run_dir):
+    # an adversarial probe: eval counted a sample no reward scored as 0 (accuracy 0.5 while
+    # training said 1.0) and samples.jsonl logged it with reward 0.0
+    trainer = _trainer(run_dir, "train.steps=1", "eval.size=16", "data.eval=builtin:reverse",
+                       reward_funcs=[half_unscored])  # fmt: skip
+    result = trainer.fit()
+    evals = [result.eval_before, result.eval_after]
+    assert all(e["eval/accuracy"] == 1.0 and e["eval/reward"] == 1.0 for e in evals), evals
+    assert all(0 < e["eval/unscored_frac"] < 1 for e in evals), evals
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["reward"] == half_unscored([s["prompt"]], [""])[0] for s in samples)

@@ -8,10 +8,13 @@ from .rewards import score_samples
 from .rollout import SamplingParams
 
 
-def _scores(sampler, rows, rewards, prompt_field, params, n) -> tuple[torch.Tensor, list]:
+def _scores(sampler, rows, rewards, prompt_field, params, n) -> tuple[torch.Tensor, ...]:
+    """`[rows, n]` scores and scored-masks (a sample no source scored is out of every figure,
+    as in training), and the completions."""
     sampled = sampler.sample(rows, [r[prompt_field] for r in rows], n, params)
     scored = score_samples(rewards, rows, prompt_field, n, sampled)
-    return scored.scores.view(len(rows), n), sampled.completions
+    shape = (len(rows), n)
+    return scored.scores.view(shape), scored.score_mask.view(shape), sampled.completions
 
 
 def _calls_tools(completion) -> bool:
@@ -47,26 +50,33 @@ def evaluate(
     n_real = len(shard)
     shard = shard + [rows[0]] * (per_rank - n_real)  # padding rows are not counted
     greedy = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
-    correct = total_score = passed = calls = 0.0
+    correct = total_score = passed = calls = scored = k_scored = 0.0
     for start in range(0, len(shard), batch_size):
         chunk = shard[start : start + batch_size]
         real = max(0, min(len(chunk), n_real - start))
-        scores, completions = _scores(sampler, chunk, rewards, prompt_field, greedy, 1)
-        correct += float((scores[:real, 0] >= threshold).sum())
+        scores, mask, completions = _scores(sampler, chunk, rewards, prompt_field, greedy, 1)
+        scores, mask = scores[:real, 0], mask[:real, 0]
+        correct += float(((scores >= threshold) & mask).sum())
         calls += sum(_calls_tools(c) for c in completions[:real])
-        total_score += float(scores[:real].sum())
+        total_score += float(scores[mask].sum())
+        scored += float(mask.sum())
         if pass_k:
             sampled = SamplingParams(
                 max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + start
             )
-            k_scores, _ = _scores(sampler, chunk, rewards, prompt_field, sampled, pass_k)
-            passed += float((k_scores[:real] >= threshold).any(-1).sum())
+            k_scores, k_mask, _ = _scores(sampler, chunk, rewards, prompt_field, sampled, pass_k)
+            k_scores, k_mask = k_scores[:real], k_mask[:real]
+            passed += float(((k_scores >= threshold) & k_mask).any(-1).sum())
+            k_scored += float(k_mask.any(-1).sum())
     if reduce is not None:
-        correct, total_score, passed, calls = reduce([correct, total_score, passed, calls])
+        sums = reduce([correct, total_score, passed, calls, scored, k_scored])
+        correct, total_score, passed, calls, scored, k_scored = sums
     n = max(len(rows), 1)
-    out = {"eval/accuracy": correct / n, "eval/reward": total_score / n}
+    out = {"eval/accuracy": correct / max(scored, 1), "eval/reward": total_score / max(scored, 1)}
     if pass_k:
-        out[f"eval/pass@{pass_k}"] = passed / n
+        out[f"eval/pass@{pass_k}"] = passed / max(k_scored, 1)
+    if scored < len(rows):  # over the scored samples only; how many were not
+        out["eval/unscored_frac"] = 1 - scored / n
     if getattr(sampler, "episodic", False):
         out["eval/tool_call_rate"] = calls / n
     return out

@@ -68,6 +68,10 @@ def parse_jsonl(path: Path) -> tuple[list[tuple[str, dict]], list[int]]:
     return records, torn
 
 
+def _reward_text(reward: float | None) -> str:
+    return "unscored" if reward is None else f"{reward:.3f}"
+
+
 def lines_text(numbers: list[int]) -> str:
     """ "line 7" / "lines 7, 9"."""
     return f"line{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}"
@@ -266,7 +270,7 @@ def _html(
     shown = steps if len(steps) <= 20 else [*steps[:: max(1, len(steps) // 20)], steps[-1]]
     rows = "\n".join(
         f"<tr><td>{step}</td><td><code>{html.escape(str(s['prompt']))}</code></td>"
-        f"<td>{_completion_html(s)}</td><td>{s['reward']:.3f}</td></tr>"
+        f"<td>{_completion_html(s)}</td><td>{_reward_text(s['reward'])}</td></tr>"
         for step in dict.fromkeys(shown)
         for s in by_step[step]
     )

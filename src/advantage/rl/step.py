@@ -166,7 +166,8 @@ def sample_records(run: Run, batch: ScoredRollout, n: int) -> list[dict]:
         record = {
             "prompt": str(batch.rows[i // G][field]),
             "completion": batch.completions[i],
-            "reward": float(batch.scores.scores[i]),
+            # None: no reward source scored it (out of every statistic)
+            "reward": float(batch.scores.scores[i]) if batch.scores.score_mask[i] else None,
         }
         if batch.conversations is not None:  # an episode, turn by turn
             record["conversation"] = batch.conversations[i]
