@@ -531,3 +531,129 @@ def test_dapo_overlong_shaping_measures_an_episode_against_its_budget(tmp_path):
     cfg = load_config(None, small_config(tmp_path, "algorithm=dapo"))
     with pytest.raises(ConfigError, match=r"rollout.max_episode_tokens"):
         Trainer(cfg, reward_funcs=[ids_reward], tools=[multiply])
+
+
+# --- bad formats and tools fail when the sampler is built, as one line ----------------------
+
+
+def untyped(x):
+    """No type hints.
+
+    Args:
+        x: the value
+    """
+    return x
+
+
+def add(amount: str) -> str:
+    """A tool named like CounterEnv's method.
+
+    Args:
+        amount: how much
+    """
+    return amount
+
+
+def test_a_reply_template_with_an_unknown_field_is_refused_when_the_sampler_is_built():
+    """A probe: `rollout.reply_template='<r>{bogus}</r>'` raised a bare `KeyError: 'bogus'`
+    mid-run, at the model's first tool call; a gym reply has no name, and `{name}` failed so."""
+    for template, message in [
+        ("<r>{bogus}</r>", r"^rollout\.reply_template: unknown field \{bogus\} in '<r>\{bogus\}"
+         r"</r>'; the fields are \{role\}, \{content\}, \{name\} \(write a literal brace as"),
+        ("<r>{content", r"^rollout\.reply_template: '<r>\{content' is not a format string of a "
+         r"reply \(ValueError: expected '\}' before end of string\); the fields are"),
+        ("<r>{0}</r>", r"^rollout\.reply_template: .*\(IndexError: "),
+    ]:  # fmt: skip
+        settings = EpisodeSettings(reply_template=template)
+        with pytest.raises(ConfigError, match=message):
+            plain_episodes(["<calc>5</calc>"], settings=settings, environment_factory=CounterEnv)
+    settings = EpisodeSettings(max_turns=3, reply_template="[{name}:{role}:{content}]")
+    episodes, tok = plain_episodes(["ab", "cd"], settings=settings, environment_factory=GymEnv)
+    out = episodes.sample([{"prompt": "x"}], ["x"], 1, SamplingParams(max_new_tokens=2))
+    assert tok.decode(out.rollout.completion_ids[0][out.rollout.completion_mask[0]]) == (
+        "ab[:user:turn 1]cd"
+    )
+
+
+def test_tools_are_checked_when_the_sampler_is_built():
+    """Two tools of one name (a tool and an environment's method) failed at the first call."""
+    with pytest.raises(
+        ConfigError,
+        match=r"^rollout\.tools: two tools are named 'add' \(tool 'add' and method "
+        r"'CounterEnv\.add'\); tool names must be unique",
+    ):
+        plain_episodes(["x"], tools=[add], environment_factory=CounterEnv)
+    with pytest.raises(ConfigError, match=r"^rollout\.tools: tool 'untyped': cannot build"):
+        plain_episodes(["x"], tools=[untyped])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("rollout.tool_call_format=<calc>(unclosed",
+         "rollout.tool_call_format: '<calc>(unclosed' is not a valid regex (missing ), "
+         "unterminated subpattern at position 6); give 'hermes' or a regex with a named group "
+         "(?P<arguments>...)"),
+        ("rollout.tool_call_format=<calc>(.*?)</calc>",
+         "rollout.tool_call_format: '<calc>(.*?)</calc>' needs a named group (?P<arguments>...) "
+         "for the call's arguments (JSON, or the one argument as text), and optionally "
+         "(?P<name>...) for the tool's name"),
+        ("rollout.reply_template=<r>{bogus}</r>",
+         "rollout.reply_template: unknown field {bogus} in '<r>{bogus}</r>'; the fields are "
+         "{role}, {content}, {name} (write a literal brace as {{ or }})"),
+        ("rollout.tools=[test_episodes:untyped]",
+         "rollout.tools: tool 'untyped': cannot build its JSON schema (TypeHintParsingException: "
+         "Argument x is missing a type hint in function untyped); a tool needs type hints and a "
+         "Google-style docstring with an 'Args:' line for every parameter"),
+    ],
+)  # fmt: skip
+def test_bad_tool_settings_are_one_line_before_training(override, message, tmp_path, capsys,
+                                                        monkeypatch):  # fmt: skip
+    """Probes: the first, second and fourth were tracebacks (exit code 1), the third a bare
+    KeyError once the model first called a tool."""
+    from pathlib import Path
+
+    from advantage.cli import main
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    code = main([
+        "train", "model.name_or_path=builtin:tiny-random", "data.train=builtin:reverse",
+        f"log.run_dir={tmp_path}", "log.progress=false", "log.tensorboard=false", "eval.size=0",
+        "data.eval=null", "rollout.prompts_per_step=1", "rollout.num_generations=2",
+        "rollout.max_new_tokens=4", "train.steps=1", "rollout.tools=[test_episodes:multiply]",
+        override,
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"error: {message}\n", err
+    assert not (tmp_path / "metrics.jsonl").exists()  # nothing trained
+
+
+def test_gym_turn_rewards_are_a_metric():
+    """A probe: a gym environment's per-turn rewards went into the advantages but into no
+    metric (`reward/mean` is the reward sources' scores)."""
+    from advantage.engine.episodes import episode_metrics
+
+    class Paying(GymEnv):
+        def step(self, message):
+            reply, _, done = super().step(message)
+            return reply, 0.25 * self.turn, done
+
+    episodes, _ = plain_episodes(["ab", "cd", "ef"], environment_factory=Paying)
+    out = episodes.sample([{"prompt": "x"}], ["x"], 2, SamplingParams(max_new_tokens=2))
+    metrics = episode_metrics(out.rollout, out.completions)
+    assert metrics["episode/env_reward"] == 0.25 + 0.5  # per episode: the sum of its turns'
+    # tools: no per-turn rewards, no such metric
+    episodes, _ = plain_episodes(["<calc>5</calc>", "done"], environment_factory=CounterEnv)
+    out = episodes.sample([{"prompt": "x"}], ["x"], 1, SamplingParams(max_new_tokens=20))
+    assert out.rollout.turn_rewards is None
+    assert "episode/env_reward" not in episode_metrics(out.rollout, out.completions)
+
+
+def test_a_gym_run_logs_its_turn_rewards(tmp_path):
+    from advantage.rl.config import load_config
+    from advantage.rl.trainer import Trainer
+    from helpers import small_config
+
+    cfg = load_config(None, small_config(tmp_path, "train.steps=1"))
+    metrics = Trainer(cfg, reward_funcs=[ids_reward], environment_factory=GymEnv).fit().metrics
+    assert 0.0 <= metrics[0]["episode/env_reward"] <= 1.0

@@ -193,9 +193,9 @@ def test_eval_command_without_an_answer_column_fails_before_loading(tmp_path, ca
     assert main(["eval", "./no/such/model", str(data)]) == 2  # the model is never looked at
     err = capsys.readouterr().err
     assert err == (
-        "error: reward function 'exact_match' needs the dataset column(s) ['answer'], which the "
-        "dataset does not have (columns: solution); the default judge is exact_match: give "
-        "--reward FN\n"
+        "error: DATASET: reward function 'exact_match' needs the dataset column(s) ['answer'], "
+        f"which DATASET ({data}) does not have (columns: solution, and the prompt column "
+        "'prompt'); the default judge is exact_match: give --reward FN\n"
     )
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from advantage.core.scores import combine_rewards
+from advantage.engine.configlib import ConfigError
 from advantage.engine.rewards import (
     RewardComputer,
     RewardError,
@@ -120,7 +121,7 @@ def test_wrong_length_nan_inf_and_non_numbers():
         _call(lambda_named("text", lambda prompts, completions, **kw: ["yes", 1.0, 1.0, 1.0]))
     with pytest.raises(RewardError, match="expected a list of 4 floats"):
         _call(lambda_named("scalar", lambda prompts, completions, **kw: 1.0))
-    with pytest.raises(RewardError, match=r"returned str; expected a list of 4 floats"):
+    with pytest.raises(RewardError, match=r"returned '1.0' \(str\); expected a list of 4 floats"):
         _call(lambda_named("string", lambda prompts, completions, **kw: "1.0"))
 
 
@@ -229,3 +230,108 @@ def test_async_reward_inside_a_running_event_loop(run_dir):
 
     result = asyncio.run(notebook_cell())
     assert len(result.metrics) == 1 and "reward/async_len" in result.metrics[0]
+
+
+def constant(name, value):
+    return lambda_named(name, lambda prompts, completions, **kw: [value] * len(completions))
+
+
+def test_a_weight_beyond_float32_is_refused_when_the_sources_are_built():
+    # an adversarial probe: 1e39 passes check_finite but is inf as the float32 weights
+    with pytest.raises(ConfigError, match=r"reward.weights\[1\]: 1e\+39 \(the weight of 'b'\)"):
+        RewardComputer([RewardSource("a", trl_style), RewardSource("b", trl_style, weight=1e39)])
+
+
+def test_a_weighted_sum_that_overflows_names_the_sources_weights_and_sample():
+    # each reward and weight fits float32, their combination does not: 3e38 + 0.5·3e38 = inf
+    # (before: a silent inf score, then "non-finite loss or gradient; update skipped")
+    a = lambda_named("a", lambda prompts, completions, **kw: [0.0, 0.0, 3e38, 1.0])
+    rc = RewardComputer([RewardSource("a", a), RewardSource("b", constant("b", 3e38), weight=0.5)])
+    with pytest.raises(RewardError) as e:
+        rc(PROMPTS, COMPLETIONS, IDS, {}, group_size=2)
+    assert str(e.value) == (
+        "the weighted sum of reward functions 'a' (weight 1, returned 3e+38) and 'b' (weight 0.5, "
+        "returned 3e+38) is inf for sample 2 (prompt 'cd>'); combined rewards must stay within "
+        "float32's range, |s| <= 3.4e38: scale these rewards or reward.weights down"
+    )
+
+
+def test_a_normalized_combination_that_overflows_names_the_mode():
+    # each function normalised within its group of 2 to ±1/sqrt(2) (ε aside), then
+    # 3e38·0.707 + 3e38·0.707 = 4.2e38 > 3.4e38: inf
+    rc = RewardComputer(
+        [
+            RewardSource("a", lambda_named("a", lambda completions, **kw: [0, 1, 0, 1]), 3e38),
+            RewardSource("b", lambda_named("b", lambda completions, **kw: [0, 1, 0, 1]), 3e38),
+        ],
+        "normalize_then_sum",
+    )
+    with pytest.raises(
+        RewardError,
+        match=r"^the normalize_then_sum combination \(reward.multi_reward\) of reward functions "
+        r"'a' \(weight 3e\+38, returned 0\) and 'b' \(weight 3e\+38, returned 0\) is -?inf "
+        r"for sample 0 \(prompt 'ab>'\)",
+    ):
+        rc(PROMPTS, COMPLETIONS, IDS, {}, group_size=2)
+
+
+def test_returning_none_for_the_whole_batch_says_none_goes_inside_the_list():
+    with pytest.raises(RewardError) as e:
+        _call(lambda_named("nothing", lambda prompts, completions, **kw: None))
+    assert str(e.value) == (
+        "reward function 'nothing' returned None; expected a list of 4 floats, one per "
+        "completion, with None in the list for a completion it does not score"
+    )
+
+
+def test_a_function_without_kwargs_is_refused_when_the_sources_are_built():
+    def no_kwargs(completions):
+        return [1.0] * len(completions)
+
+    # before: accepted here, then "raised TypeError on sample 0 ... unexpected keyword
+    # argument 'prompts'" after the model loaded and the first rollout
+    with pytest.raises(ConfigError) as e:
+        RewardComputer([RewardSource("no_kwargs", no_kwargs)])
+    assert str(e.value) == (
+        "reward function 'no_kwargs' does not take the keyword argument(s) prompts, "
+        "completion_ids that every reward call passes; add **kwargs to its parameters, as "
+        "TRL's reward functions have: def no_kwargs(completions, **kwargs)"
+    )
+
+    # the dataset's columns are passed too
+    def names_all(prompts, completions, completion_ids, answer):
+        return [float(c == a) for c, a in zip(completions, answer, strict=True)]
+
+    rc = RewardComputer([RewardSource("names_all", names_all)])  # every call argument named
+    rc.check_columns({"answer"})
+    out = rc(PROMPTS, COMPLETIONS, IDS, {"answer": ["ba", "ba", "dc", "dc"]}, group_size=2)
+    assert out.scores.tolist() == [1.0, 0.0, 1.0, 0.0]
+    with pytest.raises(ConfigError, match=r"'names_all' does not take the dataset column\(s\) id"):
+        rc.check_columns({"answer", "id"})
+    # reward.kwargs and the sampler's arguments (environments) as well
+    with pytest.raises(ConfigError, match=r"'names_all' does not take .* environments, scale"):
+        RewardComputer(
+            [RewardSource("names_all", names_all)],
+            extra={"scale": 2},
+            sampler_arguments=("environments",),
+        )
+
+
+def test_two_functions_of_one_name_get_distinct_metric_names(caplog):
+    # fa/r.py:score and fb/r.py:score: before, both were 'score' and shared reward/score
+    with caplog.at_level("WARNING", logger="advantage"):
+        rc = RewardComputer(
+            [
+                RewardSource("score", constant("score", 1.0), origin="fa/r.py:score"),
+                RewardSource("score", constant("score", 0.0), origin="fb/r.py:score"),
+                RewardSource("score_2", constant("score_2", 0.5)),  # already taken
+            ]
+        )
+    assert [s.name for s in rc.sources] == ["score", "score_3", "score_2"]
+    assert (
+        "reward sources 'score' (fa/r.py:score) and 'score_3' (fb/r.py:score) had one name"
+        in caplog.text
+    )
+    out = rc(PROMPTS, COMPLETIONS, IDS, {}, group_size=2)
+    assert out.names == ["score", "score_3", "score_2"]
+    assert out.per_source[:, 0].tolist() == [1.0, 0.0, 0.5]

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from advantage.engine.configlib import ConfigError
 from advantage.engine.sandbox import make_python_tool
 from advantage.engine.sandbox_child import landlock_abi
 from advantage.engine.tools import Toolbox, ToolCall, ToolCallParser, ToolResult
@@ -124,6 +125,42 @@ def test_a_tool_without_a_docstring_is_refused_by_name():
         Toolbox([bare])
 
 
+def untyped(x):
+    """No type hints.
+
+    Args:
+        x: the value
+    """
+    return x
+
+
+class Untyped:
+    def count(self, n):
+        """Count.
+
+        Args:
+            n: how many
+        """
+        return str(n)
+
+
+def test_a_tool_without_hints_or_docstring_is_a_config_error_naming_the_field():
+    """A probe: `rollout.tools=[mytools.py:notype]` printed a 27-line traceback (exit code 1):
+    the schema's ValueError is now a ConfigError, the CLI's one line naming the field."""
+    with pytest.raises(
+        ConfigError,
+        match=r"^rollout\.tools: tool 'untyped': cannot build its JSON schema "
+        r"\(TypeHintParsingException: Argument x is missing a type hint in function untyped\); "
+        "a tool needs type hints and a Google-style docstring",
+    ):
+        Toolbox([untyped])
+    # an environment's method: that field
+    with pytest.raises(
+        ConfigError, match=r"^rollout\.environment: method 'Untyped\.count': cannot build"
+    ):
+        Toolbox([Untyped().count])
+
+
 def test_bound_methods_of_an_environment_are_tools():
     env = Counter()
     box = Toolbox([env.add])
@@ -211,6 +248,19 @@ def test_regex_format_with_names_and_json_arguments():
 def test_regex_format_errors():
     with pytest.raises(ValueError, match="needs a named group"):
         ToolCallParser(r"<calc>(.*?)</calc>")
+    # a probe: both were ValueError tracebacks (exit code 1) instead of the CLI's one line
+    with pytest.raises(
+        ConfigError,
+        match=r"^rollout\.tool_call_format: '<calc>\(unclosed' is not a valid regex \(missing \), "
+        r"unterminated subpattern at position 6\); give 'hermes' or a regex with a named group",
+    ):
+        ToolCallParser("<calc>(unclosed")
+    with pytest.raises(
+        ConfigError,
+        match=r"^rollout\.tool_call_format: '<calc>\(\.\*\?\)</calc>' needs a named group "
+        r"\(\?P<arguments>\.\.\.\) for the call's arguments",
+    ):
+        ToolCallParser(r"<calc>(.*?)</calc>")
     # no name group and two tools: which one is meant cannot be known
     (call,) = ToolCallParser(r"<c>(?P<arguments>.*?)</c>", ["a", "b"]).parse("<c>1</c>")
     assert call.content == "error: the call names no tool and there is not exactly one tool"
@@ -274,7 +324,11 @@ def test_an_async_tool_can_be_called_from_a_running_event_loop():
 
 
 def test_tool_names_must_be_unique():
-    with pytest.raises(ValueError, match="two tools are named 'add'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^rollout\.tools: two tools are named 'add' \(method 'Counter\.add' and method "
+        r"'Counter\.add'\); tool names must be unique",
+    ):
         Toolbox([Counter().add, Counter().add])
 
 

@@ -145,7 +145,13 @@ def _model_commands(sub) -> None:
         "the task's verifier for builtin data, else exact_match on an 'answer' column",
     )
     p.add_argument("--prompt-field", default="prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=64,
+        help="default 64; a training run's evaluation uses eval.max_new_tokens, else "
+        "rollout.max_new_tokens",
+    )
     p.add_argument("--pass-k", type=int, default=0)
     p.add_argument("--size", type=int, default=None, help="evaluate the first N rows")
     p.add_argument("--threshold", type=float, default=1.0, help="correct when score >= this")

@@ -6,6 +6,7 @@ Rows are dicts. The prompt column is a string or a list of chat messages `{role,
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import random
@@ -27,7 +28,7 @@ def load_rows(spec: str, field: str = "data.train") -> list[dict]:
             raise ConfigError(f"{field}: file {spec!r} does not exist")
         rows = []
         # lines end at "\n" only: JSON strings may hold U+2028, U+0085, ... (`splitlines` splits)
-        for n, line in enumerate(read_text(path, f"{field}: ").split("\n"), start=1):
+        for n, line in enumerate(_without_bom(read_text(path, f"{field}: ")).split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -39,6 +40,13 @@ def load_rows(spec: str, field: str = "data.train") -> list[dict]:
             rows.append(row)
         return fill_missing_columns(rows, field)
     return _load_with_datasets(spec, path, field)
+
+
+def _without_bom(text: str) -> str:
+    """The text without a leading byte-order mark: Excel's "CSV UTF-8" and older Notepad write
+    one, and it is no part of the first column's name or the first row (`.json` files and YAML
+    configs are read past it too)."""
+    return text[1:] if text.startswith("\ufeff") else text
 
 
 def fill_missing_columns(rows: list[dict], field: str) -> list[dict]:
@@ -65,10 +73,10 @@ def fill_missing_columns(rows: list[dict], field: str) -> list[dict]:
 def _load_with_datasets(spec: str, path: Path, field: str) -> list[dict]:
     import datasets
 
-    if path.is_dir() and (path / "dataset_info.json").exists():
+    if path.is_dir() and (
+        (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+    ):
         ds = datasets.load_from_disk(str(path))
-    elif path.is_dir() and (path / "dataset_dict.json").exists():
-        ds = datasets.load_from_disk(str(path))["train"]
     elif path.exists():
         kind = {".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
         if path.is_file() and kind is None:
@@ -79,14 +87,26 @@ def _load_with_datasets(spec: str, path: Path, field: str) -> list[dict]:
             ds = _load_csv(path, spec, field)
         elif path.is_file():
             ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-        else:
-            ds = datasets.load_dataset(str(path), split="train")
+        else:  # a folder of data files: every split, then the train split (`_train_split`)
+            ds = datasets.load_dataset(str(path))
     else:  # a hub dataset id, or a typo: fail at once, before any network retries
         local_or_hub(spec, field, probe="README.md", repo_type="dataset", kind="file or folder")
         ds = datasets.load_dataset(spec, split="train")
     if isinstance(ds, datasets.DatasetDict):
-        ds = ds["train"]
+        ds = _train_split(ds, spec, field)
     return [dict(row) for row in ds]
+
+
+def _train_split(splits, spec: str, field: str):
+    """The `train` split of a `DatasetDict`; a ConfigError naming the splits there are."""
+    if "train" in splits:
+        return splits["train"]
+    names = ", ".join(splits) or "none"
+    raise ConfigError(
+        f"{field}: {spec} has no 'train' split (splits: {names}); the rows are read from its "
+        "train split: save the split you want on its own (dataset_dict[NAME].save_to_disk(folder)) "
+        "and give that folder"
+    )
 
 
 def _load_csv(path: Path, spec: str, field: str):
@@ -97,13 +117,19 @@ def _load_csv(path: Path, spec: str, field: str):
 
     import datasets
 
-    with open(path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), None)
+    # the whole file is UTF-8 (else an error naming the line and byte), past a leading BOM
+    text = _without_bom(read_text(path, f"{field}: "))
+    header = next(csv.reader(io.StringIO(text, newline="")), None)
     if not header:
         raise ConfigError(f"{field}: {spec} has no header row (the column names)")
     features = datasets.Features({name: datasets.Value("string") for name in header})
     return datasets.load_dataset(
-        "csv", data_files=str(path), split="train", features=features, keep_default_na=False
+        "csv",
+        data_files=str(path),
+        split="train",
+        features=features,
+        keep_default_na=False,
+        encoding="utf-8-sig",  # UTF-8 past a BOM: Excel's "CSV UTF-8" writes one
     )
 
 
@@ -144,6 +170,83 @@ def check_prompt_lengths(
         if n > budget:
             return i, n
     return None
+
+
+def check_prompts_fit(
+    tokenizer,
+    rows: list[dict],
+    prompt_field: str,
+    system_prompt: str | None,
+    *,
+    context: int,
+    new_tokens: int,
+    new_field: str,
+    max_prompt_tokens: int | None = None,
+    cut_field: str | None = "data.max_prompt_tokens",
+    field: str = "data.train",
+) -> None:
+    """Each prompt, cut from the left to `max_prompt_tokens` as sampling cuts it, and
+    `new_tokens` (set by `new_field`) fit in the model's `context` positions; the error names
+    the first row that does not and what to change (`cut_field`: the setting that cuts prompts,
+    None where there is none). Train's and eval's checks, and `advantage eval`'s."""
+    budget = context - new_tokens
+    if budget < 1:
+        raise ConfigError(
+            f"{new_field}={new_tokens} leaves no room for a prompt: the model's "
+            f"max_position_embeddings={context}"
+        )
+    if max_prompt_tokens is not None and max_prompt_tokens <= budget:
+        return  # every prompt is cut to fit
+    long = check_prompt_lengths(tokenizer, rows, prompt_field, system_prompt, budget)
+    if long is None:
+        return
+    row, n = long
+    cut = f" (cut to {cut_field}={max_prompt_tokens})" if max_prompt_tokens is not None else ""
+    shown = n if max_prompt_tokens is None else min(n, max_prompt_tokens)
+    fixes = [f"set {cut_field}={budget} (cuts prompts from the left)"] if cut_field else []
+    fixes.append("shorten it")
+    if field != "data.train":  # a held-out set's budget is the evaluation's alone
+        fixes.append(f"lower {new_field}")
+    advice = fixes[0] if len(fixes) == 1 else f"{', '.join(fixes[:-1])} or {fixes[-1]}"
+    raise ConfigError(
+        f"{field}: row {row}: the prompt has {shown} tokens{cut}; the model's "
+        f"max_position_embeddings={context} minus {new_field}={new_tokens} leaves {budget}; "
+        f"{advice}"
+    )
+
+
+def check_reward_columns(
+    rewards, rows: list[dict], prompt_field: str, field: str, spec: str | None = None
+) -> None:
+    """`rewards.check_columns` on the columns of `rows`, with a column a reward function needs
+    and the rows lack named against `field` (and its file `spec`) and the columns they have,
+    the prompt column included."""
+    from .rewards import required_arguments
+
+    columns = [name for name in rows[0] if name != prompt_field] if rows else []
+    try:
+        rewards.check_columns(set(columns), field)
+        return
+    except ConfigError:
+        given = set(columns) | set(rewards.extra) | set(rewards.arguments)
+        missing = [  # (function, the columns it needs and the rows lack)
+            (source.name, needs)
+            for source in rewards.sources
+            if (needs := [name for name in required_arguments(source.fn) if name not in given])
+        ]
+        if not missing:  # another of its errors (a column that would replace an argument, ...)
+            raise
+    name, needs = missing[0]
+    where = f"{field} ({spec})" if spec else field
+    has = (
+        f"columns: {', '.join(columns)}, and the prompt column {prompt_field!r}"
+        if columns
+        else f"its only column is the prompt column {prompt_field!r}"
+    )
+    raise ConfigError(
+        f"{field}: reward function '{name}' needs the dataset column(s) {needs}, which {where} "
+        f"does not have ({has})"
+    )
 
 
 def is_conversational(prompt) -> bool:

@@ -31,11 +31,34 @@ from .environments import (
     env_call,
     is_gym,
 )
-from .parallel import global_max
+from .parallel import global_max, global_mean
 from .reward_call import as_float, fits_float32
 from .rollout import Rollout, SamplingParams, pad_completions, pad_prompts
 from .sampling import Encode, Sampled
 from .tools import Toolbox, ToolCallParser, ToolResult
+
+REPLY_FIELDS = ("role", "content", "name")
+"""The fields of `rollout.reply_template`: a reply message's."""
+
+
+def check_reply_template(template: str) -> None:
+    """A ConfigError naming `rollout.reply_template` unless it formats a reply message (its
+    fields are `REPLY_FIELDS`): checked when the sampler is built, not at the first reply."""
+    sample = {f: f for f in REPLY_FIELDS}
+    fields = ", ".join("{" + f + "}" for f in REPLY_FIELDS)
+    try:
+        template.format(**sample)
+    except KeyError as e:
+        raise ConfigError(
+            f"rollout.reply_template: unknown field {{{e.args[0]}}} in {template!r}; the fields "
+            f"are {fields} (write a literal brace as {{{{ or }}}})"
+        ) from None
+    except (IndexError, ValueError, AttributeError, TypeError) as e:
+        raise ConfigError(
+            f"rollout.reply_template: {template!r} is not a format string of a reply "
+            f"({type(e).__name__}: {e}); the fields are {fields} (write a literal brace as "
+            "{{ or }})"
+        ) from None
 
 
 @dataclass
@@ -47,7 +70,8 @@ class EpisodeSettings:
     max_episode_tokens: int | None = None
     """Tokens after the prompt at most, the model's and the environment's (null = no limit)."""
     reply_template: str = "{content}"
-    """Without a chat template: how a tool result or an environment reply is written."""
+    """Without a chat template: how a tool result or an environment reply is written (fields
+    `REPLY_FIELDS`; an environment's reply has the name "")."""
     context: int | None = None
     """The model's positions (`max_position_embeddings`): an episode's prompt and tokens never
     go past them; one that reaches them ends, truncated, as at any other budget."""
@@ -101,6 +125,9 @@ class Episodes:
     ) -> None:
         if not tools and environment_factory is None:
             raise ConfigError("episodes need rollout.tools or rollout.environment")
+        check_reply_template(settings.reply_template)
+        # the tools' schemas and unique names, checked now rather than at the first call
+        Toolbox(callable_tools(tools, environment_factory), timeout=None)
         self.backend = backend
         self.tokenizer = tokenizer
         self.encode = encode
@@ -252,7 +279,8 @@ class Episodes:
     def _reply_ids(self, replies: list[dict]) -> list[int]:
         """Token ids of the environment's reply messages, appended after the model's turn."""
         if not self.chat:
-            text = "".join(self.settings.reply_template.format(**m) for m in replies)
+            template = self.settings.reply_template
+            text = "".join(template.format(**{"name": "", **m}) for m in replies)
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         before, after = self._bridge(replies)
         return self.tokenizer(after[len(before) :], add_special_tokens=False)["input_ids"]
@@ -296,7 +324,10 @@ class Episodes:
             truncated=torch.tensor([e.truncated for e in episodes]),
             logprobs=logprobs,
             action_mask=padded([e.actions for e in episodes], False, torch.bool),
-            turn_rewards=padded([e.rewards for e in episodes], 0.0, torch.float32),
+            # a gym environment's per-turn rewards; None for tools (there are none)
+            turn_rewards=padded([e.rewards for e in episodes], 0.0, torch.float32)
+            if self.gym
+            else None,
         )
         texts = [self.tokenizer.decode(e.tokens, skip_special_tokens=True) for e in episodes]
         envs = [e.env for e in episodes]
@@ -325,8 +356,15 @@ def _step_reward(e: _Episode, reward) -> float:
 def episode_metrics(rollout: Rollout, conversations: list[list[dict]]) -> dict[str, float]:
     """Statistics of B episodes: model turns, length (all tokens after the prompt), the
     environment's share of those tokens, truncation, tool calls per episode, the share of
-    episodes with a tool call, and the shares of tool replies that are errors / timeouts."""
+    episodes with a tool call, and the shares of tool replies that are errors / timeouts.
+    With a gym environment (`rollout.turn_rewards`), also `episode/env_reward`: the mean over
+    every rank's episodes of the sum of the per-turn rewards its `step` returned (they go into
+    the advantages, not into the scores behind `reward/mean`)."""
     n = max(len(conversations), 1)
+    extra = {}
+    if rollout.turn_rewards is not None:  # the same on every rank: a collective is safe
+        per_episode = (rollout.turn_rewards.float() * rollout.completion_mask).sum(-1)
+        extra["episode/env_reward"] = global_mean(per_episode)
     tokens = float(rollout.completion_mask.sum())
     env_tokens = tokens - float(rollout.model_mask.sum())
     replies = [m for c in conversations for m in c if m.get("role") == "tool"]
@@ -340,6 +378,7 @@ def episode_metrics(rollout: Rollout, conversations: list[list[dict]]) -> dict[s
         "tools/call_rate": sum(any(m["role"] == "tool" for m in c) for c in conversations) / n,
         "tools/errors": sum(_is_error(str(m["content"])) for m in replies) / calls,
         "tools/timeouts": sum("timed out" in str(m["content"]) for m in replies) / calls,
+        **extra,
     }
 
 

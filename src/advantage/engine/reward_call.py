@@ -34,8 +34,12 @@ class RewardError(RuntimeError):
 @dataclass
 class RewardSource:
     name: str
+    """In messages and metrics (`reward/<name>`); unique within a `RewardComputer`."""
     fn: Callable
     weight: float = 1.0
+    origin: str = ""
+    """Where it came from, for messages (the config's `fa/r.py:score`; empty: the function's
+    module and name)."""
 
 
 def run_awaitable(awaitable) -> object:
@@ -128,15 +132,18 @@ def call_reward_function(
         raise RewardError(late) from None
     except Exception as e:
         index = _locate_failure(source, kwargs, n, timeout)
-        where = f" on sample {index} (prompt {_short(prompts[index])})" if index is not None else ""
+        where = (
+            f" on sample {index} (prompt {short_repr(prompts[index])})" if index is not None else ""
+        )
         raise RewardError(
             f"reward function '{source.name}' raised {type(e).__name__}{where}: {e}"
         ) from e
     returned, values = values, _as_list(values)
     if values is None:
+        got = "None" if returned is None else f"{short_repr(returned)} ({type(returned).__name__})"
         raise RewardError(
-            f"reward function '{source.name}' returned {type(returned).__name__}; "
-            f"expected a list of {n} floats (or None)"
+            f"reward function '{source.name}' returned {got}; expected a list of {n} floats, one "
+            "per completion, with None in the list for a completion it does not score"
         )
     if len(values) != n:
         raise RewardError(
@@ -153,8 +160,8 @@ def call_reward_function(
         if value is not None and not fits_float32(value):
             raise RewardError(
                 f"reward function '{source.name}' returned "
-                f"{_short(v) if isinstance(v, int) else value} for sample {i} "
-                f"(prompt {_short(prompts[i])}); rewards must be finite numbers within float32's "
+                f"{short_repr(v) if isinstance(v, int) else value} for sample {i} "
+                f"(prompt {short_repr(prompts[i])}); rewards must be finite numbers within float32's "
                 "range, |r| <= 3.4e38 (use None to skip a sample)"
             )
         out.append(value)
@@ -202,6 +209,6 @@ def as_float(v) -> float | None:
     return None
 
 
-def _short(x, limit: int = 60) -> str:
+def short_repr(x, limit: int = 60) -> str:
     text = repr(x)
     return text if len(text) <= limit else text[: limit - 3] + "..."

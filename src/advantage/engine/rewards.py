@@ -10,14 +10,24 @@ returns) is `reward_call.py`.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..core.scores import combine_rewards
 from .configlib import ConfigError, import_object
-from .reward_call import ON_TIMEOUT, RewardError, RewardSource, call_reward_function
+from .reward_call import (
+    ON_TIMEOUT,
+    RewardError,
+    RewardSource,
+    call_reward_function,
+    fits_float32,
+    short_repr,
+)
+
+log = logging.getLogger("advantage")
 
 RESERVED_ARGUMENTS = ("prompts", "completions", "completion_ids")
 """The arguments every reward call passes itself; a dataset column or a `reward.kwargs` key of
@@ -34,16 +44,16 @@ def load_function(
     if spec == "builtin":
         if task_reward is None:
             raise ConfigError(f"{field}: 'builtin' needs a built-in task in data.train")
-        return RewardSource(task_reward.__name__, task_reward)
+        return RewardSource(task_reward.__name__, task_reward, origin=spec)
     if spec in reward_helpers.HELPERS:
-        return RewardSource(spec, reward_helpers.HELPERS[spec])
+        return RewardSource(spec, reward_helpers.HELPERS[spec], origin=spec)
     if ":" not in spec and "." not in spec:
         raise ConfigError(
             f"{field}: {spec!r} is neither a helper ({', '.join(reward_helpers.HELPERS)}) "
             "nor a dotted path like my_module:my_reward"
         )
     fn = import_object(spec, field)
-    return RewardSource(spec.replace(":", ".").rsplit(".", 1)[1], fn)
+    return RewardSource(spec.replace(":", ".").rsplit(".", 1)[1], fn, origin=spec)
 
 
 def required_arguments(fn: Callable) -> list[str]:
@@ -54,6 +64,65 @@ def required_arguments(fn: Callable) -> list[str]:
         return []
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
+
+
+def refuse_unaccepted(source: RewardSource, names, what: str) -> None:
+    """A ConfigError when `source.fn` cannot take every one of `names` as a keyword argument
+    (it has no `**kwargs` and does not name them all); `what` says what the names are. Every
+    call passes them, so it would fail only at the first scoring, after the models load."""
+    try:
+        params = list(inspect.signature(source.fn).parameters.values())
+    except (TypeError, ValueError):  # cannot be inspected (some builtins): left to the call
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = {p.name for p in params if p.kind in kinds}
+    unaccepted = [name for name in names if name not in named]
+    if unaccepted:
+        shown = [str(p.replace(annotation=inspect.Parameter.empty)) for p in params]
+        fix = (
+            f"def {getattr(source.fn, '__name__', source.name)}({', '.join([*shown, '**kwargs'])})"
+        )
+        raise ConfigError(
+            f"reward function '{source.name}' does not take {what} {', '.join(unaccepted)} that "
+            f"every reward call passes; add **kwargs to its parameters, as TRL's reward "
+            f"functions have: {fix}"
+        )
+
+
+def distinct_names(sources: list[RewardSource]) -> list[RewardSource]:
+    """The sources, a repeated name suffixed `_2`, `_3`, ... (`fa/r.py:score` and
+    `fb/r.py:score` would share one metric `reward/score`), with a warning naming them."""
+    taken = {s.name for s in sources}
+    out: list[RewardSource] = []
+    groups: dict[str, list[RewardSource]] = {}  # a name as given → the sources given it
+    for s in sources:
+        group = groups.setdefault(s.name, [])
+        if group:
+            k = 2
+            while f"{s.name}_{k}" in taken:
+                k += 1
+            taken.add(f"{s.name}_{k}")
+            s = replace(s, name=f"{s.name}_{k}")
+        group.append(s)
+        out.append(s)
+    for group in groups.values():
+        if len(group) > 1:
+            log.warning(
+                "reward sources %s had one name; their metrics are %s, and messages name them so",
+                _and([f"'{s.name}' ({s.origin or _qualified(s.fn)})" for s in group]),
+                _and([f"reward/{s.name}" for s in group]),
+            )
+    return out
+
+
+def _qualified(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
 @dataclass
@@ -106,10 +175,12 @@ class RewardComputer:
         sampler_arguments: tuple[str, ...] = (),
     ) -> None:
         """`sampler_arguments`: names the sampler adds to every call (`environments` for
-        episodes with environments)."""
+        episodes with environments). A weight beyond float32's range, or a function that
+        cannot take the call's keyword arguments, is a ConfigError here, before any model
+        loads; sources of one name get distinct ones (`distinct_names`)."""
         if on_timeout not in ON_TIMEOUT:
             raise ValueError(f"on_timeout: {on_timeout!r} is not one of {', '.join(ON_TIMEOUT)}")
-        self.sources = sources
+        self.sources = distinct_names(sources)
         self.mode = mode
         self.clip = clip
         self.timeout = timeout
@@ -117,6 +188,13 @@ class RewardComputer:
         self.on_timeout = on_timeout
         self.sampler_arguments = tuple(sampler_arguments)
         self.arguments = (*RESERVED_ARGUMENTS, *sampler_arguments)
+        for i, s in enumerate(self.sources):
+            if not fits_float32(s.weight):  # 1e39 passes check_finite, but is inf as a float32
+                raise ConfigError(
+                    f"reward.weights[{i}]: {s.weight:g} (the weight of '{s.name}') is beyond "
+                    "float32's range, |w| <= 3.4e38 (rewards are combined in float32)"
+                )
+            refuse_unaccepted(s, [*self.arguments, *self.extra], "the keyword argument(s)")
 
     def check_columns(self, columns: set[str], field: str = "data.train") -> None:
         """Fail before training when a column or a `reward.kwargs` key would replace an argument
@@ -142,6 +220,7 @@ class RewardComputer:
                     f"reward function '{source.name}' needs the dataset column(s) {missing}, "
                     f"which the dataset does not have (columns: {', '.join(sorted(columns)) or 'none'})"
                 )
+            refuse_unaccepted(source, sorted(columns), "the dataset column(s)")
 
     def __call__(
         self,
@@ -175,8 +254,30 @@ class RewardComputer:
         scores, score_mask = combine_rewards(
             per_source, present, weights, group_size, self.mode, self.clip
         )
+        overflow = score_mask & ~torch.isfinite(scores)  # each reward fits float32, their sum not
+        if overflow.any():
+            i = int(overflow.nonzero()[0])
+            raise RewardError(self._not_finite(i, float(scores[i]), raw, prompts[i]))
         names = [s.name for s in self.sources]
         return Scores(scores, score_mask, per_source, present, names)
+
+    def _not_finite(self, i: int, score: float, raw: list[list], prompt) -> str:
+        """The message for sample i, whose rewards `raw[f][i]` combine to a non-finite score."""
+        parts = [
+            f"'{s.name}' (weight {s.weight:g}, returned {values[i]:g})"
+            for s, values in zip(self.sources, raw, strict=True)
+            if values[i] is not None
+        ]
+        how = (
+            "weighted sum"
+            if self.mode == "sum_then_normalize"
+            else f"{self.mode} combination (reward.multi_reward)"
+        )
+        return (
+            f"the {how} of reward functions {_and(parts)} is {score:g} for sample {i} (prompt "
+            f"{short_repr(prompt)}); combined rewards must stay within float32's range, "
+            "|s| <= 3.4e38: scale these rewards or reward.weights down"
+        )
 
 
 def score_samples(
@@ -207,7 +308,9 @@ __all__ = [
     "RewardSource",
     "Scores",
     "call_reward_function",
+    "distinct_names",
     "load_function",
+    "refuse_unaccepted",
     "required_arguments",
     "score_samples",
 ]

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .configlib import ConfigError, short
 from .reward_call import run_awaitable
 
 HERMES = "hermes"
@@ -77,15 +78,28 @@ def first_required_parameter(schema: dict) -> str | None:
     return names[0] if len(names) == 1 else None
 
 
+def tool_origin(tool) -> tuple[str, str]:
+    """(the field a tool came from, what it is), for errors: `("rollout.environment", "method
+    'Env.add'")` for a method (a TRL environment's public method, bound or not), else
+    `("rollout.tools", "tool 'f'")` (also the Python API's `tools=`)."""
+    name = getattr(tool, "__name__", None) or repr(tool)
+    parts = str(getattr(tool, "__qualname__", "") or "").split(".")
+    if len(parts) >= 2 and parts[-2] != "<locals>":
+        return "rollout.environment", f"method '{parts[-2]}.{parts[-1]}'"
+    return "rollout.tools", f"tool {name!r}"
+
+
 def tool_schema(tool: Callable) -> dict:
-    """transformers' `get_json_schema` of `tool`, with an error that names the tool."""
+    """transformers' `get_json_schema` of `tool`; a ConfigError naming the tool (and the field
+    it came from) when there is none to build."""
     from transformers.utils import get_json_schema
 
     try:
         return get_json_schema(tool)
     except Exception as e:
-        raise ValueError(
-            f"tool {getattr(tool, '__name__', tool)!r}: cannot build its JSON schema "
+        field, what = tool_origin(tool)
+        raise ConfigError(
+            f"{field}: {what}: cannot build its JSON schema "
             f"({type(e).__name__}: {e}); a tool needs type hints and a Google-style docstring "
             f"with an 'Args:' line for every parameter"
         ) from None
@@ -125,11 +139,16 @@ class ToolCallParser:
         else:
             try:
                 self.pattern = re.compile(format, re.S)
-            except re.error as e:
-                raise ValueError(f"tool call format {format!r} is not a valid regex: {e}") from None
+            except (re.error, TypeError) as e:
+                raise ConfigError(
+                    f"rollout.tool_call_format: {format!r} is not a valid regex ({e}); give "
+                    f"'{HERMES}' or a regex with a named group (?P<arguments>...)"
+                ) from None
             if "arguments" not in self.pattern.groupindex:
-                raise ValueError(
-                    f"tool call format {format!r} needs a named group (?P<arguments>...)"
+                raise ConfigError(
+                    f"rollout.tool_call_format: {format!r} needs a named group "
+                    "(?P<arguments>...) for the call's arguments (JSON, or the one argument as "
+                    "text), and optionally (?P<name>...) for the tool's name"
                 )
             self._stop = [stop] if stop else []
 
@@ -232,9 +251,16 @@ class Toolbox:
         for tool in self.functions:
             name = getattr(tool, "__name__", None)
             if not callable(tool) or not name:
-                raise ValueError(f"tool {tool!r} is not a named function or method")
+                raise ConfigError(
+                    f"rollout.tools: {short(tool)} ({type(tool).__name__}) is not a named "
+                    "function or method"
+                )
             if name in self.by_name:
-                raise ValueError(f"two tools are named {name!r}; tool names must be unique")
+                first, second = tool_origin(self.by_name[name]), tool_origin(tool)
+                raise ConfigError(
+                    f"rollout.tools: two tools are named {name!r} ({first[1]} and {second[1]}); "
+                    "tool names must be unique"
+                )
             self.by_name[name] = tool
         self.schemas = [tool_schema(t) for t in self.functions]
         """`get_json_schema` of each tool, in order."""

@@ -16,6 +16,7 @@ from ..engine.configlib import (
     check_positive,
 )
 from ..engine.reward_call import ON_TIMEOUT
+from .sections import check_temperature
 
 
 @dataclass
@@ -29,7 +30,7 @@ class RolloutConfig:
     max_new_tokens: int = 64
     """Generation budget per completion (also T_max of seq_mean_token_sum_norm)."""
     temperature: float = 1.0
-    """Sampling temperature; log-probs are computed on logits / temperature."""
+    """Sampling temperature, >= 0.01; log-probs are computed on logits / temperature."""
     top_p: float = 1.0
     """Nucleus sampling."""
     top_k: int = 0
@@ -91,7 +92,7 @@ class RolloutConfig:
         ):
             check_at_least(f"rollout.{name}", getattr(self, name), 1)
         check_positive("rollout.tool_timeout", self.tool_timeout)
-        check_positive("rollout.temperature", self.temperature)
+        check_temperature("rollout.temperature", self.temperature)
         check_fraction("rollout.top_p", self.top_p, False, True)
         check_at_least("rollout.top_k", self.top_k, 0)
         for i, stop in enumerate(self.stop):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from ..engine.configlib import ConfigError
-from ..engine.data import check_prompt_lengths, check_rows
+from ..engine.data import check_prompts_fit, check_rows
 from ..tasks import dataset_rows, eval_spec
 from .config import Config
 
@@ -46,7 +46,9 @@ def load_eval_rows(cfg: Config) -> list[dict]:
 
 def check_context(cfg: Config, tokenizer, model_config, train_rows, eval_rows) -> None:
     """Prompt + completion fit in the model's positions (`max_position_embeddings`), before
-    training; the error names the first row that does not."""
+    training: training prompts with `rollout.max_new_tokens`, held-out prompts with the
+    evaluation's budget, both cut to `data.max_prompt_tokens` as sampling cuts them; the error
+    names the first row that does not (`engine.data.check_prompts_fit`, as `advantage eval`)."""
     context = getattr(model_config, "max_position_embeddings", None)
     if context is None:
         return
@@ -59,27 +61,24 @@ def check_context(cfg: Config, tokenizer, model_config, train_rows, eval_rows) -
         raise ConfigError(
             f"data.max_prompt_tokens={d.max_prompt_tokens} does not fit: {where} leaves {budget}"
         )
-    if d.max_prompt_tokens is None:  # (prompts are cut to max_prompt_tokens when it is set)
-        long = check_prompt_lengths(tokenizer, train_rows, d.prompt_field, d.system_prompt, budget)
-        if long is not None:
-            raise ConfigError(
-                f"data.train: row {long[0]}: the prompt has {long[1]} tokens; {where} leaves "
-                f"{budget}; set data.max_prompt_tokens={budget} (cuts prompts from the left) or "
-                "shorten it"
-            )
-    eval_new = cfg.eval.max_new_tokens or new
-    if eval_new >= context:
-        field = "eval.max_new_tokens" if cfg.eval.max_new_tokens else "rollout.max_new_tokens"
-        raise ConfigError(
-            f"{field}={eval_new} leaves no room for a prompt: the model's "
-            f"max_position_embeddings={context}"
-        )
-    long = check_prompt_lengths(
-        tokenizer, eval_rows, d.prompt_field, d.system_prompt, context - eval_new
+    fit = dict(context=context, max_prompt_tokens=d.max_prompt_tokens)
+    check_prompts_fit(
+        tokenizer,
+        train_rows,
+        d.prompt_field,
+        d.system_prompt,
+        new_tokens=new,
+        new_field="rollout.max_new_tokens",
+        field="data.train",
+        **fit,
     )
-    if long is not None:
-        raise ConfigError(
-            f"data.eval: row {long[0]}: the prompt has {long[1]} tokens; the model's "
-            f"max_position_embeddings={context} minus {eval_new} new tokens leaves "
-            f"{context - eval_new}; shorten it or lower eval.max_new_tokens"
-        )
+    check_prompts_fit(
+        tokenizer,
+        eval_rows,
+        d.prompt_field,
+        d.system_prompt,
+        new_tokens=cfg.eval.max_new_tokens or new,
+        new_field="eval.max_new_tokens" if cfg.eval.max_new_tokens else "rollout.max_new_tokens",
+        field="data.eval",
+        **fit,
+    )

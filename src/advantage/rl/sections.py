@@ -6,6 +6,7 @@ naming the field. `model` and `log` extend the SFT and reward-model stages' sect
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..engine.configlib import (
@@ -20,6 +21,33 @@ from ..engine.configlib import (
 from ..engine.optim import LR_SCHEDULES
 from ..engine.precision import BF16_MATMUL_CHOICES
 from ..engine.supervised import StageLog, StageModel
+
+MIN_TEMPERATURE = 0.01
+"""The lowest sampling temperature (`rollout.temperature`, `advantage eval --temperature`): vLLM
+raises lower ones to it, and far below it `logits / T` overflows (1e-40 made every logit
+non-finite, which reads as a diverged model)."""
+
+MAX_SEED = 2**32 - 1
+"""The largest seed: NumPy's and vLLM's seeding take 0 .. 2**32 - 1 (torch's, < 2**64; the run
+derives per-step seeds from it, `train.seed * 7919 + step`, that stay within torch's)."""
+
+
+def check_temperature(name: str, value: float | None) -> None:
+    """`value` >= MIN_TEMPERATURE and finite, or None."""
+    if value is not None and not (value >= MIN_TEMPERATURE and math.isfinite(value)):
+        raise ConfigError(
+            f"{name} must be a finite number >= {MIN_TEMPERATURE:g} (logits / temperature "
+            f"overflows far below it; vLLM raises lower ones to {MIN_TEMPERATURE:g}), got {value}"
+        )
+
+
+def check_seed(name: str, value: int) -> None:
+    """0 <= `value` <= MAX_SEED."""
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(
+            f"{name} must be in 0 .. {MAX_SEED} (2**32 - 1, what NumPy's and vLLM's seeding "
+            f"take), got {value}"
+        )
 
 
 @dataclass
@@ -154,7 +182,7 @@ class TrainConfig:
             check_fraction(f"train.adam_betas[{i}]", beta)
         check_positive("train.adam_eps", self.adam_eps)
         check_positive("train.max_grad_norm", self.max_grad_norm)
-        check_at_least("train.seed", self.seed, 0)
+        check_seed("train.seed", self.seed)
         if self.max_staleness is not None:
             check_at_least("train.max_staleness", self.max_staleness, 0)
 

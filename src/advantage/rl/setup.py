@@ -20,7 +20,7 @@ import torch
 from ..core import KL_CONTROLLERS, Algorithm, make_baseline
 from ..core.baselines import Baseline
 from ..engine.configlib import ConfigError
-from ..engine.data import PromptStream
+from ..engine.data import PromptStream, check_reward_columns
 from ..engine.episodes import Episodes
 from ..engine.models import (
     AdapterDisabled,
@@ -42,7 +42,7 @@ from ..tasks import model_path, model_paths
 from .config import Config
 from .records import RunSizes
 from .rewarding import make_eval_rewards, make_reward_computer
-from .rows import check_context, load_rows
+from .rows import check_context, held_out_spec, load_rows
 from .samplers import load_environment, load_tools, make_backend, make_sampler
 
 log = logging.getLogger("advantage")
@@ -128,10 +128,12 @@ def build_run(
             "turn's budget); set it, or algo.overlong_fraction=null"
         )
     rewards = make_reward_computer(cfg, reward_funcs, environment_factory)
-    rewards.check_columns(set(train_rows[0]) - {cfg.data.prompt_field})
+    check_reward_columns(rewards, train_rows, cfg.data.prompt_field, "data.train", cfg.data.train)
     eval_rewards = make_eval_rewards(cfg, rewards, eval_funcs)
     if eval_rows:
-        eval_rewards.check_columns(set(eval_rows[0]) - {cfg.data.prompt_field}, "data.eval")
+        check_reward_columns(
+            eval_rewards, eval_rows, cfg.data.prompt_field, "data.eval", held_out_spec(cfg)
+        )
     policy_path, tokenizer, policy, ref, critic = _load_models(cfg, algo, train_rows, eval_rows)
     # data parallel (DDP) or sharded (FSDP2) before the optimizers see the parameters
     policy, ref, critic = _wrap_models(cfg, dist, policy, ref, critic)

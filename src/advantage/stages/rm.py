@@ -149,7 +149,7 @@ def finished_rm(run_dir: str | Path) -> dict | None:
     return {
         "eval_pairwise_accuracy": last["eval/pairwise_accuracy"],
         "eval_pairwise_accuracy_before": before,
-        "eval_pairs": last.get("eval/pairs", 0),
+        "eval_pairs": int(last.get("eval/pairs", 0)),  # a count (metrics.jsonl holds 10.0)
         "seconds": last.get("time/train", 0.0),
         "final": str(run_dir / "final"),
     }
