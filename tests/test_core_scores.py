@@ -43,6 +43,17 @@ def test_normalize_then_sum_hand_computed():
     assert mask.tolist() == [True, True, True, False]
 
 
+def test_normalize_then_sum_near_float32s_limit_is_finite():
+    # an adversarial probe: rewards of ±3e38 (finite, allowed) overflowed the group's float32
+    # sums, and the scores came out 0 without a word; the statistics now run in float64
+    values = torch.tensor([[3e38, -3e38, 3e38, -3e38]])
+    scores, _ = combine_rewards(values, torch.ones(1, 4, dtype=torch.bool), torch.ones(1), 4,
+                                "normalize_then_sum")  # fmt: skip
+    # mean 0, Bessel σ = 3e38·√(4/3): each r̂ = ±√3/2 (the ε of 1e-4 is nothing beside σ)
+    expected = torch.tensor([1.0, -1.0, 1.0, -1.0]) * math.sqrt(3) / 2
+    torch.testing.assert_close(scores, expected, rtol=1e-6, atol=0)
+
+
 def test_trl_normalize_then_sum_hand_computed():
     values, present, w = _example()
     scores, mask = combine_rewards(values, present, w, 2, "trl_normalize_then_sum")

@@ -94,6 +94,16 @@ def test_train_seed_range(seed, ok):
     )
 
 
+def test_sft_and_rm_seed_range(capsys):
+    # an overflowing seed passed their check (>= 0) and failed in torch.Generator().manual_seed
+    for stage in ("sft", "rm"):
+        assert main([stage, "train.seed=99999999999999999999"]) == 2
+        assert capsys.readouterr().err == (
+            "error: train.seed must be in 0 .. 4294967295 (2**32 - 1, what NumPy's and vLLM's "
+            "seeding take), got 99999999999999999999\n"
+        )
+
+
 def test_eval_command_refuses_a_temperature_that_overflows(tmp_path, capsys):
     # 1e-40 made every logit / T infinite: "the policy's next-token logits are not finite ...
     # a diverged update: lower train.lr", about a model that is fine

@@ -37,12 +37,13 @@ def sum_then_normalize(values, present, weights, group_size, *, global_stats=Tru
 def normalize_then_sum(values, present, weights, group_size, *, global_stats=True):
     """`s_i = Σ_f w_f·(r_f(i) - mean_g r_f)/(σ_g(r_f) + 1e-4)` over the present f. `[F, B]` → `[B]`."""
     F, B = values.shape
-    # [F, B] → [F·B]: B is a multiple of G, so no group straddles two functions
-    flat = torch.where(present, values, 0.0).reshape(F * B)
+    # [F, B] → [F·B]: B is a multiple of G, so no group straddles two functions; in float64,
+    # so that rewards near float32's limit (|r| <= 3.4e38) do not overflow the group's sums
+    flat = torch.where(present, values, 0.0).reshape(F * B).double()
     flat_present = present.reshape(F * B)
     centred = group_mean_advantages(flat, group_size, flat_present)
     normalized = group_normalize(centred, flat, group_size, flat_present).view(F, B)
-    return sum_then_normalize(normalized, present, weights, group_size)
+    return sum_then_normalize(normalized.to(values.dtype), present, weights, group_size)
 
 
 @REWARD_COMBINATIONS.register("trl_normalize_then_sum")

@@ -50,6 +50,20 @@ def host_port(address: str, name: str = "distributed.rollout_address") -> tuple[
     return host, int(port)
 
 
+MAX_SEED = 2**32 - 1
+"""The largest seed: NumPy's and vLLM's seeding take 0 .. 2**32 - 1 (torch's, < 2**64; the run
+derives per-step seeds from it, `train.seed * 7919 + step`, that stay within torch's)."""
+
+
+def check_seed(name: str, value: int) -> None:
+    """0 <= `value` <= MAX_SEED."""
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(
+            f"{name} must be in 0 .. {MAX_SEED} (2**32 - 1, what NumPy's and vLLM's seeding "
+            f"take), got {value}"
+        )
+
+
 def check_positive(name: str, value: float | None) -> None:
     """`value` > 0 and finite, or None."""
     if value is not None and not (value > 0 and math.isfinite(value)):

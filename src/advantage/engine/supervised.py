@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import FINISHED, list_checkpoints
-from .configlib import ConfigError, check_at_least, check_positive
+from .configlib import ConfigError, check_at_least, check_positive, check_seed
 from .data import encode_prompt
 from .optim import make_optimizer
 from .reward_helpers import completion_text
@@ -111,8 +111,9 @@ class StageSettings:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
             check_at_least(f"train.{name}", getattr(self, name), 1)
-        for name in ("warmup_steps", "weight_decay", "seed"):
+        for name in ("warmup_steps", "weight_decay"):
             check_at_least(f"train.{name}", getattr(self, name), 0)
+        check_seed("train.seed", self.seed)
         check_positive("train.lr", self.lr)
         check_positive("train.max_grad_norm", self.max_grad_norm)
 

@@ -16,6 +16,7 @@ from ..engine.configlib import (
     check_finite,
     check_fraction,
     check_positive,
+    check_seed,
     host_port,
 )
 from ..engine.optim import LR_SCHEDULES
@@ -27,10 +28,6 @@ MIN_TEMPERATURE = 0.01
 raises lower ones to it, and far below it `logits / T` overflows (1e-40 made every logit
 non-finite, which reads as a diverged model)."""
 
-MAX_SEED = 2**32 - 1
-"""The largest seed: NumPy's and vLLM's seeding take 0 .. 2**32 - 1 (torch's, < 2**64; the run
-derives per-step seeds from it, `train.seed * 7919 + step`, that stay within torch's)."""
-
 
 def check_temperature(name: str, value: float | None) -> None:
     """`value` >= MIN_TEMPERATURE and finite, or None."""
@@ -38,15 +35,6 @@ def check_temperature(name: str, value: float | None) -> None:
         raise ConfigError(
             f"{name} must be a finite number >= {MIN_TEMPERATURE:g} (logits / temperature "
             f"overflows far below it; vLLM raises lower ones to {MIN_TEMPERATURE:g}), got {value}"
-        )
-
-
-def check_seed(name: str, value: int) -> None:
-    """0 <= `value` <= MAX_SEED."""
-    if not 0 <= value <= MAX_SEED:
-        raise ConfigError(
-            f"{name} must be in 0 .. {MAX_SEED} (2**32 - 1, what NumPy's and vLLM's seeding "
-            f"take), got {value}"
         )
 
 

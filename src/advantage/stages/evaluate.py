@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.configlib import ConfigError, check_at_least, check_finite
+from ..engine.configlib import ConfigError, check_at_least, check_finite, check_seed
 from ..engine.data import check_prompts_fit, check_reward_columns, check_rows, encode_prompt
 from ..engine.evaluation import evaluate
 from ..engine.models import load_causal_lm, load_tokenizer, quiet_transformers
 from ..engine.rewards import RewardComputer, load_function
 from ..engine.rollout import TransformersBackend
 from ..engine.sampling import SingleTurn
-from ..rl.sections import check_seed, check_temperature
+from ..rl.sections import check_temperature
 from ..tasks import dataset_rows, model_path, task_of
 
 
