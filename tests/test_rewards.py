@@ -335,3 +335,19 @@ def test_two_functions_of_one_name_get_distinct_metric_names(caplog):
     out = rc(PROMPTS, COMPLETIONS, IDS, {}, group_size=2)
     assert out.names == ["score", "score_3", "score_2"]
     assert out.per_source[:, 0].tolist() == [1.0, 0.0, 0.5]
+
+
+def test_reward_funcs_replacing_the_configs_functions_say_so(tmp_path, caplog):
+    # a probe: advantage.train(cfg, reward_funcs=[f]) dropped reward.functions of the config
+    # without a word
+    from advantage.rl.config import load_config
+    from advantage.rl.rewarding import make_reward_computer
+    from helpers import length_reward, small_config
+
+    cfg = load_config(None, small_config(tmp_path, "reward.functions=[exact_match]"))
+    with caplog.at_level("WARNING", logger="advantage"):
+        rc = make_reward_computer(cfg, [length_reward])
+    assert [s.name for s in rc.sources] == ["length_reward"]
+    assert "reward_funcs given to the Python API replace reward.functions=['exact_match']" in (
+        caplog.text
+    )

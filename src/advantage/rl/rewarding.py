@@ -3,6 +3,7 @@ reward model, weights) and the one of held-out evaluation."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from ..engine.configlib import ConfigError
@@ -11,6 +12,8 @@ from ..engine.reward_model import RewardModel
 from ..engine.rewards import RewardComputer, RewardSource, load_function
 from ..tasks import model_path, task_of
 from .config import Config
+
+log = logging.getLogger("advantage")
 
 
 def task_reward(cfg: Config) -> Callable | None:
@@ -24,6 +27,12 @@ def make_reward_computer(
 ) -> RewardComputer:
     r = cfg.reward
     if reward_funcs is not None:  # the Python API's, [] included: none but the model's
+        if r.functions != ["builtin"]:  # the default: nothing to say
+            log.warning(
+                "reward_funcs given to the Python API replace reward.functions=%s of the "
+                "config; list every function in reward_funcs to use them together",
+                r.functions,
+            )
         sources = [
             RewardSource(getattr(f, "__name__", f"reward_{i}"), f)
             for i, f in enumerate(reward_funcs)
