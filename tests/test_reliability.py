@@ -255,3 +255,21 @@ def test_unscored_samples_are_out_of_eval_and_logged_as_null(run_dir):
     assert all(0 < e["eval/unscored_frac"] < 1 for e in evals), evals
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert samples and all(s["reward"] == half_unscored([s["prompt"]], [""])[0] for s in samples)
+
+
+def test_settings_the_algorithm_never_reads_are_warned_about(run_dir, caplog):
+    # a probe: these were accepted without a word
+    with caplog.at_level("WARNING", logger="advantage"):
+        _trainer(run_dir, "algorithm=grpo", "model.critic=some/critic", "algo.kl_coef=0.5",
+                 "algo.kl_placement=none", "algo.kl_controller=adaptive", "algo.kl_target=6",
+                 "data.system_prompt=Be brief.", "eval.size=100000",
+                 "data.eval=builtin:reverse")  # fmt: skip
+    for line in (
+        "model.critic='some/critic': grpo trains no critic; the setting does nothing",
+        "algo.kl_coef=0.5: algo.kl_placement=none adds no KL term; the setting does nothing",
+        "algo.kl_controller=adaptive: grpo has no KL term; the setting does nothing",
+        "data.system_prompt is prepended to conversational prompts (lists of messages); "
+        "data.train's prompts are plain text, so it is not used",
+        "eval.size=100000: the held-out set has",
+    ):
+        assert line in caplog.text, line

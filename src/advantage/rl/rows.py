@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from ..engine.configlib import ConfigError
-from ..engine.data import check_prompts_fit, check_rows
+from ..engine.data import check_prompts_fit, check_rows, is_conversational
 from ..tasks import dataset_rows, eval_spec
 from .config import Config
 
@@ -17,7 +17,20 @@ def load_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
     """The training rows (checked) and the held-out rows (`eval.size` of them)."""
     train_rows = dataset_rows(cfg.data.train, "data.train")
     check_rows(train_rows, cfg.data.prompt_field, "data.train")
-    eval_rows = load_eval_rows(cfg)[: cfg.eval.size]
+    all_eval_rows = load_eval_rows(cfg)
+    eval_rows = all_eval_rows[: cfg.eval.size]
+    if eval_rows and cfg.eval.size > len(all_eval_rows):
+        log.warning(
+            "eval.size=%d: the held-out set has %d rows; evaluating all of them",
+            cfg.eval.size,
+            len(all_eval_rows),
+        )
+    d = cfg.data
+    if d.system_prompt and not is_conversational(train_rows[0][d.prompt_field]):
+        log.warning(
+            "data.system_prompt is prepended to conversational prompts (lists of messages); "
+            "data.train's prompts are plain text, so it is not used"
+        )
     if not eval_rows and cfg.eval.size:
         log.warning(
             "data.eval is not set: no held-out set is evaluated, so result.eval_before and "

@@ -120,6 +120,7 @@ def build_run(
             cfg.model.ref_sync_steps,
             algo.name,
         )
+    _warn_unused_settings(cfg, algo)
     episodic = bool(tools) or environment_factory is not None
     if episodic and algo.overlong_fraction and cfg.rollout.max_episode_tokens is None:
         raise ConfigError(
@@ -190,6 +191,20 @@ def _load_models(cfg: Config, algo, train_rows: list[dict], eval_rows: list[dict
         critic_path = model_path(cfg.model.critic, "model.critic") if cfg.model.critic else None
         critic = load_critic(critic_path or policy_path, cfg.model.trust_remote_code)
     return policy_path, tokenizer, policy, ref, critic
+
+
+def _warn_unused_settings(cfg: Config, algo) -> None:
+    """A warning for each setting the resolved algorithm never reads (a probe found them
+    accepted without a word)."""
+    unused = []
+    if cfg.model.critic and not algo.uses_critic:
+        unused.append(f"model.critic={cfg.model.critic!r}: {algo.name} trains no critic")
+    if algo.kl_placement == "none" and algo.kl_coef > 0:
+        unused.append(f"algo.kl_coef={algo.kl_coef:g}: algo.kl_placement=none adds no KL term")
+    if not algo.uses_reference and algo.kl_controller != "fixed":
+        unused.append(f"algo.kl_controller={algo.kl_controller}: {algo.name} has no KL term")
+    for what in unused:
+        log.warning("%s; the setting does nothing", what)
 
 
 def _tokenizer_field(model_cfg) -> str:
