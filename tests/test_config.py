@@ -38,7 +38,6 @@ def test_yaml_then_overrides(tmp_path):
             ["algorithm=rloo", "rollout.num_generations=1"],
             r"leave_one_out baseline needs rollout.num_generations >= 2",
         ),
-        (["reward.functions=[]"], r"give at least one of reward.functions or reward.model"),
         (["rollout.backend=sglang"], r"rollout.backend: 'sglang' is not one of"),
         (["model.precision=fp8"], r"model.precision"),
         (["rollout"], r"not of the form key=value"),

@@ -657,3 +657,37 @@ def test_a_gym_run_logs_its_turn_rewards(tmp_path):
     cfg = load_config(None, small_config(tmp_path, "train.steps=1"))
     metrics = Trainer(cfg, reward_funcs=[ids_reward], environment_factory=GymEnv).fit().metrics
     assert 0.0 <= metrics[0]["episode/env_reward"] <= 1.0
+
+
+def test_an_environments_reward_alone_trains_without_reward_functions(tmp_path):
+    # a probe: reward.functions=[] was refused at load ("give at least one of reward.functions
+    # or reward.model") although an environment's get_reward scores the episodes
+    from advantage.rl.config import load_config
+    from advantage.rl.rewarding import make_reward_computer
+    from helpers import small_config
+
+    cfg = load_config(None, small_config(tmp_path, "reward.functions=[]"))
+    assert [s.name for s in make_reward_computer(cfg, None, CounterEnv).sources] == ["environment"]
+    with pytest.raises(ConfigError, match=r"no reward: reward.functions=\[\] and neither"):
+        make_reward_computer(cfg, None, GymEnv)  # per-turn rewards only: nothing scores
+
+
+def test_tools_with_a_gym_environment_are_refused():
+    # a probe: the tools never ran (step() got the turn) and metrics said 0 calls, no warning
+    with pytest.raises(ConfigError, match=r"rollout.tools are never called with a gym "):
+        plain_episodes(["ab"], environment_factory=GymEnv, tools=[CounterEnv().add])
+
+
+def test_a_reset_text_past_the_context_names_the_environment():
+    # a probe: a reset text longer than the model's positions left no room for a turn, and the
+    # decoder failed with "UnboundLocalError: cannot access local variable 'step'"
+    class HugeReset(GymEnv):
+        def reset(self, row):
+            return "1" * 50
+
+    settings = EpisodeSettings(max_turns=2, reply_template="[{content}]", context=24)
+    episodes, _ = plain_episodes(["ab"], environment_factory=HugeReset, settings=settings)
+    with pytest.raises(EpisodeError, match=r"HugeReset.reset made the prompt \d+ tokens long in "
+                       r"episode 0 \(row \{'prompt': 'x'\}\): the model's max_position_embeddings"
+                       r"=24 leaves no room for a turn"):  # fmt: skip
+        episodes.sample([{"prompt": "x"}], ["x"], 1, SamplingParams(max_new_tokens=4))

@@ -125,6 +125,12 @@ class Episodes:
     ) -> None:
         if not tools and environment_factory is None:
             raise ConfigError("episodes need rollout.tools or rollout.environment")
+        if tools and is_gym(environment_factory):  # its step() takes the whole turn
+            raise ConfigError(
+                "rollout.tools are never called with a gym environment (rollout.environment): "
+                "its step() receives the model's whole turn; drop rollout.tools, or give a "
+                "TRL-style environment (reset(**row); its public methods are the tools)"
+            )
         check_reply_template(settings.reply_template)
         # the tools' schemas and unique names, checked now rather than at the first call
         Toolbox(callable_tools(tools, environment_factory), timeout=None)
@@ -173,7 +179,15 @@ class Episodes:
             first = env_call(env, "reset", index, row, self.tool_timeout, reset)
             if first:  # TRL: appended to the (last user message of the) prompt
                 prompt = append_to_prompt(prompt, str(first))
-        return _Episode(index=index, row=row, prompt_ids=self.encode(prompt), env=env)
+        prompt_ids = self.encode(prompt)
+        context = self.settings.context
+        if env is not None and context is not None and len(prompt_ids) >= context:
+            raise EpisodeError(  # (else a turn of no tokens: a traceback from the decoder)
+                f"{type(env).__name__}.reset made the prompt {len(prompt_ids)} tokens long in "
+                f"episode {index} (row {short(row)}): the model's max_position_embeddings="
+                f"{context} leaves no room for a turn; return a shorter text from reset"
+            )
+        return _Episode(index=index, row=row, prompt_ids=prompt_ids, env=env)
 
     def _turn_params(self, params: SamplingParams, budget: int, lockstep: bool) -> SamplingParams:
         """A turn's sampling: at most `budget` new tokens (under lockstep the largest of every

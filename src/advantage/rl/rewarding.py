@@ -48,8 +48,8 @@ def make_reward_computer(
         sources.append(RewardSource(rm.__name__, rm))
     if not sources:
         raise ConfigError(
-            "no reward: reward_funcs=[] and neither reward.model nor an environment's get_reward; "
-            "give a reward function"
+            f"no reward: {'reward_funcs=[]' if reward_funcs is not None else 'reward.functions=[]'}"
+            " and neither reward.model nor an environment's get_reward; give a reward function"
         )
     if r.weights is not None:
         if len(r.weights) != len(sources):

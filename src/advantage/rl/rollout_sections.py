@@ -136,8 +136,6 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         check_choice("reward.multi_reward", self.multi_reward, tuple(REWARD_COMBINATIONS))
-        if not self.functions and not self.model:
-            raise ConfigError("reward: give at least one of reward.functions or reward.model")
         for i, w in enumerate(self.weights or []):
             check_finite(f"reward.weights[{i}]", w)
         check_positive("reward.clip", self.clip)
