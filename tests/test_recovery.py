@@ -269,6 +269,20 @@ def test_sft_into_an_rl_run_folder_is_refused(run_copy, capsys):
     assert {p: p.read_bytes() for p in run_copy.rglob("*") if p.is_file()} == kept
 
 
+def test_a_damaged_sharded_checkpoint_is_a_checkpoint_error(tmp_path):
+    # a probe: a missing FSDP2 shard raised torch's CheckpointException, a BaseException that
+    # `except Exception` let through — a 218-line traceback, no fallback to the previous one
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    def load(path):
+        raise CheckpointException("ranks:dict_keys([0, 1])", {})
+
+    with pytest.raises(ckpt.CheckpointError, match=r"^dcp: CheckpointException: "):
+        ckpt.read_file(tmp_path / "dcp", load)
+    with pytest.raises(KeyboardInterrupt):  # still not caught
+        ckpt.read_file(tmp_path / "x", lambda path: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+
 # 8. a torn metrics line ------------------------------------------------------------------------
 
 

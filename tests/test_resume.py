@@ -312,3 +312,23 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, signum):
     assert _checkpoints(run_dir)[0] == step
     resumed, _ = _run_to_end(run_dir, f"train.steps={step + 1}")
     assert resumed == step
+
+
+def test_one_ctrl_c_reaching_a_torchrun_worker_twice_is_one_signal(monkeypatch):
+    # a probe: torchrun forwards the Ctrl-C its workers got from the terminal already; the
+    # second copy counted as "Ctrl-C again" and the run died without its checkpoint (3 of 8)
+    from advantage.rl.stopping import StopSignals
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    stop = StopSignals(is_main=False)
+    stop._handle(signal.SIGINT, None)
+    stop._handle(signal.SIGINT, None)  # torchrun's copy, at once: the same signal
+    assert stop.received == signal.SIGINT
+    stop._when -= 2  # a second Ctrl-C, later: stop at once
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    alone = StopSignals(is_main=False)  # not under torchrun: a repeat is a second Ctrl-C
+    alone._handle(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):
+        alone._handle(signal.SIGINT, None)

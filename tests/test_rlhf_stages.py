@@ -132,6 +132,8 @@ def test_reward_model_from_rm_loads_in_train(tmp_path):
         ([{"prompt": "a", "chosen": "b", "rejected": "c"}], r"1 pair\(s\) leave none to train"),
         ([{"prompt": "a", "chosen": "b", "rejected": "c", "m": "x"}] * 4,
          r"row 0's margin \('m'\) is 'x', not a finite number"),
+        ([{"prompt": "a", "chosen": 1, "rejected": "c"}] * 4,
+         r"^data.train: row 0: 'chosen' must be a string or a list of messages, not int 1$"),
     ],
 )  # fmt: skip
 def test_reward_model_data_errors_name_the_field(tmp_path, rows, message):
@@ -153,3 +155,96 @@ def test_reward_model_data_errors_name_the_field(tmp_path, rows, message):
     )  # fmt: skip
     with pytest.raises(ConfigError, match=message):
         run_rm(cfg)
+
+
+def _sft_config(tmp_path, rows, *overrides):
+    import json
+
+    from advantage.engine.configlib import load_config as load_stage_config
+    from advantage.stages.sft import SFTConfig
+    from advantage.tasks import builtin_model_path
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return load_stage_config(
+        SFTConfig, None,
+        [f"model.name_or_path={builtin_model_path('tiny-random')}", f"data.train={data}",
+         f"log.run_dir={tmp_path / 'sft'}", "log.progress=false", "log.tensorboard=false",
+         "train.steps=2", "train.batch_size=2", *overrides],
+    )  # fmt: skip
+
+
+def test_sft_refuses_when_max_length_cuts_every_completion_away(tmp_path):
+    """It trained on no token at all: loss nan, grad_norm 0, "SFT done", exit 0."""
+    from advantage.engine.configlib import ConfigError
+    from advantage.stages.sft import run_sft
+
+    cfg = _sft_config(tmp_path, [{"prompt": "a" * 50, "completion": "b"}] * 4,
+                      "train.max_length=10")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^data.train: row 0's completion is cut away entirely "
+                       r"by train.max_length=10 .*nothing would train"):  # fmt: skip
+        run_sft(cfg)
+    assert not (tmp_path / "sft" / "final").exists()
+
+
+def test_sft_leaves_out_rows_max_length_cuts_away_with_a_warning(caplog):
+    from advantage.engine.supervised import encode_rows
+    from advantage.tasks.tiny import char_tokenizer
+
+    tok = char_tokenizer()
+    rows = [{"prompt": "ab>", "completion": "ba"}, {"prompt": "a" * 50, "completion": "b"}] * 2
+    with caplog.at_level("WARNING", logger="advantage"):
+        pairs = encode_rows(tok, rows, 10)
+    assert len(pairs) == 2 and all(len(c) > 0 for _, c in pairs)
+    assert "2 of 4 rows keep no completion token (first: row 1's completion is cut away " \
+        "entirely by train.max_length=10" in caplog.text  # fmt: skip
+
+
+def test_sft_reads_each_row_of_a_mixed_file_in_its_own_format():
+    """A file mixing {messages} and {prompt, completion} rows reads as None where a row lacks a
+    column: the valid messages row 0 was refused ("row 0 has an empty completion")."""
+    from advantage.engine.supervised import PairColumns, rows_to_pairs
+
+    chat = [{"role": "user", "content": "abc"}, {"role": "assistant", "content": "cba"}]
+    rows = [
+        {"messages": chat, "prompt": None, "completion": None},
+        {"messages": None, "prompt": "ab", "completion": "ba"},
+    ]
+    assert rows_to_pairs(rows, PairColumns()) == [(chat[:1], "cba"), ("ab", "ba")]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"messages": ["abc", "cba"]},
+         r"'messages': message 0 must be an object \{\"role\", \"content\"\}, not str 'abc'"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]},
+         r"'messages': message 1 \(assistant\) has no 'content' string"),
+        ({"messages": "abc"}, r"'messages' must be a non-empty list of messages, not str 'abc'"),
+        ({"prompt": "ab", "completion": 5},
+         r"'completion' must be a string, a list of messages or \[text, trainable\] segments, "
+         r"not int 5"),
+        ({"prompt": 7, "completion": "x"},
+         r"'prompt' must be a string or a list of messages, not int 7"),
+    ],
+)  # fmt: skip
+def test_sft_row_errors_name_the_row_and_field(tmp_path, row, message):
+    """Each was a traceback (AttributeError, KeyError 'content', TypeError)."""
+    from advantage.engine.configlib import ConfigError
+    from advantage.stages.sft import run_sft
+
+    good = {"prompt": "ab", "completion": "ba"}
+    with pytest.raises(ConfigError, match=r"^data.train: row 1: " + message + "$"):
+        run_sft(_sft_config(tmp_path, [good, row]))
+
+
+def test_sft_completion_may_be_one_assistant_message():
+    """It was `KeyError: -1`; the docstring promises "an assistant message"."""
+    from advantage.engine.supervised import PairColumns, encode_pair, rows_to_pairs
+    from advantage.tasks.tiny import char_tokenizer
+
+    message = {"role": "assistant", "content": "ba"}
+    pairs = rows_to_pairs([{"prompt": "ab>", "completion": message}], PairColumns())
+    assert pairs == [("ab>", [message])]
+    tok = char_tokenizer()
+    assert encode_pair(tok, *pairs[0]) == encode_pair(tok, "ab>", "ba")

@@ -222,7 +222,10 @@ def read_file(path: Path, load=None):
     """`load(path)` (default: parse JSON); a failure becomes a `CheckpointError` naming the file."""
     try:
         return load(path) if load is not None else json.loads(path.read_text())
-    except Exception as e:  # missing, truncated, torn: anything that stops us reading it
+    except BaseException as e:  # missing, truncated, torn: anything that stops us reading it
+        # (torch.distributed.checkpoint's CheckpointException derives from BaseException)
+        if not isinstance(e, Exception) and type(e).__name__ != "CheckpointException":
+            raise  # KeyboardInterrupt, SystemExit, ...
         why = "missing" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
         raise CheckpointError(f"{path.name}: {why.splitlines()[0][:160]}") from e
 

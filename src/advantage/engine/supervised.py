@@ -202,30 +202,125 @@ def encode_pair(tokenizer, prompt, completion, max_length: int | None = None) ->
     return prompt_ids, completion_ids
 
 
+def message_problem(value, what: str) -> str | None:
+    """Why `value` is not a conversation (a non-empty list of {"role", "content": str}
+    messages), or None when it is one; `what` names the value in the message."""
+    if not isinstance(value, list) or not value:
+        return f"{what} must be a non-empty list of messages, not {_shown(value)}"
+    for j, message in enumerate(value):
+        if not isinstance(message, dict):
+            return (
+                f'{what}: message {j} must be an object {{"role", "content"}}, not '
+                f"{_shown(message)}"
+            )
+        if not isinstance(message.get("role"), str):
+            return f"{what}: message {j} has no 'role' string"
+        if not isinstance(message.get("content"), str):
+            return f"{what}: message {j} ({message['role']}) has no 'content' string"
+    return None
+
+
+def text_problem(value, what: str) -> str | None:
+    """Why `value` is neither a string nor a conversation (`message_problem`), or None."""
+    if isinstance(value, str):
+        return None
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        return message_problem(value, what)
+    return f"{what} must be a string or a list of messages, not {_shown(value)}"
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _present(row: dict, name: str) -> bool:
+    """A column the row has (a file mixing formats reads as None where a row lacks one)."""
+    return row.get(name) is not None
+
+
 def rows_to_pairs(
     rows: list[dict], data: PairColumns, field_name: str = "data.train"
 ) -> list[tuple]:
-    """(prompt, completion) of every row; errors name the row."""
+    """(prompt, completion) of every row, each row read in its own format ({prompt, completion}
+    or {messages}); errors name the row and the field."""
     pairs = []
     for i, row in enumerate(rows):
-        if data.prompt_field in row and data.completion_field in row:
+        where = f"{field_name}: row {i}"
+        if _present(row, data.prompt_field) and _present(row, data.completion_field):
             prompt, completion = row[data.prompt_field], row[data.completion_field]
-        elif data.messages_field in row:
+            problem = text_problem(prompt, f"'{data.prompt_field}'")
+            if problem is None and isinstance(completion, dict):
+                completion = [completion]  # one assistant message
+            if problem is None and not is_segments(completion):
+                problem = text_problem(completion, f"'{data.completion_field}'")
+                if problem is not None and "must be a string" in problem:
+                    problem = (
+                        f"'{data.completion_field}' must be a string, a list of messages or "
+                        f"[text, trainable] segments, not {_shown(completion)}"
+                    )
+            if problem is not None:
+                raise ConfigError(f"{where}: {problem}")
+        elif _present(row, data.messages_field):
             messages = row[data.messages_field]
-            if not messages or messages[-1].get("role") != "assistant":
-                raise ConfigError(
-                    f"{field_name}: row {i}: the conversation must end with an assistant message"
-                )
+            problem = message_problem(messages, f"'{data.messages_field}'")
+            if problem is not None:
+                raise ConfigError(f"{where}: {problem}")
+            if messages[-1]["role"] != "assistant":
+                raise ConfigError(f"{where}: the conversation must end with an assistant message")
             prompt, completion = messages[:-1], messages[-1]["content"]
         else:
+            present = [name for name, value in row.items() if value is not None]
             raise ConfigError(
-                f"{field_name}: row {i} needs '{data.prompt_field}' and '{data.completion_field}', "
-                f"or '{data.messages_field}' (columns: {', '.join(row)})"
+                f"{where} needs '{data.prompt_field}' and '{data.completion_field}', "
+                f"or '{data.messages_field}' (columns: {', '.join(present) or 'none'})"
             )
-        if not completion:
-            raise ConfigError(f"{field_name}: row {i} has an empty completion")
+        if not completion or (not is_segments(completion) and not completion_text(completion)):
+            raise ConfigError(f"{where} has an empty completion")
         pairs.append((prompt, completion))
     return pairs
+
+
+def trainable_tokens(pair: tuple) -> int:
+    """Completion tokens of an encoded pair (`encode_pair`) that the loss sees: labels that are
+    not -100, less the first when the prompt is empty (no token predicts it)."""
+    prompt_ids, completion_ids, *labels = pair
+    kept = [t != -100 for t in (labels[0] if labels else completion_ids)]
+    if not prompt_ids and kept:
+        kept = kept[1:]
+    return sum(kept)
+
+
+def encode_rows(
+    tokenizer, rows: list[dict], max_length: int | None, field_name: str = "data.train"
+) -> list[tuple]:
+    """`encode_pair` of every {prompt, completion} row, without the rows that `max_length`
+    leaves no completion token to learn (one warning with their count); when that is every row,
+    a ConfigError naming the first (nothing would train)."""
+    pairs = [encode_pair(tokenizer, r["prompt"], r["completion"], max_length) for r in rows]
+    empty = [i for i, pair in enumerate(pairs) if trainable_tokens(pair) == 0]
+    if not empty:
+        return pairs
+    i = empty[0]
+    first = (
+        f"row {i}'s completion is cut away entirely by train.max_length={max_length} (its "
+        f"prompt is {len(pairs[i][0])} tokens)"
+        if max_length is not None
+        else f"row {i} has no completion token to learn"
+    )
+    if len(empty) == len(pairs):
+        raise ConfigError(
+            f"{field_name}: {first}, and so is every other row's: nothing would train; raise "
+            "train.max_length or shorten the prompts"
+            if len(pairs) > 1
+            else f"{field_name}: {first}: nothing would train; raise train.max_length"
+        )
+    log.warning(
+        f"{field_name}: {len(empty)} of {len(pairs)} rows keep no completion token (first: "
+        f"{first}); they are left out"
+    )
+    skip = set(empty)
+    return [pair for j, pair in enumerate(pairs) if j not in skip]
 
 
 def collate(pairs: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
@@ -263,12 +358,12 @@ def supervised_finetune(
     rows: list[dict],
     settings: SFTSettings,
     on_step: Callable[[int, dict], None] | None = None,
+    encoded: list[tuple] | None = None,
 ) -> dict:
     """Train `model` in place on {prompt, completion} rows; returns {"loss", "seconds"}.
-    `on_step(step, {"loss", "grad_norm", "lr"})` after every step (logging is the caller's)."""
-    pairs = [
-        encode_pair(tokenizer, r["prompt"], r["completion"], settings.max_length) for r in rows
-    ]
+    `on_step(step, {"loss", "grad_norm", "lr"})` after every step (logging is the caller's).
+    `encoded`: the rows already through `encode_rows` (then `rows` is not read)."""
+    pairs = encoded if encoded is not None else encode_rows(tokenizer, rows, settings.max_length)
     torch.manual_seed(settings.seed)
     opt, sched = settings.optimizer(model)
     model.train()

@@ -3,7 +3,9 @@ saves a checkpoint at the step boundary and raises `TrainingStopped`, which the 
 prints as one line (exit code 128 + the signal: 130, 143). A second Ctrl-C stops at once.
 
 Under torchrun the ranks agree at every step boundary (one all-reduce of two numbers) so that
-all of them stop after the same step, whichever of them got the signal.
+all of them stop after the same step, whichever of them got the signal. torchrun forwards the
+signal it gets to its workers, which a terminal's Ctrl-C has reached already: a repeat within
+`SAME_SIGNAL_S` under torchrun is that one signal, not a second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 from ..engine.parallel import global_sums
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SAME_SIGNAL_S = 1.0
 
 
 class TrainingStopped(KeyboardInterrupt):
@@ -33,6 +37,8 @@ class StopSignals:
     def __init__(self, is_main: bool = True) -> None:
         self.is_main = is_main
         self.received = 0
+        self._when = 0.0
+        self._forwarded = bool(os.environ.get("TORCHELASTIC_RUN_ID"))  # a torchrun worker
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
@@ -46,9 +52,12 @@ class StopSignals:
         self._previous = {}
 
     def _handle(self, signum: int, frame) -> None:
+        now = time.monotonic()
+        if self.received and self._forwarded and now - self._when < SAME_SIGNAL_S:
+            return  # the terminal's and torchrun's copies of one Ctrl-C
         if self.received:  # asked twice: stop now, without a checkpoint
             raise KeyboardInterrupt
-        self.received = signum
+        self.received, self._when = signum, now
         if self.is_main:  # os.write: print() is not safe inside a signal handler
             name = signal.Signals(signum).name
             os.write(

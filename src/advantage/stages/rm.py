@@ -25,7 +25,14 @@ from ..engine.logger import MetricsLogger
 from ..engine.models import quiet_transformers
 from ..engine.report import parse_jsonl
 from ..engine.reward_model import load_reward_model, score
-from ..engine.supervised import StageLog, StageModel, StageSettings, batches, stage_folder
+from ..engine.supervised import (
+    StageLog,
+    StageModel,
+    StageSettings,
+    batches,
+    stage_folder,
+    text_problem,
+)
 from ..tasks import model_paths, require_data, task_of
 
 log = logging.getLogger("advantage")
@@ -99,6 +106,9 @@ def preference_rows(cfg: RMConfig, spec: str, split: str) -> list[dict]:
         for name in (d.prompt_field, d.chosen_field, d.rejected_field):
             if name not in row or row[name] in (None, "", []):
                 raise ConfigError(f"data.{split}: row {i} has no (or an empty) '{name}' column")
+            problem = text_problem(row[name], f"'{name}'")
+            if problem is not None:
+                raise ConfigError(f"data.{split}: row {i}: {problem}")
         if d.margin_field and not _is_number(row.get(d.margin_field)):
             raise ConfigError(
                 f"data.{split}: row {i}'s margin ('{d.margin_field}') is "

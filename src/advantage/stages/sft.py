@@ -24,7 +24,7 @@ from ..engine.supervised import (
     SFTSettings,
     StageLog,
     StageModel,
-    encode_pair,
+    encode_rows,
     eval_loss,
     rows_to_pairs,
     stage_folder,
@@ -61,6 +61,9 @@ def run_sft(cfg: SFTConfig) -> dict:
     eval_rows = _supervised_rows(cfg.data.eval, cfg, "data.eval") if cfg.data.eval else []
     path, tokenizer_folder = model_paths(cfg.model)
     tokenizer = load_tokenizer(tokenizer_folder, cfg.model.trust_remote_code)
+    # rows that truncation leaves nothing to learn fail (or are left out) before the model loads
+    pairs = encode_rows(tokenizer, rows, cfg.train.max_length, "data.train")
+    eval_pairs = encode_rows(tokenizer, eval_rows, cfg.train.max_length, "data.eval")
     model = load_causal_lm(path, cfg.model.trust_remote_code)
     check_vocabulary(
         tokenizer, model, "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
@@ -75,15 +78,13 @@ def run_sft(cfg: SFTConfig) -> dict:
             logger.log(step, metrics)
 
     try:
-        stats = supervised_finetune(model, tokenizer, rows, cfg.train, on_step=on_step)
+        stats = supervised_finetune(
+            model, tokenizer, rows, cfg.train, on_step=on_step, encoded=pairs
+        )
     finally:
         logger.close()
-    if eval_rows:
-        pairs = [
-            encode_pair(tokenizer, r["prompt"], r["completion"], cfg.train.max_length)
-            for r in eval_rows
-        ]
-        stats["eval_loss"] = eval_loss(model, tokenizer, pairs)
+    if eval_pairs:
+        stats["eval_loss"] = eval_loss(model, tokenizer, eval_pairs)
         logger.log(cfg.train.steps, {"eval/loss": stats["eval_loss"]})
     final = Path(cfg.log.run_dir) / "final"
     model.save_pretrained(final)
