@@ -283,6 +283,16 @@ def test_a_damaged_sharded_checkpoint_is_a_checkpoint_error(tmp_path):
         ckpt.read_file(tmp_path / "x", lambda path: (_ for _ in ()).throw(KeyboardInterrupt()))
 
 
+def test_report_on_a_run_folder_without_step_records_is_one_line(tmp_path, capsys):
+    # a probe: an empty metrics.jsonl (or only torn lines) was a FileNotFoundError traceback
+    (tmp_path / "metrics.jsonl").write_text('{"torn": \n')
+    assert main(["report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'metrics.jsonl'} holds no step record (empty, torn or not ours): "
+        "nothing to report\n"
+    )
+
+
 # 8. a torn metrics line ------------------------------------------------------------------------
 
 

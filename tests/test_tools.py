@@ -161,6 +161,21 @@ def test_a_tool_without_hints_or_docstring_is_a_config_error_naming_the_field():
         Toolbox([Untyped().count])
 
 
+def test_a_tool_with_star_args_is_refused():
+    # a probe: accepted, then every call failed ("unexpected keyword argument 'args'")
+    def total(*args: int) -> int:
+        """Sum numbers.
+
+        Args:
+            args: the numbers
+        """
+        return sum(args)
+
+    with pytest.raises(ConfigError, match=r"^rollout\.tools: tool 'total': a \*args parameter "
+                       "cannot take the model's arguments"):  # fmt: skip
+        Toolbox([total])
+
+
 def test_bound_methods_of_an_environment_are_tools():
     env = Counter()
     box = Toolbox([env.add])

@@ -12,6 +12,8 @@ import logging
 import math
 from pathlib import Path
 
+from .configlib import ConfigError
+
 # (file stem, title, metric keys; a key ending in "/*" takes every metric under that prefix)
 PLOTS = [
     ("reward", "Reward (mean and per function)", ["reward/mean", "reward/*"]),
@@ -217,8 +219,9 @@ def make_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     records = read_jsonl(run_dir / "metrics.jsonl")
     if not records:
-        raise FileNotFoundError(
-            f"{run_dir / 'metrics.jsonl'} is missing or empty: nothing to report"
+        raise ConfigError(  # one line from the command line, not a traceback
+            f"{run_dir / 'metrics.jsonl'} holds no step record (empty, torn or not ours): "
+            "nothing to report"
         )
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)

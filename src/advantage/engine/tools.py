@@ -95,6 +95,16 @@ def tool_schema(tool: Callable) -> dict:
     from transformers.utils import get_json_schema
 
     try:
+        params = inspect.signature(tool).parameters.values()
+    except (TypeError, ValueError):
+        params = []
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        field, what = tool_origin(tool)
+        raise ConfigError(  # calls pass the model's arguments by name: every call would fail
+            f"{field}: {what}: a *args parameter cannot take the model's arguments, which calls "
+            "pass by name; give each parameter a name and a type hint"
+        )
+    try:
         return get_json_schema(tool)
     except Exception as e:
         field, what = tool_origin(tool)
