@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from advantage.engine.supervised import collate, encode_pair
+from advantage.engine.supervised import collate
+from advantage.engine.supervised_rows import encode_pair
 from advantage.engine.tools import Toolbox, ToolCall, ToolResult
 from advantage.tasks import BUILTIN_MODELS, dataset_rows, eval_spec, get_task
 from advantage.tasks.calculator import calculator, calculator_reward, teacher

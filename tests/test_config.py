@@ -109,7 +109,7 @@ def test_defaults_validate():
     ],
 )
 def test_stage_config_errors_name_the_field(stage, overrides, message):
-    from advantage.engine.configlib import load_config as load_stage_config
+    from advantage.engine.config_files import load_config as load_stage_config
     from advantage.stages.rm import RMConfig
     from advantage.stages.sft import SFTConfig
 

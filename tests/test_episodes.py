@@ -631,7 +631,7 @@ def test_bad_tool_settings_are_one_line_before_training(override, message, tmp_p
 def test_gym_turn_rewards_are_a_metric():
     """A probe: a gym environment's per-turn rewards went into the advantages but into no
     metric (`reward/mean` is the reward sources' scores)."""
-    from advantage.engine.episodes import episode_metrics
+    from advantage.engine.episode_metrics import episode_metrics
 
     class Paying(GymEnv):
         def step(self, message):

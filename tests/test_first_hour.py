@@ -4,8 +4,8 @@
 import pytest
 
 from advantage.cli import main
+from advantage.engine.config_files import load_config as load_stage_config
 from advantage.engine.configlib import ConfigError
-from advantage.engine.configlib import load_config as load_stage_config
 from advantage.rl.config import load_config
 from advantage.rl.trainer import Trainer
 from helpers import length_reward, small_config

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from advantage.core import RunningMoments, bradley_terry_loss
-from advantage.engine.supervised import collate, encode_pair
+from advantage.engine.supervised import collate
+from advantage.engine.supervised_rows import encode_pair
 from helpers import small_config
 
 
@@ -76,8 +77,8 @@ def test_running_moments_hand_computed_and_state():
 
 @pytest.mark.slow
 def test_reward_model_from_rm_loads_in_train(tmp_path):
+    from advantage.engine.config_files import load_config as load_stage_config
     from advantage.engine.configlib import ConfigError
-    from advantage.engine.configlib import load_config as load_stage_config
     from advantage.rl.config import load_config
     from advantage.rl.trainer import Trainer
     from advantage.stages.rm import RMConfig, finished_rm, run_rm
@@ -140,8 +141,8 @@ def test_reward_model_data_errors_name_the_field(tmp_path, rows, message):
     """Each was a raw IndexError / ValueError traceback (the last one mid-training)."""
     import json
 
+    from advantage.engine.config_files import load_config as load_stage_config
     from advantage.engine.configlib import ConfigError
-    from advantage.engine.configlib import load_config as load_stage_config
     from advantage.stages.rm import RMConfig, run_rm
     from advantage.tasks import builtin_model_path
 
@@ -160,7 +161,7 @@ def test_reward_model_data_errors_name_the_field(tmp_path, rows, message):
 def _sft_config(tmp_path, rows, *overrides):
     import json
 
-    from advantage.engine.configlib import load_config as load_stage_config
+    from advantage.engine.config_files import load_config as load_stage_config
     from advantage.stages.sft import SFTConfig
     from advantage.tasks import builtin_model_path
 
@@ -188,7 +189,7 @@ def test_sft_refuses_when_max_length_cuts_every_completion_away(tmp_path):
 
 
 def test_sft_leaves_out_rows_max_length_cuts_away_with_a_warning(caplog):
-    from advantage.engine.supervised import encode_rows
+    from advantage.engine.supervised_rows import encode_rows
     from advantage.tasks.tiny import char_tokenizer
 
     tok = char_tokenizer()
@@ -203,7 +204,7 @@ def test_sft_leaves_out_rows_max_length_cuts_away_with_a_warning(caplog):
 def test_sft_reads_each_row_of_a_mixed_file_in_its_own_format():
     """A file mixing {messages} and {prompt, completion} rows reads as None where a row lacks a
     column: the valid messages row 0 was refused ("row 0 has an empty completion")."""
-    from advantage.engine.supervised import PairColumns, rows_to_pairs
+    from advantage.engine.supervised_rows import PairColumns, rows_to_pairs
 
     chat = [{"role": "user", "content": "abc"}, {"role": "assistant", "content": "cba"}]
     rows = [
@@ -240,7 +241,7 @@ def test_sft_row_errors_name_the_row_and_field(tmp_path, row, message):
 
 def test_sft_completion_may_be_one_assistant_message():
     """It was `KeyError: -1`; the docstring promises "an assistant message"."""
-    from advantage.engine.supervised import PairColumns, encode_pair, rows_to_pairs
+    from advantage.engine.supervised_rows import PairColumns, encode_pair, rows_to_pairs
     from advantage.tasks.tiny import char_tokenizer
 
     message = {"role": "assistant", "content": "ba"}

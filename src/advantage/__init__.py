@@ -59,7 +59,7 @@ def sft(config=None, overrides=None) -> dict:
     """Supervised fine-tuning (`advantage sft`) with a dict or a YAML path and `key=value`
     overrides; returns {"loss", "seconds", "final" (the model folder), "eval_loss" with data.eval}.
     """
-    from .engine.configlib import load_config
+    from .engine.config_files import load_config
     from .stages.sft import SFTConfig, run_sft
 
     if config is None or isinstance(config, dict):

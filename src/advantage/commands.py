@@ -52,7 +52,8 @@ def cmd_card(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .core.presets import PRESETS, resolve_axes
-    from .engine.configlib import ConfigError, load_config
+    from .engine.config_files import load_config
+    from .engine.configlib import ConfigError
     from .rl.config import AlgoConfig
 
     if args.preset not in PRESETS:
@@ -122,7 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from .engine.configlib import load_config
+    from .engine.config_files import load_config
     from .stages.sft import SFTConfig, run_sft
 
     cfg = load_config(SFTConfig, *_split_config_arg(args.args))
@@ -137,7 +138,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from .engine.configlib import load_config
+    from .engine.config_files import load_config
     from .stages.rm import RMConfig, run_rm
 
     cfg = load_config(RMConfig, *_split_config_arg(args.args))

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..core.algorithm import Algorithm
 from ..core.presets import PRESETS, resolve_axes
-from ..engine import configlib
+from ..engine import config_files
 from ..engine.configlib import ConfigError
 from .rollout_sections import RewardConfig, RolloutConfig
 from .sections import (
@@ -180,7 +180,7 @@ def load_config(
     base: dict[str, Any] | None = None,
 ) -> Config:
     """Config from an optional YAML file, then `key=value` overrides (applied in order)."""
-    return configlib.load_config(Config, path, overrides, base)
+    return config_files.load_config(Config, path, overrides, base)
 
 
 def config_from(

@@ -16,7 +16,7 @@ import torch
 
 from ..core import AdvantageInputs, compute_advantages
 from ..core.kl import sequence_kl
-from ..engine.episodes import episode_metrics
+from ..engine.episode_metrics import episode_metrics
 from ..engine.models import sync_reference
 from ..engine.parallel import average_metrics, global_mean, global_mean_std, global_sums
 from .passes import no_grad_passes

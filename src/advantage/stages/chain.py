@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..engine.configlib import load_config
+from ..engine.config_files import load_config
 from ..rl.trainer import train
 from ..tasks import model_path
 from .rm import RMConfig, finished_rm, run_rm

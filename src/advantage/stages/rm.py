@@ -31,8 +31,8 @@ from ..engine.supervised import (
     StageSettings,
     batches,
     stage_folder,
-    text_problem,
 )
+from ..engine.supervised_rows import text_problem
 from ..tasks import model_paths, require_data, task_of
 
 log = logging.getLogger("advantage")

@@ -20,16 +20,14 @@ from ..engine.models import (
     quiet_transformers,
 )
 from ..engine.supervised import (
-    PairColumns,
     SFTSettings,
     StageLog,
     StageModel,
-    encode_rows,
     eval_loss,
-    rows_to_pairs,
     stage_folder,
     supervised_finetune,
 )
+from ..engine.supervised_rows import PairColumns, encode_rows, rows_to_pairs
 from ..tasks import model_paths, require_data, task_of
 
 
